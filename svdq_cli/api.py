@@ -1,0 +1,312 @@
+"""Public Python API: quantize the linear layers of any torch module in place (DESIGN.md §3).
+
+The CLI's stages and the benchmarks go through the same functions, so comparisons are like for like.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from .errors import BadInputError
+from .quant.calibration import InputStats
+from .quant.config import QuantConfig
+from .quant.svdquant import relative_error, search_smoothing
+from .runtime.linear import SVDQLinear
+
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass
+class LayerReport:
+    """What happened to one layer. Errors are measured on calibration rows against the 16-bit layer."""
+
+    name: str
+    group: str
+    act: str
+    alpha: float
+    beta: float
+    shift: float
+    rank: int
+    mse_before: float  # naive quantization: RTN weights (and activations), no smoothing, no branch
+    mse_after: float
+    relative_error_before: float
+    relative_error_after: float
+    bytes_before: int
+    bytes_after: int
+    seconds: float
+
+
+@dataclass
+class QuantReport:
+    """Per-layer results of :func:`quantize_model`, plus the layers left in 16 bits and why."""
+
+    config: QuantConfig
+    layers: list[LayerReport] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def bytes_before(self) -> int:
+        return sum(layer.bytes_before for layer in self.layers)
+
+    @property
+    def bytes_after(self) -> int:
+        return sum(layer.bytes_after for layer in self.layers)
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "config": self.config.to_dict(),
+            "layers": [asdict(layer) for layer in self.layers],
+            "skipped": dict(self.skipped),
+            "bytes_before": self.bytes_before,
+            "bytes_after": self.bytes_after,
+        }
+
+
+def _matches(name: str, patterns: Iterable[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
+
+
+def select_targets(
+    model: nn.Module, config: QuantConfig, targets: Sequence[str] | None, skip: Sequence[str]
+) -> tuple[dict[str, nn.Linear], dict[str, str]]:
+    """The linear layers to quantize (name → module) and the skipped ones (name → reason).
+
+    Default targets are every ``nn.Linear`` whose ``in_features`` the group size divides; explicit targets
+    (names or glob patterns) that cannot be quantized are errors rather than silent skips.
+    """
+    chosen: dict[str, nn.Linear] = {}
+    skipped: dict[str, str] = {}
+    matched_patterns: set[str] = set()
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear) or isinstance(module, SVDQLinear):
+            continue
+        if targets is not None:
+            hits = [p for p in targets if fnmatch.fnmatchcase(name, p)]
+            if not hits:
+                continue
+            matched_patterns.update(hits)
+        if _matches(name, skip):
+            skipped[name] = "skipped by request"
+            continue
+        if module.in_features % config.group_size:
+            reason = f"in_features {module.in_features} is not divisible by the group size {config.group_size}"
+            if targets is not None:
+                raise BadInputError(f"layer {name}: {reason}")
+            skipped[name] = reason
+            continue
+        rank = config.effective_rank
+        if rank > min(module.in_features, module.out_features):
+            raise BadInputError(
+                f"layer {name}: rank {rank} exceeds min(out_features, in_features) = "
+                f"{min(module.in_features, module.out_features)}"
+            )
+        chosen[name] = module
+    if targets is not None:
+        missing = [p for p in targets if p not in matched_patterns]
+        if missing:
+            raise BadInputError(f"no nn.Linear matches target(s) {', '.join(missing)}")
+    if not chosen:
+        raise BadInputError("no linear layer to quantize (check targets, skip and the group size)")
+    return chosen, skipped
+
+
+class _Collector:
+    """Forward pre-hooks that feed :class:`InputStats`, one per distinct input.
+
+    Layers called back to back on the *same tensor object* (q/k/v on one hidden state) share an input:
+    the later ones alias the first one's statistics instead of recording the same rows again. Callers can
+    also name such groups explicitly.
+    """
+
+    def __init__(self, layers: dict[str, nn.Linear], config: QuantConfig, groups: Sequence[Sequence[str]]):
+        self.layers = layers
+        self.config = config
+        self.stats: dict[str, InputStats] = {}
+        self.owner: dict[str, str] = {}
+        self.called: set[str] = set()
+        self.inconsistent: set[str] = set()
+        self._fixed = set()
+        for group in groups:
+            unknown = [name for name in group if name not in layers]
+            if unknown:
+                raise BadInputError(f"group member(s) {', '.join(unknown)} are not target linear layers")
+            for name in group:
+                self.owner[name] = group[0]
+                self._fixed.add(name)
+        self._last: tuple[str, torch.Tensor] | None = None
+
+    def _stats_for(self, name: str) -> InputStats:
+        if name not in self.stats:
+            index = list(self.layers).index(name)
+            self.stats[name] = InputStats(
+                self.layers[name].in_features, self.config.calib_rows, self.config.seed * 1_000_003 + index,
+                hessian=self.config.gptq,
+            )
+        return self.stats[name]
+
+    def observe(self, name: str, x: torch.Tensor) -> None:
+        first_call = name not in self.called
+        self.called.add(name)
+        shares_last = self._last is not None and self._last[1] is x and self._last[0] != name
+        if first_call and name not in self._fixed and shares_last:
+            self.owner[name] = self.owner.get(self._last[0], self._last[0])
+        owner = self.owner.setdefault(name, name)
+        if owner != name:
+            if name not in self._fixed and not shares_last:
+                self.inconsistent.add(name)
+        else:
+            self._stats_for(name).update(x)
+        self._last = (name, x)
+
+    def hooks(self) -> list[torch.utils.hooks.RemovableHandle]:
+        return [
+            module.register_forward_pre_hook(lambda _m, args, name=name: self.observe(name, args[0]))
+            for name, module in self.layers.items()
+        ]
+
+    def release(self) -> None:
+        self._last = None
+
+
+def quantize_model(
+    model: nn.Module,
+    calibrate: Callable[[nn.Module], object],
+    config: QuantConfig | None = None,
+    targets: Sequence[str] | None = None,
+    skip: Sequence[str] = (),
+    groups: Sequence[Sequence[str]] = (),
+    weight_only: Sequence[str] = (),
+    nonnegative: Sequence[str] = (),
+    progress: Progress | None = None,
+) -> QuantReport:
+    """Quantize the target ``nn.Linear`` layers of ``model`` in place, replacing each by an SVDQLinear.
+
+    Args:
+        model: any torch module.
+        calibrate: called once as ``calibrate(model)``; runs the forward passes that collect statistics
+            (running absmax and a bounded, seeded sample of input rows per input — never all activations).
+        config: method, precision, rank…; defaults to ``QuantConfig()`` (SVDQuant int4 r32).
+        targets: layer names or glob patterns to quantize; default every linear the group size divides.
+        skip: names or patterns to leave in 16 bits.
+        groups: lists of layer names that read the same input and so share λ (found automatically when
+            the layers are called on the same tensor, as q/k/v are).
+        weight_only: names or patterns whose activations stay 16-bit (AdaLN modulation linears).
+        nonnegative: names or patterns whose inputs are non-negative up to a small shift (after GELU):
+            INT activations there are unsigned, with the shift folded into the bias.
+        progress: ``progress(layer_name, done, total)`` after each layer.
+
+    Returns:
+        A :class:`QuantReport` with one :class:`LayerReport` per quantized layer.
+
+    Raises:
+        BadInputError: bad targets or groups, a layer the group size does not divide, rank too large,
+            NaN/Inf in weights or activations, a target never called by ``calibrate`` — each naming the layer.
+    """
+    config = config or QuantConfig()
+    layers, skipped = select_targets(model, config, targets, skip)
+    for name, module in layers.items():
+        if not torch.isfinite(module.weight).all():
+            raise BadInputError(f"layer {name}: weight holds NaN or Inf")
+    collector = _Collector(layers, config, groups)
+    handles = collector.hooks()
+    try:
+        with torch.no_grad():
+            calibrate(model)
+    finally:
+        for handle in handles:
+            handle.remove()
+        collector.release()
+    _check_calibration(collector)
+
+    report = QuantReport(config=config, skipped=skipped)
+    members: dict[str, list[str]] = {}
+    for name in layers:
+        members.setdefault(collector.owner[name], []).append(name)
+    done = 0
+    for owner, names in members.items():
+        try:
+            layer_reports = _quantize_group(model, layers, names, collector.stats[owner], config, weight_only, nonnegative)
+        except ValueError as error:
+            raise BadInputError(f"layer {names[0]}: {error}") from None
+        for layer_report in layer_reports:
+            report.layers.append(layer_report)
+            done += 1
+            if progress:
+                progress(layer_report.name, done, len(layers))
+    return report
+
+
+def _check_calibration(collector: _Collector) -> None:
+    never = [name for name in collector.layers if name not in collector.called]
+    if never:
+        raise BadInputError(f"layer {never[0]}: never called during calibration ({len(never)} layer(s) in all)")
+    if collector.inconsistent:
+        name = sorted(collector.inconsistent)[0]
+        raise BadInputError(f"layer {name}: shares its input only sometimes; pass its group explicitly (groups=...)")
+    for name, stats in collector.stats.items():
+        if not stats.finite:
+            raise BadInputError(f"layer {name}: calibration activations hold NaN or Inf")
+
+
+def _quantize_group(
+    model: nn.Module,
+    layers: dict[str, nn.Linear],
+    names: list[str],
+    stats: InputStats,
+    config: QuantConfig,
+    weight_only: Sequence[str],
+    nonnegative: Sequence[str],
+) -> list[LayerReport]:
+    start = time.perf_counter()
+    modules = [layers[name] for name in names]
+    dtype = modules[0].weight.dtype
+    act = "none" if config.weight_only or _matches(names[0], weight_only) else "signed"
+    shift = 0.0
+    if act == "signed" and config.precision == "int4" and _matches(names[0], nonnegative):
+        act, shift = "unsigned", max(0.0, -stats.minimum)
+    raw = stats.sample(config.search_rows)
+    alpha = beta = 0.0
+    smooth = None
+    if config.smooths:
+        choice = search_smoothing([m.weight for m in modules], raw, stats.absmax(shift), config, act, dtype, shift)
+        alpha, beta, smooth = choice.alpha, choice.beta, choice.smooth
+    search_seconds = (time.perf_counter() - start) / len(names)
+
+    naive_config = QuantConfig(method="rtn", precision=config.precision, weight_only=config.weight_only,
+                               scale_dtype=config.scale_dtype)
+    reports = []
+    for name, module in zip(names, modules):
+        begin = time.perf_counter()
+        hessian = stats.hessian(smooth if smooth is not None else torch.ones(module.in_features), shift) if config.gptq else None
+        quantized = SVDQLinear.from_linear(module, config, smooth=smooth, act=act, shift=shift, hessian=hessian)
+        seconds = time.perf_counter() - begin + search_seconds
+        naive = SVDQLinear.from_linear(module, naive_config, act="none" if act == "none" else "signed")
+        x = raw.to(module.weight.device, dtype)
+        with torch.no_grad():
+            reference = nn.functional.linear(x.float(), module.weight.float(),
+                                             None if module.bias is None else module.bias.float())
+            after, before = quantized(x).float(), naive(x).float()
+        _replace(model, name, quantized)
+        reports.append(LayerReport(
+            name=name, group=names[0], act=act, alpha=alpha, beta=beta, shift=shift, rank=quantized.rank,
+            mse_before=torch.mean((before - reference) ** 2).item(),
+            mse_after=torch.mean((after - reference) ** 2).item(),
+            relative_error_before=relative_error(before, reference),
+            relative_error_after=relative_error(after, reference),
+            bytes_before=sum(p.numel() * p.element_size() for p in module.parameters()),
+            bytes_after=quantized.nbytes(),
+            seconds=seconds,
+        ))
+    return reports
+
+
+def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)

@@ -1,0 +1,87 @@
+"""Calibration statistics of one layer input, accumulated online with bounded memory (DESIGN.md §4).
+
+Per input (shared by every layer that reads it): the running per-channel minimum and maximum over all
+tokens, a uniform random sample of at most ``max_rows`` input rows, and optionally the GPTQ Hessian
+``Σ xᵀx`` with the row sum it needs to apply a shift later. Memory never grows with the number of tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class InputStats:
+    """Online statistics of one ``[*, K]`` input stream.
+
+    The row sample is priority sampling: every row gets a seeded uniform key and the ``max_rows`` rows with
+    the smallest keys are kept. That is a uniform sample without replacement, it merges batch by batch, and
+    the same inputs with the same seed give the same sample.
+    """
+
+    def __init__(self, in_features: int, max_rows: int, seed: int, hessian: bool = False) -> None:
+        self.in_features = in_features
+        self.max_rows = max_rows
+        self.channel_min = torch.full((in_features,), float("inf"))
+        self.channel_max = torch.full((in_features,), float("-inf"))
+        self.count = 0
+        self.finite = True
+        self.rows: torch.Tensor | None = None
+        self._keys: torch.Tensor | None = None
+        self._generator = torch.Generator().manual_seed(seed)
+        self._with_hessian = hessian
+        self.xtx: torch.Tensor | None = None
+        self.row_sum: torch.Tensor | None = None
+
+    def update(self, x: torch.Tensor) -> None:
+        """Fold a batch of inputs ``[..., K]`` into the statistics."""
+        rows = x.detach().reshape(-1, x.shape[-1])
+        if rows.shape[1] != self.in_features:
+            raise ValueError(f"input has {rows.shape[1]} features, expected {self.in_features}")
+        if rows.shape[0] == 0:
+            return
+        if not torch.isfinite(rows).all():
+            self.finite = False
+            return
+        device = rows.device
+        self.channel_min = torch.minimum(self.channel_min.to(device), rows.amin(dim=0).float())
+        self.channel_max = torch.maximum(self.channel_max.to(device), rows.amax(dim=0).float())
+        self.count += rows.shape[0]
+        keys = torch.rand(rows.shape[0], generator=self._generator).to(device)
+        if self.rows is not None:
+            rows = torch.cat((self.rows, rows))
+            keys = torch.cat((self._keys, keys))
+        if rows.shape[0] > self.max_rows:
+            keys, order = torch.topk(keys, self.max_rows, largest=False, sorted=True)
+            rows = rows[order]
+        self.rows, self._keys = rows.clone(), keys
+        if self._with_hessian:
+            batch = x.detach().reshape(-1, x.shape[-1]).float()
+            self.xtx = batch.T @ batch if self.xtx is None else self.xtx + batch.T @ batch
+            self.row_sum = batch.sum(0) if self.row_sum is None else self.row_sum + batch.sum(0)
+
+    @property
+    def minimum(self) -> float:
+        return self.channel_min.min().item()
+
+    def absmax(self, shift: float = 0.0) -> torch.Tensor:
+        """Per-channel ``max|x + shift|`` over every token seen."""
+        if self.count == 0:
+            raise ValueError("no calibration inputs were recorded")
+        return torch.maximum((self.channel_min + shift).abs(), (self.channel_max + shift).abs())
+
+    def sample(self, count: int) -> torch.Tensor:
+        """Up to ``count`` sampled rows (a uniform random subset), as float32."""
+        if self.rows is None:
+            raise ValueError("no calibration rows were recorded")
+        return self.rows[:count].float()
+
+    def hessian(self, smooth: torch.Tensor, shift: float = 0.0) -> torch.Tensor:
+        """``Σ x̂ᵀx̂`` for ``x̂ = (x + shift) / λ``, from the accumulated ``Σ xᵀx``."""
+        if self.xtx is None:
+            raise ValueError("the Hessian was not accumulated (calibrate with GPTQ enabled)")
+        h = self.xtx.double()
+        if shift:
+            s = self.row_sum.double()
+            h = h + shift * (s[:, None] + s[None, :]) + shift * shift * self.count
+        inverse = 1.0 / smooth.double().to(h.device)
+        return h * inverse[:, None] * inverse[None, :]

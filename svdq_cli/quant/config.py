@@ -1,0 +1,144 @@
+"""QuantConfig: what to quantize to and how, checked when it is built.
+
+Recipe snippet (the recipe's ``quant:`` section maps onto these fields one to one)::
+
+    quant:
+      method: svdquant      # svdquant | smoothquant | rtn
+      precision: int4       # int4 | nvfp4 | int8
+      rank: 32
+      gptq: false
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+from .formats import FORMATS, Format, get_format
+
+METHODS = ("svdquant", "smoothquant", "rtn")
+SCALE_DTYPES = ("model", "float32")
+
+
+def alpha_grid(points: int) -> tuple[float, ...]:
+    """Migration strengths α = 1/points, …, (points−1)/points (DESIGN.md §1: 20 points → 0.05 … 0.95)."""
+    return tuple(round(i / points, 6) for i in range(1, points))
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """How to quantize every target linear layer.
+
+    Attributes:
+        method: ``svdquant`` (smoothing + low-rank branch + 4-bit residual), ``smoothquant`` (smoothing
+            only) or ``rtn`` (plain round-to-nearest, no smoothing, no branch).
+        precision: ``int4`` (group 64), ``nvfp4`` (group 16, fp8 scales) or ``int8`` (group 64).
+        weight_only: keep activations in 16 bits (W4A16) instead of quantizing them per token.
+        rank: low-rank branch rank, a multiple of 16; 0 disables it. Only ``svdquant`` uses it.
+        group_size: elements per scale along K; None takes the precision's (64, or 16 for nvfp4).
+        alphas: smoothing migration strengths searched, each with β = 0 and β = 1−α, plus "no smoothing"
+            (α = β = 0). Default 0.05 … 0.95 (39 candidates); :meth:`fast` uses 0.25, 0.5, 0.75 (7).
+        gptq: quantize the residual with GPTQ instead of round-to-nearest.
+        gptq_damp: GPTQ dampening, as a fraction of the mean Hessian diagonal.
+        gptq_block: GPTQ lazy-update block width (a multiple of the group size).
+        lowrank_iters: 1 = one SVD; more alternates ``L ← SVD_r(Ŵ − Q(Ŵ − L))``, stopping early.
+        exact_svd_max_elements: layers up to this many weights get an exact float64 SVD, larger ones a
+            seeded randomized SVD.
+        calib_rows: bound on the input rows sampled per input group during calibration.
+        search_rows: calibration rows the α/β search evaluates each candidate on.
+        search_channels: output channels sampled for the search (0 = all); the chosen candidate is then
+            decomposed on the full weight.
+        scale_dtype: ``model`` stores INT scales in the layer's dtype, ``float32`` in float32.
+        seed: seeds every random choice (row sampling, randomized SVD), so runs are reproducible.
+        version: config schema version, so old serialized configs still load.
+    """
+
+    method: str = "svdquant"
+    precision: str = "int4"
+    weight_only: bool = False
+    rank: int = 32
+    group_size: int | None = None
+    alphas: tuple[float, ...] = field(default_factory=lambda: alpha_grid(20))
+    gptq: bool = False
+    gptq_damp: float = 0.01
+    gptq_block: int = 128
+    lowrank_iters: int = 1
+    exact_svd_max_elements: int = 1 << 18
+    calib_rows: int = 1024
+    search_rows: int = 256
+    search_channels: int = 512
+    scale_dtype: str = "model"
+    seed: int = 0
+    version: int = 1
+
+    def __post_init__(self) -> None:
+        def bad(name: str, value: object, allowed: str) -> ValueError:
+            return ValueError(f"QuantConfig.{name}={value!r} is invalid (allowed: {allowed})")
+
+        if self.method not in METHODS:
+            raise bad("method", self.method, ", ".join(METHODS))
+        if self.precision not in FORMATS:
+            raise bad("precision", self.precision, ", ".join(FORMATS))
+        if self.scale_dtype not in SCALE_DTYPES:
+            raise bad("scale_dtype", self.scale_dtype, ", ".join(SCALE_DTYPES))
+        if self.rank < 0 or self.rank % 16:
+            raise bad("rank", self.rank, "0 or a positive multiple of 16")
+        natural = FORMATS[self.precision].group_size
+        if self.group_size is None:
+            object.__setattr__(self, "group_size", natural)
+        elif self.group_size != natural:
+            raise bad("group_size", self.group_size, f"{natural} for {self.precision}")
+        object.__setattr__(self, "alphas", tuple(float(a) for a in self.alphas))
+        if not self.alphas or any(not 0.0 < a < 1.0 for a in self.alphas):
+            raise bad("alphas", self.alphas, "a non-empty list of values in (0, 1)")
+        if not 0.0 < self.gptq_damp < 1.0:
+            raise bad("gptq_damp", self.gptq_damp, "a value in (0, 1)")
+        if self.gptq_block <= 0 or self.gptq_block % self.group_size:
+            raise bad("gptq_block", self.gptq_block, f"a positive multiple of {self.group_size}")
+        for name in ("lowrank_iters", "calib_rows", "search_rows"):
+            if getattr(self, name) < 1:
+                raise bad(name, getattr(self, name), "an integer >= 1")
+        if self.search_channels < 0:
+            raise bad("search_channels", self.search_channels, "0 (all) or a positive integer")
+
+    @classmethod
+    def fast(cls, **overrides: object) -> QuantConfig:
+        """The fast preset: a 4-point α grid (7 candidates) and a smaller search sample."""
+        values: dict[str, object] = {"alphas": alpha_grid(4), "search_rows": 128, "search_channels": 256}
+        values.update(overrides)
+        return cls(**values)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, object]) -> QuantConfig:
+        """Build from plain data (a recipe section, serialized metadata); unknown keys are errors."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown QuantConfig field(s) {', '.join(unknown)} (allowed: {', '.join(sorted(known))})")
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, object]:
+        return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v) for f in fields(self)}
+
+    @property
+    def format(self) -> Format:
+        return get_format(self.precision)
+
+    @property
+    def effective_rank(self) -> int:
+        """Rank actually used: only SVDQuant has a low-rank branch."""
+        return self.rank if self.method == "svdquant" else 0
+
+    @property
+    def smooths(self) -> bool:
+        return self.method != "rtn"
+
+    @property
+    def smoothing_candidates(self) -> tuple[tuple[float, float], ...]:
+        """(α, β) pairs searched; (0, 0) is no smoothing and is always included."""
+        if not self.smooths:
+            return ((0.0, 0.0),)
+        pairs = {(0.0, 0.0)}
+        for a in self.alphas:
+            pairs.add((a, 0.0))
+            pairs.add((a, round(1.0 - a, 6)))
+        return tuple(sorted(pairs))

@@ -1,0 +1,273 @@
+"""Canonical low-bit number formats (DESIGN.md §2): group-wise INT4/INT8 and NVFP4.
+
+Every format quantizes groups of ``group_size`` consecutive elements along the last axis, so the same
+functions serve weights ``[N, K]`` (groups along K) and per-token activations ``[M, K]``.
+
+- INT: symmetric, ``scale = max|x_group| / qmax`` (qmax 7 for int4, 127 for int8), or unsigned for
+  non-negative inputs (``max(x_group) / 15``, codes 0…15, int4 only). The scale is rounded to its storage
+  dtype *before* the codes are computed, so ``codes · stored_scale`` is exactly what a kernel reconstructs;
+  where that rounding would clip the group maximum (an fp16 scale that underflows or is subnormal) the
+  stored scale is the next representable value up, so ``|x − dq(q(x))| ≤ scale/2`` always holds.
+- NVFP4: E2M1 codes (``sign<<3 | magnitude index``) over {0, .5, 1, 1.5, 2, 3, 4, 6}, group 16, one
+  float8_e4m3fn scale per group and a float32 second-level scale ``amax / (6·448)`` (per tensor for weights,
+  per row for dynamic activations).
+
+Rounding is round-half-to-even everywhere (``torch.round``; CUDA ``__float2int_rn``), and values are divided
+by the scale (never multiplied by its reciprocal) so reference and kernels agree code for code. A group of
+zeros has scale 0 and codes 0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .packing import pack_nibbles
+
+FP8_E4M3_MAX = 448.0
+E2M1_MAX = 6.0
+# Magnitudes of the E2M1 codes 0…7.
+E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+# Midpoints between consecutive magnitudes. At a tie the even code wins (round half to even on the
+# mantissa), so the boundary between codes i and i+1 is inclusive from above exactly when i is odd.
+_E2M1_MIDPOINTS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
+
+
+@dataclass(frozen=True)
+class Format:
+    """A group-wise quantization format.
+
+    Attributes:
+        name: ``int4``, ``int8`` or ``nvfp4``.
+        bits: code width.
+        group_size: elements sharing one scale, along the last axis.
+    """
+
+    name: str
+    bits: int
+    group_size: int
+
+    @property
+    def is_float(self) -> bool:
+        return self.name == "nvfp4"
+
+    @property
+    def packs_nibbles(self) -> bool:
+        return self.bits == 4
+
+    def code_range(self, signed: bool) -> tuple[int, int]:
+        """Smallest and largest integer code (INT formats)."""
+        if signed:
+            return -(1 << (self.bits - 1)), (1 << (self.bits - 1)) - 1
+        return 0, (1 << self.bits) - 1
+
+    def scale_divisor(self, signed: bool) -> float:
+        """What a group's absolute maximum is divided by to give its scale."""
+        return E2M1_MAX if self.is_float else float(self.code_range(signed)[1])
+
+
+FORMATS: dict[str, Format] = {
+    "int4": Format("int4", 4, 64),
+    "int8": Format("int8", 8, 64),
+    "nvfp4": Format("nvfp4", 4, 16),
+}
+
+
+def get_format(name: str) -> Format:
+    """Look a format up by name; a clear error lists the known ones."""
+    try:
+        return FORMATS[name]
+    except KeyError:
+        raise ValueError(f"unknown precision {name!r} (allowed: {', '.join(FORMATS)})") from None
+
+
+@dataclass
+class QTensor:
+    """Quantized tensor in the canonical (unpacked) form.
+
+    Attributes:
+        codes: int8 codes, same shape as the input.
+        scales: per-group scales ``[..., K/group]`` (storage dtype; float8_e4m3fn for NVFP4).
+        fmt: the format.
+        signed: signed (or unsigned) INT codes; always True for NVFP4 (the sign is in the code).
+        tensor_scale: NVFP4 float32 second-level scale (0-d, or ``[..., 1]`` per row); None for INT.
+    """
+
+    codes: torch.Tensor
+    scales: torch.Tensor
+    fmt: Format
+    signed: bool = True
+    tensor_scale: torch.Tensor | None = None
+
+    def dequantize(self) -> torch.Tensor:
+        return dequantize(self.codes, self.scales, self.fmt, self.tensor_scale)
+
+    def packed(self) -> torch.Tensor:
+        """Codes as stored on disk: two per byte for 4-bit formats, int8 for int8."""
+        return pack_nibbles(self.codes) if self.fmt.packs_nibbles else self.codes.to(torch.int8)
+
+
+def _grouped(x: torch.Tensor, group_size: int) -> torch.Tensor:
+    if x.shape[-1] % group_size:
+        raise ValueError(f"last dimension {x.shape[-1]} is not divisible by the group size {group_size}")
+    return x.reshape(*x.shape[:-1], x.shape[-1] // group_size, group_size)
+
+
+def nvfp4_tensor_scale(x: torch.Tensor, per_row: bool = False) -> torch.Tensor:
+    """NVFP4 second-level scale ``amax / (6·448)`` in float32, for the whole tensor or per row."""
+    amax = x.detach().abs().float()
+    amax = amax.amax(dim=-1, keepdim=True) if per_row else amax.amax()
+    return amax / (E2M1_MAX * FP8_E4M3_MAX)
+
+
+def group_scales(
+    x: torch.Tensor,
+    fmt: Format,
+    signed: bool = True,
+    scale_dtype: torch.dtype = torch.float32,
+    tensor_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Per-group scales of ``x`` in their storage dtype (float8_e4m3fn for NVFP4).
+
+    Raises:
+        ValueError: the scale does not fit its storage dtype (INT scales in fp16, say).
+    """
+    grouped = _grouped(x.detach().float(), fmt.group_size)
+    if fmt.is_float:
+        if tensor_scale is None:
+            raise ValueError("NVFP4 needs a tensor scale")
+        ts = tensor_scale.float()  # 0-d, or [..., 1] per row: broadcasts against [..., groups]
+        amax = grouped.abs().amax(dim=-1)
+        safe_ts = torch.where(ts > 0, ts, torch.ones_like(ts))
+        ratio = torch.where(ts > 0, amax / E2M1_MAX / safe_ts, torch.zeros_like(amax))
+        return ratio.clamp(max=FP8_E4M3_MAX).to(torch.float8_e4m3fn)
+    amax = grouped.abs().amax(dim=-1) if signed else grouped.clamp(min=0).amax(dim=-1)
+    divisor = fmt.scale_divisor(signed)
+    scales = (amax / divisor).to(scale_dtype)
+    if not torch.isfinite(scales).all():
+        raise ValueError(f"a group scale overflows {scale_dtype}; store scales in float32")
+    # A scale that rounded down far enough to clip the group's maximum (only possible when it underflows
+    # or is subnormal in the storage dtype) goes one representable step up instead.
+    clips = scales.float() * (divisor + 0.5) < amax
+    if clips.any():
+        scales = torch.where(clips, _next_up(scales), scales)
+    return scales
+
+
+def _next_up(values: torch.Tensor) -> torch.Tensor:
+    """The next representable value above each non-negative float (bit patterns of positive floats are
+    ordered like integers)."""
+    as_int = {2: torch.int16, 4: torch.int32, 8: torch.int64}[values.element_size()]
+    return (values.view(as_int) + 1).view(values.dtype)
+
+
+def _e2m1_index(magnitude: torch.Tensor) -> torch.Tensor:
+    index = torch.zeros_like(magnitude, dtype=torch.int8)
+    for i, midpoint in enumerate(_E2M1_MIDPOINTS):
+        above = magnitude >= midpoint if i % 2 else magnitude > midpoint
+        index += above.to(torch.int8)
+    return index
+
+
+def effective_step(scales: torch.Tensor, fmt: Format, tensor_scale: torch.Tensor | None) -> torch.Tensor:
+    """Float32 distance between adjacent integer codes (INT) or the E2M1 unit (NVFP4), per group."""
+    step = scales.float()
+    if fmt.is_float:
+        step = step * tensor_scale.float()
+    return step
+
+
+def codes_for(ratio: torch.Tensor, fmt: Format, signed: bool = True) -> torch.Tensor:
+    """Codes of values already divided by their step (round half to even; saturating)."""
+    if fmt.is_float:
+        index = _e2m1_index(ratio.abs())
+        negative = (ratio < 0) & (index > 0)  # no negative zero: zero is always code 0
+        return index | (negative.to(torch.int8) << 3)
+    low, high = fmt.code_range(signed)
+    return torch.round(ratio).clamp(low, high).to(torch.int8)
+
+
+def code_values(codes: torch.Tensor, fmt: Format) -> torch.Tensor:
+    """Float32 value of each code, in units of its step."""
+    if not fmt.is_float:
+        return codes.float()
+    table = torch.tensor(E2M1_VALUES, dtype=torch.float32, device=codes.device)
+    magnitude = table[(codes & 7).long()]
+    return torch.where((codes & 8) != 0, -magnitude, magnitude)
+
+
+def divide_by_step(x: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    """``x / step`` with 0 wherever the step is 0 (an all-zero group)."""
+    nonzero = step > 0
+    return torch.where(nonzero, x / torch.where(nonzero, step, torch.ones_like(step)), 0.0)
+
+
+def quantize_with_scales(
+    x: torch.Tensor,
+    scales: torch.Tensor,
+    fmt: Format,
+    signed: bool = True,
+    tensor_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Codes of ``x`` for given per-group scales."""
+    grouped = _grouped(x.detach().float(), fmt.group_size)
+    step = effective_step(scales, fmt, tensor_scale).unsqueeze(-1)
+    return codes_for(divide_by_step(grouped, step), fmt, signed).reshape(x.shape)
+
+
+def quantize(
+    x: torch.Tensor,
+    fmt: Format,
+    signed: bool = True,
+    scale_dtype: torch.dtype = torch.float32,
+    per_row_tensor_scale: bool = False,
+) -> QTensor:
+    """Quantize ``x`` group-wise along its last axis.
+
+    Args:
+        x: tensor ``[..., K]``, K divisible by the format's group size; any float dtype.
+        fmt: the format (see :data:`FORMATS`).
+        signed: signed codes; False quantizes non-negative inputs with unsigned codes 0…15 (int4 only;
+            negative values clamp to 0).
+        scale_dtype: storage dtype of INT scales (the model dtype, or float32). NVFP4 scales are fp8.
+        per_row_tensor_scale: NVFP4 second-level scale per row (dynamic activations) instead of per tensor.
+
+    Returns:
+        The :class:`QTensor`.
+
+    Raises:
+        ValueError: K not divisible by the group size, non-finite input, or unsigned codes for a format
+            other than int4.
+    """
+    if not torch.isfinite(x).all():
+        raise ValueError("cannot quantize a tensor holding NaN or Inf")
+    if not signed and fmt.name != "int4":
+        raise ValueError(f"unsigned codes exist for int4 only ({fmt.name} codes are always signed)")
+    tensor_scale = nvfp4_tensor_scale(x, per_row_tensor_scale) if fmt.is_float else None
+    scales = group_scales(x, fmt, signed, scale_dtype, tensor_scale)
+    codes = quantize_with_scales(x, scales, fmt, signed, tensor_scale)
+    return QTensor(codes, scales, fmt, signed, tensor_scale)
+
+
+def dequantize(
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    fmt: Format,
+    tensor_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Reconstruct float32 values from unpacked codes and group scales."""
+    grouped = code_values(_grouped(codes, fmt.group_size), fmt)
+    step = effective_step(scales, fmt, tensor_scale).unsqueeze(-1)
+    return (grouped * step).reshape(codes.shape)
+
+
+def fake_quantize(
+    x: torch.Tensor,
+    fmt: Format,
+    signed: bool = True,
+    scale_dtype: torch.dtype = torch.float32,
+    per_row_tensor_scale: bool = False,
+) -> torch.Tensor:
+    """``dequantize(quantize(x))`` in float32: what the quantized model actually sees."""
+    return quantize(x, fmt, signed, scale_dtype, per_row_tensor_scale).dequantize()

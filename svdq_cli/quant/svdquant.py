@@ -1,0 +1,186 @@
+"""SVDQuant for one layer or one group of layers sharing an input (DESIGN.md §1 steps 1–3).
+
+:func:`search_smoothing` picks α/β by the layer-output error measured with the low-rank branch and the
+4-bit quantization of weights and activations in the loop; :func:`decompose` then splits the smoothed
+weight into the 16-bit branch and the quantized residual.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .config import QuantConfig
+from .formats import Format, QTensor, fake_quantize, quantize
+from .gptq import gptq_quantize
+from .lowrank import low_rank, refine_low_rank
+from .smoothing import smooth_factors, weight_absmax
+
+ACT_MODES = ("signed", "unsigned", "none")
+
+
+def check_act_mode(mode: str, fmt: Format) -> None:
+    if mode not in ACT_MODES:
+        raise ValueError(f"unknown activation mode {mode!r} (allowed: {', '.join(ACT_MODES)})")
+    if mode == "unsigned" and fmt.name != "int4":
+        raise ValueError(f"unsigned activations exist for int4 only, not {fmt.name}")
+
+
+def fake_quantize_activations(x: torch.Tensor, fmt: Format, mode: str) -> torch.Tensor:
+    """What the 4-bit GEMM sees of smoothed activations: dynamic per-token groups, float32 scales."""
+    if mode == "none":
+        return x.float()
+    return fake_quantize(x, fmt, signed=mode == "signed", per_row_tensor_scale=True)
+
+
+def scale_dtype_for(config: QuantConfig, model_dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if config.scale_dtype == "float32" else model_dtype
+
+
+@dataclass(frozen=True)
+class SmoothingChoice:
+    """The winning smoothing candidate: exponents, factors λ [K] (float32, storage-rounded), and the
+    relative output error it scored on the search sample."""
+
+    alpha: float
+    beta: float
+    smooth: torch.Tensor
+    error: float
+
+
+@dataclass(frozen=True)
+class Decomposition:
+    """Smoothed weight split as ``Ŵ ≈ lora_up @ lora_down + dequantize(residual)``."""
+
+    residual: QTensor
+    lora_down: torch.Tensor
+    lora_up: torch.Tensor
+
+
+def branch_output(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    smooth: torch.Tensor,
+    shift: float,
+    config: QuantConfig,
+    act_mode: str,
+    model_dtype: torch.dtype,
+) -> torch.Tensor:
+    """Output (no bias) of ``weight`` [N, K] quantized with λ = ``smooth``, for raw inputs ``x``.
+
+    The search's fast stand-in for a stored layer: the same smoothing, branch, rounding of factors, fake
+    quantization and shift-into-bias correction, with a randomized SVD whatever the layer's size.
+    """
+    fmt = config.format
+    rounded = _rounder(model_dtype)
+    smoothed_weight = weight * smooth
+    down, up = low_rank(smoothed_weight, config.effective_rank, exact_max_elements=0, seed=config.seed)
+    down, up = rounded(down), rounded(up)
+    branch = up @ down
+    residual_q = fake_quantize(smoothed_weight - branch, fmt, True, scale_dtype_for(config, model_dtype))
+    x_smooth = (x + shift) / smooth
+    y = fake_quantize_activations(x_smooth, fmt, act_mode) @ residual_q.T
+    if down.shape[0]:
+        y = y + (x_smooth @ down.T) @ up.T
+    if shift:
+        y = y - shift * ((residual_q + branch) / smooth).sum(dim=1)
+    return y
+
+
+def relative_error(output: torch.Tensor, reference: torch.Tensor) -> float:
+    """``‖output − reference‖ / ‖reference‖`` (the Frobenius norms of whole batches)."""
+    scale = torch.linalg.vector_norm(reference).clamp(min=1e-30)
+    return (torch.linalg.vector_norm(output - reference) / scale).item()
+
+
+def search_smoothing(
+    weights: list[torch.Tensor],
+    inputs: torch.Tensor,
+    act_absmax: torch.Tensor,
+    config: QuantConfig,
+    act_mode: str,
+    model_dtype: torch.dtype,
+    shift: float = 0.0,
+) -> SmoothingChoice:
+    """Grid-search α/β for the layers in ``weights`` (they share the input).
+
+    Every candidate λ is scored by the relative output error of the whole quantized group (branch and
+    4-bit rounding in the loop) on ``config.search_rows`` calibration rows and, for speed, a seeded sample
+    of ``config.search_channels`` output channels; the winner is later decomposed on the full weights.
+
+    Args:
+        weights: ``[N_i, K]`` weights reading the same input.
+        inputs: raw calibration rows ``[M, K]``.
+        act_absmax: per-channel ``max|x + shift|`` over all calibration tokens.
+        config: quantization config (method, precision, grid, rank).
+        act_mode: ``signed``, ``unsigned`` or ``none`` (weight-only).
+        model_dtype: dtype λ and the branch are stored in.
+        shift: constant added to inputs before smoothing (unsigned activations).
+    """
+    check_act_mode(act_mode, config.format)
+    stacked = torch.cat([w.detach().float() for w in weights])
+    w_absmax = weight_absmax(weights)
+    x = inputs[: config.search_rows].float()
+    if config.search_channels and stacked.shape[0] > config.search_channels:
+        generator = torch.Generator().manual_seed(config.seed)
+        picked = torch.randperm(stacked.shape[0], generator=generator)[: config.search_channels]
+        stacked = stacked[picked.sort().values]
+    # The search sample's rank cannot exceed its own size; the full decomposition uses the real rank.
+    search_config = config
+    if config.effective_rank > min(stacked.shape):
+        search_config = QuantConfig(**{**config.to_dict(), "rank": min(stacked.shape) // 16 * 16})
+    reference = x @ stacked.T
+    best: SmoothingChoice | None = None
+    for alpha, beta in config.smoothing_candidates:
+        smooth = smooth_factors(act_absmax, w_absmax, alpha, beta, model_dtype)
+        output = branch_output(x, stacked, smooth, shift, search_config, act_mode, model_dtype)
+        error = relative_error(output, reference)
+        if best is None or error < best.error:
+            best = SmoothingChoice(alpha, beta, smooth, error)
+    return best
+
+
+def decompose(
+    weight: torch.Tensor,
+    smooth: torch.Tensor,
+    config: QuantConfig,
+    model_dtype: torch.dtype,
+    hessian: torch.Tensor | None = None,
+) -> Decomposition:
+    """Smooth ``weight`` [N, K] by λ, take the low-rank branch, quantize the residual.
+
+    Args:
+        weight: the layer weight.
+        smooth: λ [K] (storage-rounded, see :func:`smoothing.smooth_factors`); ones for no smoothing.
+        config: rank, precision, GPTQ and low-rank refinement settings.
+        model_dtype: storage dtype of the branch factors (and INT scales unless ``scale_dtype=float32``).
+        hessian: ``Σ x̂ᵀx̂`` of the smoothed calibration inputs; required when ``config.gptq``.
+
+    Returns:
+        The :class:`Decomposition`; factors in ``model_dtype``.
+    """
+    fmt = config.format
+    scale_dtype = scale_dtype_for(config, model_dtype)
+    smoothed = weight.detach().float() * smooth.float()
+    down, up = refine_low_rank(
+        smoothed,
+        config.effective_rank,
+        lambda residual: fake_quantize(residual, fmt, True, scale_dtype),
+        config.lowrank_iters,
+        config.exact_svd_max_elements,
+        config.seed,
+        _rounder(model_dtype),
+    )
+    residual = smoothed - up @ down
+    if config.gptq:
+        if hessian is None:
+            raise ValueError("GPTQ needs the calibration Hessian")
+        quantized = gptq_quantize(residual, hessian, fmt, scale_dtype, config.gptq_block, config.gptq_damp)
+    else:
+        quantized = quantize(residual, fmt, True, scale_dtype)
+    return Decomposition(quantized, down.to(model_dtype), up.to(model_dtype))
+
+
+def _rounder(dtype: torch.dtype):
+    return lambda t: t.to(dtype).float()

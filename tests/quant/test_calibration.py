@@ -1,0 +1,48 @@
+import numpy as np
+import pytest
+import torch
+
+from svdq_cli.quant.calibration import InputStats
+
+
+def test_statistics_cover_every_token_and_the_sample_stays_bounded(gen):
+    stats = InputStats(32, max_rows=100, seed=3, hessian=True)
+    batches = [torch.randn(int(n), 32, generator=gen) for n in torch.randint(1, 90, (12,), generator=gen)]
+    batches[4][7, 9] = 123.0
+    for b in batches:
+        stats.update(b.reshape(1, -1, 32))
+    everything = torch.cat(batches).double()
+    assert stats.count == len(everything)
+    np.testing.assert_allclose(stats.absmax().numpy(), everything.abs().amax(0).numpy(), rtol=1e-6)
+    assert stats.absmax()[9] == 123.0
+    assert stats.rows.shape[0] == min(100, len(everything))
+    # Every sampled row is one of the inputs, each at most once.
+    matches = (stats.rows.double()[:, None, :] == everything[None]).all(-1).sum(1)
+    assert (matches >= 1).all()
+    smooth = torch.rand(32, generator=gen) + 0.5
+    shift = 0.25
+    expected = ((everything + shift) / smooth.double()).T @ ((everything + shift) / smooth.double())
+    np.testing.assert_allclose(stats.hessian(smooth, shift).numpy(), expected.numpy(), rtol=1e-4)
+    np.testing.assert_allclose(stats.absmax(shift).numpy(), (everything + shift).abs().amax(0).numpy(), rtol=1e-6)
+
+
+def test_sample_is_reproducible_and_roughly_uniform():
+    def run(seed):
+        stats = InputStats(1, max_rows=200, seed=seed)
+        for start in range(0, 2000, 100):
+            stats.update(torch.arange(start, start + 100, dtype=torch.float32)[:, None])
+        return stats.rows[:, 0]
+
+    assert torch.equal(run(5), run(5))
+    sample = run(11)
+    # A uniform 10% sample of 0..1999: each tenth of the range holds about 20 rows.
+    counts = torch.histc(sample, bins=10, min=0, max=2000)
+    assert counts.min() >= 5 and counts.max() <= 40
+
+
+def test_non_finite_inputs_are_flagged_not_recorded():
+    stats = InputStats(4, 10, 0)
+    stats.update(torch.tensor([[1.0, float("inf"), 0.0, 0.0]]))
+    assert not stats.finite and stats.count == 0
+    with pytest.raises(ValueError, match="no calibration"):
+        stats.absmax()
