@@ -28,6 +28,7 @@ from rich.table import Table
 from torch import nn
 
 from svdq_cli import QuantConfig, quantize_model
+from svdq_cli.synthetic import planted_outlier_layer
 
 FLUX_SHAPES = ((3072, 3072), (3072, 12288), (12288, 3072))  # (in_features K, out_features N)
 QUICK_SHAPES = ((1024, 1024),)
@@ -44,35 +45,14 @@ METHODS: dict[str, QuantConfig] = {
 QUICK_METHODS = ("W4A16 RTN", "W4A4 naive (RTN)", "W4A4 SmoothQuant", "W4A4 SVDQuant r32")
 
 
-def outlier_scale(in_features: int, generator: torch.Generator, outliers: int = 16) -> torch.Tensor:
-    """Per-channel input scale: 1, except ``outliers`` random channels scaled 20–50×."""
-    scale = torch.ones(in_features)
-    channels = torch.randperm(in_features, generator=generator)[:outliers]
-    scale[channels] = 20 + 30 * torch.rand(outliers, generator=generator)
-    return scale
-
-
-def make_layer(in_features: int, out_features: int, seed: int) -> tuple[nn.Linear, torch.Tensor, torch.Tensor]:
-    """A bf16 layer with Gaussian weights, 1024 calibration rows and 512 held-out rows; both sets of rows
-    share the same outlier channels, as a layer's inputs do across prompts."""
-    generator = torch.Generator().manual_seed(seed)
-    layer = nn.Linear(in_features, out_features, dtype=torch.bfloat16)
-    with torch.no_grad():
-        layer.weight.copy_(torch.randn(out_features, in_features, generator=generator) / in_features**0.5)
-        layer.bias.copy_(torch.randn(out_features, generator=generator) * 0.1)
-    scale = outlier_scale(in_features, generator)
-    calibration = (torch.randn(1024, in_features, generator=generator) * scale).to(torch.bfloat16)
-    held_out = (torch.randn(512, in_features, generator=generator) * scale).to(torch.bfloat16)
-    return layer, calibration, held_out
-
-
-def evaluate(shape: tuple[int, int], name: str, config: QuantConfig, seed: int) -> dict[str, object]:
+def evaluate(shape: tuple[int, int], name: str, config: QuantConfig, seed: int, structured: bool) -> dict[str, object]:
     in_features, out_features = shape
-    layer, calibration, held_out = make_layer(in_features, out_features, seed)
+    layer, calibration, held_out = planted_outlier_layer(in_features, out_features, seed, structured)
     with torch.no_grad():
         reference = nn.functional.linear(held_out.float(), layer.weight.float(), layer.bias.float())
     model = nn.Sequential(layer)
-    report = quantize_model(model, lambda m: [m(calibration[i : i + 256]) for i in range(0, len(calibration), 256)], config)
+    batches = calibration.split(512)
+    report = quantize_model(model, lambda m: [m(batch) for batch in batches], config)
     with torch.no_grad():
         output = model(held_out).float()
     error = (torch.linalg.vector_norm(output - reference) / torch.linalg.vector_norm(reference)).item()
@@ -91,14 +71,18 @@ def evaluate(shape: tuple[int, int], name: str, config: QuantConfig, seed: int) 
 
 def render(results: list[dict[str, object]], console: Console) -> None:
     naive = {r["shape"]: r["relative_error"] for r in results if r["method"] == "W4A4 naive (RTN)"}
-    table = Table(title="Relative output error on held-out rows (planted outliers), bf16 layers")
+    table = Table(title="Relative output error on held-out rows (planted 20–50× outlier channels), bf16 layers")
     for column in ("shape K×N", "method", "rel. error", "÷ naive W4A4", "α", "β", "weight side s", "bf16 ÷ bytes"):
         table.add_column(column, justify="left" if column in ("shape K×N", "method") else "right")
     for r in results:
         table.add_row(
-            str(r["shape"]), str(r["method"]), f"{r['relative_error']:.4f}",
+            str(r["shape"]),
+            str(r["method"]),
+            f"{r['relative_error']:.4f}",
             f"{r['relative_error'] / naive[r['shape']]:.3f}" if r["shape"] in naive else "-",
-            f"{r['alpha']:.2f}", f"{r['beta']:.2f}", f"{r['weight_side_seconds']:.2f}",
+            f"{r['alpha']:.2f}",
+            f"{r['beta']:.2f}",
+            f"{r['weight_side_seconds']:.2f}",
             f"{r['bytes_bf16'] / r['bytes']:.2f}×",
         )
     console.print(table)
@@ -109,6 +93,7 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="one small shape and four methods (the demo)")
     parser.add_argument("--json", action="store_true", help="print one JSON document on stdout instead of a table")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--iid", action="store_true", help="i.i.d. Gaussian weights and inputs (no structure)")
     args = parser.parse_args()
     shapes = QUICK_SHAPES if args.quick else FLUX_SHAPES
     names = QUICK_METHODS if args.quick else tuple(METHODS)
@@ -118,14 +103,22 @@ def main() -> int:
     for shape in shapes:
         for name in names:
             talk.print(f"[dim]{shape[0]}x{shape[1]} {name} …[/dim]")
-            results.append(evaluate(shape, name, METHODS[name], args.seed))
-    machine = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine()}
+            results.append(evaluate(shape, name, METHODS[name], args.seed, structured=not args.iid))
+    machine = {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu": platform.processor() or platform.machine(),
+    }
     if args.json:
-        json.dump({"machine": machine, "results": results, "seconds": time.perf_counter() - started}, sys.stdout, indent=2)
+        json.dump(
+            {"machine": machine, "results": results, "seconds": time.perf_counter() - started}, sys.stdout, indent=2
+        )
         print()
     else:
         render(results, Console(width=None if sys.stdout.isatty() else 140))
-        talk.print(f"torch {machine['torch']}, {machine['threads']} threads; {time.perf_counter() - started:.0f} s in all")
+        talk.print(
+            f"torch {machine['torch']}, {machine['threads']} threads; {time.perf_counter() - started:.0f} s in all"
+        )
     return 0
 
 

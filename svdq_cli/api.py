@@ -121,7 +121,7 @@ class _Collector:
 
     Layers called back to back on the *same tensor object* (q/k/v on one hidden state) share an input:
     the later ones alias the first one's statistics instead of recording the same rows again. Callers can
-    also name such groups explicitly.
+    name the groups instead, which turns that detection off.
     """
 
     def __init__(self, layers: dict[str, nn.Linear], config: QuantConfig, groups: Sequence[Sequence[str]]):
@@ -131,6 +131,7 @@ class _Collector:
         self.owner: dict[str, str] = {}
         self.called: set[str] = set()
         self.inconsistent: set[str] = set()
+        self._detect = not groups
         self._fixed = set()
         for group in groups:
             unknown = [name for name in group if name not in layers]
@@ -145,7 +146,9 @@ class _Collector:
         if name not in self.stats:
             index = list(self.layers).index(name)
             self.stats[name] = InputStats(
-                self.layers[name].in_features, self.config.calib_rows, self.config.seed * 1_000_003 + index,
+                self.layers[name].in_features,
+                self.config.calib_rows,
+                self.config.seed * 1_000_003 + index,
                 hessian=self.config.gptq,
             )
         return self.stats[name]
@@ -154,11 +157,11 @@ class _Collector:
         first_call = name not in self.called
         self.called.add(name)
         shares_last = self._last is not None and self._last[1] is x and self._last[0] != name
-        if first_call and name not in self._fixed and shares_last:
+        if first_call and self._detect and shares_last:
             self.owner[name] = self.owner.get(self._last[0], self._last[0])
         owner = self.owner.setdefault(name, name)
         if owner != name:
-            if name not in self._fixed and not shares_last:
+            if self._detect and not shares_last:
                 self.inconsistent.add(name)
         else:
             self._stats_for(name).update(x)
@@ -194,8 +197,8 @@ def quantize_model(
         config: method, precision, rank…; defaults to ``QuantConfig()`` (SVDQuant int4 r32).
         targets: layer names or glob patterns to quantize; default every linear the group size divides.
         skip: names or patterns to leave in 16 bits.
-        groups: lists of layer names that read the same input and so share λ (found automatically when
-            the layers are called on the same tensor, as q/k/v are).
+        groups: lists of layer names that read the same input and so share λ. Without it, groups are found
+            automatically: layers called back to back on the same tensor object (as q/k/v are).
         weight_only: names or patterns whose activations stay 16-bit (AdaLN modulation linears).
         nonnegative: names or patterns whose inputs are non-negative up to a small shift (after GELU):
             INT activations there are unsigned, with the shift folded into the bias.
@@ -231,7 +234,9 @@ def quantize_model(
     done = 0
     for owner, names in members.items():
         try:
-            layer_reports = _quantize_group(model, layers, names, collector.stats[owner], config, weight_only, nonnegative)
+            layer_reports = _quantize_group(
+                model, layers, names, collector.stats[owner], config, weight_only, nonnegative
+            )
         except ValueError as error:
             raise BadInputError(f"layer {names[0]}: {error}") from None
         for layer_report in layer_reports:
@@ -278,31 +283,45 @@ def _quantize_group(
         alpha, beta, smooth = choice.alpha, choice.beta, choice.smooth
     search_seconds = (time.perf_counter() - start) / len(names)
 
-    naive_config = QuantConfig(method="rtn", precision=config.precision, weight_only=config.weight_only,
-                               scale_dtype=config.scale_dtype)
+    naive_config = QuantConfig(
+        method="rtn", precision=config.precision, weight_only=config.weight_only, scale_dtype=config.scale_dtype
+    )
     reports = []
-    for name, module in zip(names, modules):
+    for name, module in zip(names, modules, strict=True):
         begin = time.perf_counter()
-        hessian = stats.hessian(smooth if smooth is not None else torch.ones(module.in_features), shift) if config.gptq else None
+        hessian = (
+            stats.hessian(smooth if smooth is not None else torch.ones(module.in_features), shift)
+            if config.gptq
+            else None
+        )
         quantized = SVDQLinear.from_linear(module, config, smooth=smooth, act=act, shift=shift, hessian=hessian)
         seconds = time.perf_counter() - begin + search_seconds
         naive = SVDQLinear.from_linear(module, naive_config, act="none" if act == "none" else "signed")
         x = raw.to(module.weight.device, dtype)
         with torch.no_grad():
-            reference = nn.functional.linear(x.float(), module.weight.float(),
-                                             None if module.bias is None else module.bias.float())
+            reference = nn.functional.linear(
+                x.float(), module.weight.float(), None if module.bias is None else module.bias.float()
+            )
             after, before = quantized(x).float(), naive(x).float()
         _replace(model, name, quantized)
-        reports.append(LayerReport(
-            name=name, group=names[0], act=act, alpha=alpha, beta=beta, shift=shift, rank=quantized.rank,
-            mse_before=torch.mean((before - reference) ** 2).item(),
-            mse_after=torch.mean((after - reference) ** 2).item(),
-            relative_error_before=relative_error(before, reference),
-            relative_error_after=relative_error(after, reference),
-            bytes_before=sum(p.numel() * p.element_size() for p in module.parameters()),
-            bytes_after=quantized.nbytes(),
-            seconds=seconds,
-        ))
+        reports.append(
+            LayerReport(
+                name=name,
+                group=names[0],
+                act=act,
+                alpha=alpha,
+                beta=beta,
+                shift=shift,
+                rank=quantized.rank,
+                mse_before=torch.mean((before - reference) ** 2).item(),
+                mse_after=torch.mean((after - reference) ** 2).item(),
+                relative_error_before=relative_error(before, reference),
+                relative_error_after=relative_error(after, reference),
+                bytes_before=sum(p.numel() * p.element_size() for p in module.parameters()),
+                bytes_after=quantized.nbytes(),
+                seconds=seconds,
+            )
+        )
     return reports
 
 

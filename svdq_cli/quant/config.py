@@ -65,7 +65,7 @@ class QuantConfig:
     exact_svd_max_elements: int = 1 << 18
     calib_rows: int = 1024
     search_rows: int = 256
-    search_channels: int = 512
+    search_channels: int = 256
     scale_dtype: str = "model"
     seed: int = 0
     version: int = 1
@@ -103,7 +103,7 @@ class QuantConfig:
     @classmethod
     def fast(cls, **overrides: object) -> QuantConfig:
         """The fast preset: a 4-point α grid (7 candidates) and a smaller search sample."""
-        values: dict[str, object] = {"alphas": alpha_grid(4), "search_rows": 128, "search_channels": 256}
+        values: dict[str, object] = {"alphas": alpha_grid(4), "search_rows": 128, "search_channels": 128}
         values.update(overrides)
         return cls(**values)
 

@@ -134,15 +134,17 @@ def group_scales(
         ValueError: the scale does not fit its storage dtype (INT scales in fp16, say).
     """
     grouped = _grouped(x.detach().float(), fmt.group_size)
+    low, high = torch.aminmax(grouped, dim=-1)  # no |x| temporary the size of x
+    amax = torch.maximum(-low, high) if signed else high.clamp(min=0)
+    if not torch.isfinite(low).all() or not torch.isfinite(high).all():  # NaN and Inf both survive a max
+        raise ValueError("cannot quantize a tensor holding NaN or Inf")
     if fmt.is_float:
         if tensor_scale is None:
             raise ValueError("NVFP4 needs a tensor scale")
         ts = tensor_scale.float()  # 0-d, or [..., 1] per row: broadcasts against [..., groups]
-        amax = grouped.abs().amax(dim=-1)
         safe_ts = torch.where(ts > 0, ts, torch.ones_like(ts))
         ratio = torch.where(ts > 0, amax / E2M1_MAX / safe_ts, torch.zeros_like(amax))
         return ratio.clamp(max=FP8_E4M3_MAX).to(torch.float8_e4m3fn)
-    amax = grouped.abs().amax(dim=-1) if signed else grouped.clamp(min=0).amax(dim=-1)
     divisor = fmt.scale_divisor(signed)
     scales = (amax / divisor).to(scale_dtype)
     if not torch.isfinite(scales).all():
@@ -185,7 +187,7 @@ def codes_for(ratio: torch.Tensor, fmt: Format, signed: bool = True) -> torch.Te
         negative = (ratio < 0) & (index > 0)  # no negative zero: zero is always code 0
         return index | (negative.to(torch.int8) << 3)
     low, high = fmt.code_range(signed)
-    return torch.round(ratio).clamp(low, high).to(torch.int8)
+    return torch.round(ratio).clamp_(low, high).to(torch.int8)
 
 
 def code_values(codes: torch.Tensor, fmt: Format) -> torch.Tensor:
@@ -198,9 +200,12 @@ def code_values(codes: torch.Tensor, fmt: Format) -> torch.Tensor:
 
 
 def divide_by_step(x: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
-    """``x / step`` with 0 wherever the step is 0 (an all-zero group)."""
-    nonzero = step > 0
-    return torch.where(nonzero, x / torch.where(nonzero, step, torch.ones_like(step)), 0.0)
+    """``x / step`` with 0 wherever the step is 0 (an all-zero group).
+
+    A zero step becomes +inf on the small step tensor, so finite x divides to 0 without a pass of
+    ``torch.where`` over x itself.
+    """
+    return x / torch.where(step > 0, step, torch.full_like(step, float("inf")))
 
 
 def quantize_with_scales(
@@ -240,8 +245,6 @@ def quantize(
         ValueError: K not divisible by the group size, non-finite input, or unsigned codes for a format
             other than int4.
     """
-    if not torch.isfinite(x).all():
-        raise ValueError("cannot quantize a tensor holding NaN or Inf")
     if not signed and fmt.name != "int4":
         raise ValueError(f"unsigned codes exist for int4 only ({fmt.name} codes are always signed)")
     tensor_scale = nvfp4_tensor_scale(x, per_row_tensor_scale) if fmt.is_float else None

@@ -68,8 +68,9 @@ def gptq_quantize(
 
     tensor_scale = nvfp4_tensor_scale(weight) if fmt.is_float else None
     codes = torch.empty((n, k), dtype=torch.int8, device=weight.device)
-    scales = torch.empty((n, k // group), dtype=torch.float8_e4m3fn if fmt.is_float else scale_dtype,
-                         device=weight.device)
+    scales = torch.empty(
+        (n, k // group), dtype=torch.float8_e4m3fn if fmt.is_float else scale_dtype, device=weight.device
+    )
     for start in range(0, k, block_size):
         stop = min(start + block_size, k)
         block = w[:, start:stop].clone()
@@ -89,4 +90,3 @@ def gptq_quantize(
             errors[:, i] = error
         w[:, stop:] -= errors @ h_inv[start:stop, stop:]
     return QTensor(codes, scales, fmt, True, tensor_scale)
-

@@ -36,7 +36,9 @@ def smooth_factors(
         dtype: storage dtype of λ (the model dtype).
     """
     if act_absmax.shape != w_absmax.shape:
-        raise ValueError(f"activation statistics {tuple(act_absmax.shape)} do not match weights {tuple(w_absmax.shape)}")
+        raise ValueError(
+            f"activation statistics {tuple(act_absmax.shape)} do not match weights {tuple(w_absmax.shape)}"
+        )
     act = act_absmax.float()
     wgt = w_absmax.float()
     live = (act > _DEAD) & (wgt > _DEAD)

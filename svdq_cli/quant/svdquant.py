@@ -119,13 +119,14 @@ def search_smoothing(
         shift: constant added to inputs before smoothing (unsigned activations).
     """
     check_act_mode(act_mode, config.format)
-    stacked = torch.cat([w.detach().float() for w in weights])
+    stacked = torch.cat([w.detach() for w in weights])
     w_absmax = weight_absmax(weights)
     x = inputs[: config.search_rows].float()
     if config.search_channels and stacked.shape[0] > config.search_channels:
         generator = torch.Generator().manual_seed(config.seed)
         picked = torch.randperm(stacked.shape[0], generator=generator)[: config.search_channels]
         stacked = stacked[picked.sort().values]
+    stacked = stacked.float()
     # The search sample's rank cannot exceed its own size; the full decomposition uses the real rank.
     search_config = config
     if config.effective_rank > min(stacked.shape):
@@ -172,7 +173,7 @@ def decompose(
         config.seed,
         _rounder(model_dtype),
     )
-    residual = smoothed - up @ down
+    residual = smoothed.addmm_(up, down, alpha=-1)  # in place: Ŵ is not needed again
     if config.gptq:
         if hessian is None:
             raise ValueError("GPTQ needs the calibration Hessian")

@@ -58,9 +58,13 @@ class SVDQLinear(nn.Module):
         fmt = get_format(precision)
         check_act_mode(act, fmt)
         if in_features % fmt.group_size:
-            raise ValueError(f"in_features {in_features} is not divisible by the {precision} group size {fmt.group_size}")
+            raise ValueError(
+                f"in_features {in_features} is not divisible by the {precision} group size {fmt.group_size}"
+            )
         if not 0 <= rank <= min(in_features, out_features):
-            raise ValueError(f"rank {rank} must lie in 0..min(in_features, out_features) = {min(in_features, out_features)}")
+            raise ValueError(
+                f"rank {rank} must lie in 0..min(in_features, out_features) = {min(in_features, out_features)}"
+            )
         self.in_features, self.out_features = in_features, out_features
         self.precision, self.act, self.dtype = precision, act, dtype
         self.fmt = fmt
@@ -69,7 +73,9 @@ class SVDQLinear(nn.Module):
         scale_dtype = torch.float8_e4m3fn if fmt.is_float else (scale_dtype or dtype)
         new = dict(device=device)
         self.register_buffer(keys.QWEIGHT, torch.zeros(code_shape, dtype=code_dtype, **new))
-        self.register_buffer(keys.WSCALES, torch.zeros(out_features, in_features // fmt.group_size, dtype=scale_dtype, **new))
+        self.register_buffer(
+            keys.WSCALES, torch.zeros(out_features, in_features // fmt.group_size, dtype=scale_dtype, **new)
+        )
         self.register_buffer(keys.WTSCALE, torch.zeros((), dtype=torch.float32, **new) if fmt.is_float else None)
         self.register_buffer(keys.SMOOTH, torch.ones(in_features, dtype=dtype, **new))
         self.register_buffer(keys.SHIFT, torch.zeros((), dtype=torch.float32, **new) if act == "unsigned" else None)
@@ -121,8 +127,15 @@ class SVDQLinear(nn.Module):
         if rank > min(n, k):
             raise ValueError(f"rank {rank} exceeds min(out_features, in_features) = {min(n, k)}")
         layer = cls(
-            k, n, precision=config.precision, rank=rank, act=act, bias=linear.bias is not None, dtype=dtype,
-            scale_dtype=scale_dtype_for(config, dtype), device=weight.device,
+            k,
+            n,
+            precision=config.precision,
+            rank=rank,
+            act=act,
+            bias=linear.bias is not None,
+            dtype=dtype,
+            scale_dtype=scale_dtype_for(config, dtype),
+            device=weight.device,
         )
         smooth = torch.ones(k, device=weight.device) if smooth is None else smooth.to(weight.device)
         parts = decompose(weight, smooth, config, dtype, hessian)
@@ -203,10 +216,15 @@ class SVDQLinear(nn.Module):
         try:
             dtype = _DTYPES[metadata[keys.META_DTYPE]]
             layer = cls(
-                int(metadata[keys.META_IN]), int(metadata[keys.META_OUT]),
-                precision=metadata[keys.META_PRECISION], rank=tensors[keys.LORA_DOWN].shape[0],
-                act=metadata[keys.META_ACT], bias=keys.BIAS in tensors, dtype=dtype,
-                scale_dtype=tensors[keys.WSCALES].dtype, device=tensors[keys.QWEIGHT].device,
+                int(metadata[keys.META_IN]),
+                int(metadata[keys.META_OUT]),
+                precision=metadata[keys.META_PRECISION],
+                rank=tensors[keys.LORA_DOWN].shape[0],
+                act=metadata[keys.META_ACT],
+                bias=keys.BIAS in tensors,
+                dtype=dtype,
+                scale_dtype=tensors[keys.WSCALES].dtype,
+                device=tensors[keys.QWEIGHT].device,
             )
         except KeyError as missing:
             raise ValueError(f"quantized layer is missing {missing}") from None
@@ -216,9 +234,8 @@ class SVDQLinear(nn.Module):
         for name, tensor in tensors.items():
             current = getattr(layer, name)
             if tensor.shape != current.shape or tensor.dtype != current.dtype:
-                raise ValueError(
-                    f"{name}: {tuple(tensor.shape)} {tensor.dtype} where {tuple(current.shape)} {current.dtype} is expected"
-                )
+                found, wanted = f"{tuple(tensor.shape)} {tensor.dtype}", f"{tuple(current.shape)} {current.dtype}"
+                raise ValueError(f"{name}: {found} where {wanted} is expected")
         layer.load_state_dict(tensors)
         return layer
 

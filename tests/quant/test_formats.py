@@ -31,7 +31,9 @@ def test_int_matches_float64_reference(gen, name, signed, qmax, scale_dtype):
     reference_scales = int_scales_reference(x.numpy(), fmt.group_size, qmax, signed)
     expected_stored = torch.from_numpy(reference_scales).to(scale_dtype)
     # The float64 and float32 divisions by qmax may round to neighbouring storage values.
-    np.testing.assert_allclose(q.scales.double().numpy(), expected_stored.double().numpy(), rtol=2e-2 if scale_dtype != torch.float32 else 1e-6)
+    np.testing.assert_allclose(
+        q.scales.double().numpy(), expected_stored.double().numpy(), rtol=2e-2 if scale_dtype != torch.float32 else 1e-6
+    )
     codes, near_tie = int_reference(x.numpy(), fmt.group_size, qmax, signed, q.scales.float().numpy())
     mismatch = (q.codes.numpy() != codes) & ~near_tie
     assert not mismatch.any(), f"{mismatch.sum()} codes differ from the float64 reference"
@@ -90,8 +92,11 @@ def test_zero_groups_have_zero_scale_and_codes():
 
 @settings(max_examples=60, deadline=None)
 @given(
-    arrays(np.float32, st.tuples(st.integers(1, 4), st.sampled_from([64, 128])),
-           elements=st.floats(-1e4, 1e4, allow_nan=False, width=32)),
+    arrays(
+        np.float32,
+        st.tuples(st.integers(1, 4), st.sampled_from([64, 128])),
+        elements=st.floats(-1e4, 1e4, allow_nan=False, width=32),
+    ),
     st.sampled_from([("int4", True), ("int4", False), ("int8", True)]),
     st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
 )
@@ -107,8 +112,13 @@ def test_int_error_is_at_most_half_a_step(values, case, scale_dtype):
 
 
 @settings(max_examples=60, deadline=None)
-@given(arrays(np.float32, st.tuples(st.integers(1, 3), st.sampled_from([16, 64])),
-              elements=st.floats(-100, 100, allow_nan=False, width=32)))
+@given(
+    arrays(
+        np.float32,
+        st.tuples(st.integers(1, 3), st.sampled_from([16, 64])),
+        elements=st.floats(-100, 100, allow_nan=False, width=32),
+    )
+)
 def test_nvfp4_error_is_within_half_the_local_spacing(values):
     fmt = FORMATS["nvfp4"]
     x = torch.from_numpy(values)

@@ -19,8 +19,10 @@ def gaussian_linear(gen, k, n, dtype=torch.bfloat16):
 
 def reference_forward(layer: SVDQLinear, x: torch.Tensor) -> np.ndarray:
     """DESIGN.md §1 step 4 in float64 numpy from the stored tensors alone (returns output and tie mask)."""
-    sd = {k: v.float().double().numpy() if v.dtype != torch.uint8 and v.dtype != torch.int8 else v.numpy()
-          for k, v in layer.state_dict().items()}
+    sd = {
+        k: v.float().double().numpy() if v.dtype != torch.uint8 and v.dtype != torch.int8 else v.numpy()
+        for k, v in layer.state_dict().items()
+    }
     group = layer.fmt.group_size
     rows = x.reshape(-1, layer.in_features).float().double().numpy()
     rows = rows + (sd["shift"] if "shift" in sd else 0.0)
@@ -42,8 +44,12 @@ def reference_forward(layer: SVDQLinear, x: torch.Tensor) -> np.ndarray:
     elif layer.precision == "nvfp4":
         token_scale = np.abs(smoothed).max(-1, keepdims=True) / (6 * 448)
         g = smoothed.reshape(len(smoothed), -1, group)
-        fp8 = torch.from_numpy(np.minimum(np.abs(g).max(-1) / 6 / np.where(token_scale > 0, token_scale, 1), 448)).to(
-            torch.float8_e4m3fn).double().numpy()
+        fp8 = (
+            torch.from_numpy(np.minimum(np.abs(g).max(-1) / 6 / np.where(token_scale > 0, token_scale, 1), 448))
+            .to(torch.float8_e4m3fn)
+            .double()
+            .numpy()
+        )
         st = fp8 * token_scale
         ratio = np.where(st[..., None] > 0, g / np.where(st[..., None] > 0, st[..., None], 1), 0)
         codes, near = e2m1_reference(ratio)
@@ -101,10 +107,18 @@ def test_forward_matches_float64_reference(gen, precision, act, rank, dtype):
 @pytest.mark.parametrize("precision,act,rank,dtype", CASES)
 def test_quantized_layer_approximates_the_original(gen, precision, act, rank, dtype):
     linear = gaussian_linear(gen, 256, 128, dtype)
-    x = nn.functional.gelu(torch.randn(64, 256, generator=gen)) if act == "unsigned" else torch.randn(64, 256, generator=gen)
+    x = (
+        nn.functional.gelu(torch.randn(64, 256, generator=gen))
+        if act == "unsigned"
+        else torch.randn(64, 256, generator=gen)
+    )
     x = x.to(dtype)
-    layer = SVDQLinear.from_linear(linear, QuantConfig(precision=precision, rank=rank, weight_only=act == "none"),
-                                   act=act, shift=0.17 if act == "unsigned" else 0.0)
+    layer = SVDQLinear.from_linear(
+        linear,
+        QuantConfig(precision=precision, rank=rank, weight_only=act == "none"),
+        act=act,
+        shift=0.17 if act == "unsigned" else 0.0,
+    )
     reference = linear(x).float()
     error = (torch.linalg.vector_norm(layer(x).float() - reference) / torch.linalg.vector_norm(reference)).item()
     assert error < {"int8": 0.02, "int4": 0.15, "nvfp4": 0.15}[precision]
@@ -123,8 +137,12 @@ def test_effective_weight_is_within_half_a_step_of_the_smoothed_weight(gen):
 @pytest.mark.parametrize("precision,act,rank,dtype", CASES)
 def test_state_dict_round_trips_through_safetensors(gen, tmp_path, precision, act, rank, dtype):
     linear = gaussian_linear(gen, 128, 64, dtype)
-    layer = SVDQLinear.from_linear(linear, QuantConfig(precision=precision, rank=rank, weight_only=act == "none"),
-                                   act=act, shift=0.1 if act == "unsigned" else 0.0)
+    layer = SVDQLinear.from_linear(
+        linear,
+        QuantConfig(precision=precision, rank=rank, weight_only=act == "none"),
+        act=act,
+        shift=0.1 if act == "unsigned" else 0.0,
+    )
     path = tmp_path / "layer.safetensors"
     save_file(layer.state_dict(), path, metadata=layer.layer_metadata())
     from safetensors import safe_open
@@ -133,9 +151,12 @@ def test_state_dict_round_trips_through_safetensors(gen, tmp_path, precision, ac
         metadata = handle.metadata()
     loaded = SVDQLinear.from_state_dict(load_file(path), metadata)
     for key, value in layer.state_dict().items():
-        assert torch.equal(value.view(torch.uint8) if value.dtype == torch.float8_e4m3fn else value,
-                           loaded.state_dict()[key].view(torch.uint8) if value.dtype == torch.float8_e4m3fn
-                           else loaded.state_dict()[key])
+        assert torch.equal(
+            value.view(torch.uint8) if value.dtype == torch.float8_e4m3fn else value,
+            loaded.state_dict()[key].view(torch.uint8)
+            if value.dtype == torch.float8_e4m3fn
+            else loaded.state_dict()[key],
+        )
     x = torch.randn(5, 128, generator=gen).to(dtype)
     assert torch.equal(layer(x), loaded(x))
 
