@@ -177,6 +177,135 @@ class _Collector:
         self._last = None
 
 
+@dataclass
+class Calibration:
+    """Statistics of every distinct input (keyed by the first layer reading it) and the layers reading it."""
+
+    stats: dict[str, InputStats]
+    members: dict[str, list[str]]
+
+
+def collect_statistics(
+    model: nn.Module,
+    layers: dict[str, nn.Linear],
+    calibrate: Callable[[nn.Module], object],
+    config: QuantConfig,
+    groups: Sequence[Sequence[str]] = (),
+) -> Calibration:
+    """Run ``calibrate(model)`` with hooks on ``layers`` and return their input statistics.
+
+    Raises:
+        BadInputError: a layer never called, a group that shares its input only sometimes, NaN/Inf inputs.
+    """
+    collector = _Collector(layers, config, groups)
+    handles = collector.hooks()
+    try:
+        with torch.no_grad():
+            calibrate(model)
+    finally:
+        for handle in handles:
+            handle.remove()
+        collector.release()
+    _check_calibration(collector)
+    members: dict[str, list[str]] = {}
+    for name in layers:
+        members.setdefault(collector.owner[name], []).append(name)
+    return Calibration(collector.stats, members)
+
+
+@dataclass(frozen=True)
+class GroupPlan:
+    """How a group of layers sharing an input is quantized: activation mode, shift, smoothing."""
+
+    act: str
+    shift: float
+    alpha: float
+    beta: float
+    smooth: torch.Tensor | None  # None: no smoothing
+    seconds: float = 0.0
+
+
+def plan_group(
+    names: Sequence[str],
+    modules: Sequence[nn.Linear],
+    stats: InputStats,
+    config: QuantConfig,
+    weight_only: Sequence[str] = (),
+    nonnegative: Sequence[str] = (),
+) -> GroupPlan:
+    """Pick the activation mode (signed, unsigned with a shift, or none) and search λ for one group."""
+    start = time.perf_counter()
+    dtype = modules[0].weight.dtype
+    act = "none" if config.weight_only or _matches(names[0], weight_only) else "signed"
+    shift = 0.0
+    if act == "signed" and config.precision == "int4" and _matches(names[0], nonnegative):
+        act, shift = "unsigned", max(0.0, -stats.minimum)
+    if not config.smooths:
+        return GroupPlan(act, shift, 0.0, 0.0, None, time.perf_counter() - start)
+    raw = stats.sample(config.search_rows)
+    choice = search_smoothing([m.weight for m in modules], raw, stats.absmax(shift), config, act, dtype, shift)
+    return GroupPlan(act, shift, choice.alpha, choice.beta, choice.smooth, time.perf_counter() - start)
+
+
+def group_hessian(stats: InputStats, plan: GroupPlan, in_features: int, config: QuantConfig) -> torch.Tensor | None:
+    """GPTQ's ``Σ x̂ᵀx̂`` for the group's smoothed (and shifted) input, or None without GPTQ."""
+    if not config.gptq:
+        return None
+    smooth = plan.smooth if plan.smooth is not None else torch.ones(in_features)
+    return stats.hessian(smooth, plan.shift)
+
+
+def quantize_layer(
+    module: nn.Linear,
+    config: QuantConfig,
+    plan: GroupPlan,
+    hessian: torch.Tensor | None = None,
+    factors: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> SVDQLinear:
+    """Quantize one layer of a planned group; ``factors`` reuses an already computed low-rank branch."""
+    return SVDQLinear.from_linear(
+        module, config, smooth=plan.smooth, act=plan.act, shift=plan.shift, hessian=hessian, factors=factors
+    )
+
+
+def measure_layer(
+    name: str,
+    group: str,
+    module: nn.Linear,
+    quantized: SVDQLinear,
+    plan: GroupPlan,
+    rows: torch.Tensor,
+    config: QuantConfig,
+    seconds: float,
+) -> LayerReport:
+    """Output error of ``quantized`` (and of naive RTN at the same precision) against ``module`` on ``rows``."""
+    naive_config = QuantConfig(
+        method="rtn", precision=config.precision, weight_only=config.weight_only, scale_dtype=config.scale_dtype
+    )
+    naive = SVDQLinear.from_linear(module, naive_config, act="none" if plan.act == "none" else "signed")
+    x = rows.to(module.weight.device, module.weight.dtype)
+    bias = None if module.bias is None else module.bias.float()
+    with torch.no_grad():
+        reference = nn.functional.linear(x.float(), module.weight.float(), bias)
+        after, before = quantized(x).float(), naive(x).float()
+    return LayerReport(
+        name=name,
+        group=group,
+        act=plan.act,
+        alpha=plan.alpha,
+        beta=plan.beta,
+        shift=plan.shift,
+        rank=quantized.rank,
+        mse_before=torch.mean((before - reference) ** 2).item(),
+        mse_after=torch.mean((after - reference) ** 2).item(),
+        relative_error_before=relative_error(before, reference),
+        relative_error_after=relative_error(after, reference),
+        bytes_before=sum(p.numel() * p.element_size() for p in module.parameters()),
+        bytes_after=quantized.nbytes(),
+        seconds=seconds,
+    )
+
+
 def quantize_model(
     model: nn.Module,
     calibrate: Callable[[nn.Module], object],
@@ -216,34 +345,26 @@ def quantize_model(
     for name, module in layers.items():
         if not torch.isfinite(module.weight).all():
             raise BadInputError(f"layer {name}: weight holds NaN or Inf")
-    collector = _Collector(layers, config, groups)
-    handles = collector.hooks()
-    try:
-        with torch.no_grad():
-            calibrate(model)
-    finally:
-        for handle in handles:
-            handle.remove()
-        collector.release()
-    _check_calibration(collector)
-
+    calibration = collect_statistics(model, layers, calibrate, config, groups)
     report = QuantReport(config=config, skipped=skipped)
-    members: dict[str, list[str]] = {}
-    for name in layers:
-        members.setdefault(collector.owner[name], []).append(name)
-    done = 0
-    for owner, names in members.items():
+    for owner, names in calibration.members.items():
+        stats = calibration.stats[owner]
         try:
-            layer_reports = _quantize_group(
-                model, layers, names, collector.stats[owner], config, weight_only, nonnegative
-            )
+            modules = [layers[name] for name in names]
+            plan = plan_group(names, modules, stats, config, weight_only, nonnegative)
+            for name, module in zip(names, modules, strict=True):
+                begin = time.perf_counter()
+                quantized = quantize_layer(module, config, plan, group_hessian(stats, plan, module.in_features, config))
+                seconds = time.perf_counter() - begin + plan.seconds / len(names)
+                layer_report = measure_layer(
+                    name, owner, module, quantized, plan, stats.sample(config.search_rows), config, seconds
+                )
+                replace_module(model, name, quantized)
+                report.layers.append(layer_report)
+                if progress:
+                    progress(name, len(report.layers), len(layers))
         except ValueError as error:
             raise BadInputError(f"layer {names[0]}: {error}") from None
-        for layer_report in layer_reports:
-            report.layers.append(layer_report)
-            done += 1
-            if progress:
-                progress(layer_report.name, done, len(layers))
     return report
 
 
@@ -259,73 +380,8 @@ def _check_calibration(collector: _Collector) -> None:
             raise BadInputError(f"layer {name}: calibration activations hold NaN or Inf")
 
 
-def _quantize_group(
-    model: nn.Module,
-    layers: dict[str, nn.Linear],
-    names: list[str],
-    stats: InputStats,
-    config: QuantConfig,
-    weight_only: Sequence[str],
-    nonnegative: Sequence[str],
-) -> list[LayerReport]:
-    start = time.perf_counter()
-    modules = [layers[name] for name in names]
-    dtype = modules[0].weight.dtype
-    act = "none" if config.weight_only or _matches(names[0], weight_only) else "signed"
-    shift = 0.0
-    if act == "signed" and config.precision == "int4" and _matches(names[0], nonnegative):
-        act, shift = "unsigned", max(0.0, -stats.minimum)
-    raw = stats.sample(config.search_rows)
-    alpha = beta = 0.0
-    smooth = None
-    if config.smooths:
-        choice = search_smoothing([m.weight for m in modules], raw, stats.absmax(shift), config, act, dtype, shift)
-        alpha, beta, smooth = choice.alpha, choice.beta, choice.smooth
-    search_seconds = (time.perf_counter() - start) / len(names)
-
-    naive_config = QuantConfig(
-        method="rtn", precision=config.precision, weight_only=config.weight_only, scale_dtype=config.scale_dtype
-    )
-    reports = []
-    for name, module in zip(names, modules, strict=True):
-        begin = time.perf_counter()
-        hessian = (
-            stats.hessian(smooth if smooth is not None else torch.ones(module.in_features), shift)
-            if config.gptq
-            else None
-        )
-        quantized = SVDQLinear.from_linear(module, config, smooth=smooth, act=act, shift=shift, hessian=hessian)
-        seconds = time.perf_counter() - begin + search_seconds
-        naive = SVDQLinear.from_linear(module, naive_config, act="none" if act == "none" else "signed")
-        x = raw.to(module.weight.device, dtype)
-        with torch.no_grad():
-            reference = nn.functional.linear(
-                x.float(), module.weight.float(), None if module.bias is None else module.bias.float()
-            )
-            after, before = quantized(x).float(), naive(x).float()
-        _replace(model, name, quantized)
-        reports.append(
-            LayerReport(
-                name=name,
-                group=names[0],
-                act=act,
-                alpha=alpha,
-                beta=beta,
-                shift=shift,
-                rank=quantized.rank,
-                mse_before=torch.mean((before - reference) ** 2).item(),
-                mse_after=torch.mean((after - reference) ** 2).item(),
-                relative_error_before=relative_error(before, reference),
-                relative_error_after=relative_error(after, reference),
-                bytes_before=sum(p.numel() * p.element_size() for p in module.parameters()),
-                bytes_after=quantized.nbytes(),
-                seconds=seconds,
-            )
-        )
-    return reports
-
-
-def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
+def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put ``module`` at dotted path ``name`` inside ``model``."""
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, module)

@@ -142,6 +142,47 @@ def search_smoothing(
     return best
 
 
+def branch_factors(
+    weight: torch.Tensor, smooth: torch.Tensor, config: QuantConfig, model_dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Low-rank branch ``(lora_down [r, K], lora_up [N, r])`` of the smoothed weight, in ``model_dtype``.
+
+    With ``config.lowrank_iters > 1`` the factors are refined against the residual's quantization error.
+    """
+    fmt = config.format
+    scale_dtype = scale_dtype_for(config, model_dtype)
+    down, up = refine_low_rank(
+        weight.detach().float() * smooth.float(),
+        config.effective_rank,
+        lambda residual: fake_quantize(residual, fmt, True, scale_dtype),
+        config.lowrank_iters,
+        config.exact_svd_max_elements,
+        config.seed,
+        _rounder(model_dtype),
+    )
+    return down.to(model_dtype), up.to(model_dtype)
+
+
+def quantize_residual(
+    weight: torch.Tensor,
+    smooth: torch.Tensor,
+    lora_down: torch.Tensor,
+    lora_up: torch.Tensor,
+    config: QuantConfig,
+    model_dtype: torch.dtype,
+    hessian: torch.Tensor | None = None,
+) -> QTensor:
+    """Quantize ``R = W·diag(λ) − lora_up·lora_down`` (round-to-nearest, or GPTQ with ``hessian``)."""
+    fmt = config.format
+    scale_dtype = scale_dtype_for(config, model_dtype)
+    residual = (weight.detach().float() * smooth.float()).addmm_(lora_up.float(), lora_down.float(), alpha=-1)
+    if config.gptq:
+        if hessian is None:
+            raise ValueError("GPTQ needs the calibration Hessian")
+        return gptq_quantize(residual, hessian, fmt, scale_dtype, config.gptq_block, config.gptq_damp)
+    return quantize(residual, fmt, True, scale_dtype)
+
+
 def decompose(
     weight: torch.Tensor,
     smooth: torch.Tensor,
@@ -161,26 +202,9 @@ def decompose(
     Returns:
         The :class:`Decomposition`; factors in ``model_dtype``.
     """
-    fmt = config.format
-    scale_dtype = scale_dtype_for(config, model_dtype)
-    smoothed = weight.detach().float() * smooth.float()
-    down, up = refine_low_rank(
-        smoothed,
-        config.effective_rank,
-        lambda residual: fake_quantize(residual, fmt, True, scale_dtype),
-        config.lowrank_iters,
-        config.exact_svd_max_elements,
-        config.seed,
-        _rounder(model_dtype),
-    )
-    residual = smoothed.addmm_(up, down, alpha=-1)  # in place: Ŵ is not needed again
-    if config.gptq:
-        if hessian is None:
-            raise ValueError("GPTQ needs the calibration Hessian")
-        quantized = gptq_quantize(residual, hessian, fmt, scale_dtype, config.gptq_block, config.gptq_damp)
-    else:
-        quantized = quantize(residual, fmt, True, scale_dtype)
-    return Decomposition(quantized, down.to(model_dtype), up.to(model_dtype))
+    down, up = branch_factors(weight, smooth, config, model_dtype)
+    residual = quantize_residual(weight, smooth, down, up, config, model_dtype, hessian)
+    return Decomposition(residual, down, up)
 
 
 def _rounder(dtype: torch.dtype):

@@ -19,7 +19,13 @@ from .. import keys
 from ..quant.config import QuantConfig
 from ..quant.formats import QTensor, dequantize, get_format
 from ..quant.packing import unpack_nibbles
-from ..quant.svdquant import check_act_mode, decompose, fake_quantize_activations, scale_dtype_for
+from ..quant.svdquant import (
+    branch_factors,
+    check_act_mode,
+    fake_quantize_activations,
+    quantize_residual,
+    scale_dtype_for,
+)
 
 _DTYPES = {str(d).removeprefix("torch."): d for d in (torch.float32, torch.float16, torch.bfloat16)}
 
@@ -101,6 +107,7 @@ class SVDQLinear(nn.Module):
         act: str | None = None,
         shift: float = 0.0,
         hessian: torch.Tensor | None = None,
+        factors: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> SVDQLinear:
         """Quantize an ``nn.Linear``.
 
@@ -112,6 +119,7 @@ class SVDQLinear(nn.Module):
             shift: for ``act="unsigned"``: constant added to inputs to make them non-negative; the bias is
                 corrected so the layer still computes ``x Wᵀ + b``.
             hessian: ``Σ x̂ᵀx̂`` of smoothed calibration inputs, required for GPTQ.
+            factors: an already computed low-rank branch ``(lora_down, lora_up)`` to reuse.
 
         Raises:
             ValueError: bad shapes, non-finite weights, rank too large, GPTQ without a Hessian.
@@ -138,8 +146,11 @@ class SVDQLinear(nn.Module):
             device=weight.device,
         )
         smooth = torch.ones(k, device=weight.device) if smooth is None else smooth.to(weight.device)
-        parts = decompose(weight, smooth, config, dtype, hessian)
-        layer.load_parts(parts.residual, smooth, parts.lora_down, parts.lora_up, linear.bias, shift)
+        down, up = factors if factors is not None else branch_factors(weight, smooth, config, dtype)
+        if down.shape != (rank, k) or up.shape != (n, rank):
+            raise ValueError(f"low-rank factors {tuple(down.shape)}, {tuple(up.shape)} do not fit rank {rank}")
+        residual = quantize_residual(weight, smooth, down, up, config, dtype, hessian)
+        layer.load_parts(residual, smooth, down, up, linear.bias, shift)
         return layer
 
     @torch.no_grad()
