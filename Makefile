@@ -19,7 +19,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 demo: $(STAMP)
-	$(PY) benchmarks/layer_quality.py --quick
+	$(VENV)/bin/svdq quantize tiny-flux --out runs/demo
 
 lint: $(STAMP)
 	$(PY) -m ruff check svdq_cli tests benchmarks

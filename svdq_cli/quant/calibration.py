@@ -85,3 +85,27 @@ class InputStats:
             h = h + shift * (s[:, None] + s[None, :]) + shift * shift * self.count
         inverse = 1.0 / smooth.double().to(h.device)
         return h * inverse[:, None] * inverse[None, :]
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """Tensors that rebuild these statistics with :meth:`from_state` (the collect stage's artifact)."""
+        if self.rows is None:
+            raise ValueError("no calibration rows were recorded")
+        tensors = {
+            "channel_min": self.channel_min.cpu(),
+            "channel_max": self.channel_max.cpu(),
+            "rows": self.rows.cpu().contiguous(),
+            "count": torch.tensor(self.count, dtype=torch.int64),
+        }
+        if self.xtx is not None:
+            tensors["xtx"], tensors["row_sum"] = self.xtx.cpu(), self.row_sum.cpu()
+        return tensors
+
+    @classmethod
+    def from_state(cls, tensors: dict[str, torch.Tensor]) -> InputStats:
+        """Statistics read back from :meth:`state` (no further updates are expected)."""
+        rows = tensors["rows"]
+        stats = cls(rows.shape[1], rows.shape[0], seed=0, hessian="xtx" in tensors)
+        stats.channel_min, stats.channel_max = tensors["channel_min"], tensors["channel_max"]
+        stats.rows, stats.count = rows, int(tensors["count"])
+        stats.xtx, stats.row_sum = tensors.get("xtx"), tensors.get("row_sum")
+        return stats

@@ -1,0 +1,331 @@
+"""The ``svdq`` command line (DESIGN.md §5). It only parses, builds a RunConfig, calls stages and renders.
+
+Exit codes: 0 success; 1 runtime failure; 2 bad usage or bad input; 3 a quality gate failed. Errors are one
+line on stderr; ``--debug`` shows the traceback. Results go to stdout (``--json``: exactly one document).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .errors import BadInputError, QualityGateError, SvdqError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="SVDQuant 4-bit quantization for diffusion transformers.")
+out = Console()
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout instead of tables.")]
+RunDirArg = Annotated[Path, typer.Argument(help="A run directory made by `svdq quantize`.")]
+_state = {"debug": False}
+
+
+@app.callback()
+def _options(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks of errors.")] = False) -> None:
+    _state["debug"] = debug
+
+
+def _quiet_libraries() -> None:
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.set_verbosity_error()
+    transformers_logging.set_verbosity_error()
+
+
+def resolve_model(model: str, recipe: str | None, overrides: dict[str, object]):
+    """RunConfig for MODEL: a recipe name, a tiny model, a local diffusers directory or a Hub repo id."""
+    from .models.loading import ModelFetchError, family_of_directory
+    from .recipe import load_recipe, recipe_names, recipe_path
+
+    if recipe is not None:
+        return load_recipe(recipe, {"model": model, **overrides})
+    if recipe_path(model) is not None:
+        return load_recipe(model, overrides)
+    if Path(model).is_dir():
+        family = family_of_directory(Path(model))
+        return load_recipe(family, {"model": model, "recipe": f"{family}:{Path(model).name}", **overrides})
+    for name in recipe_names():
+        candidate = load_recipe(name)
+        if candidate.model == model:
+            return load_recipe(name, overrides)
+    if "/" not in model:
+        raise BadInputError(f"unknown model {model!r}: not a recipe ({', '.join(recipe_names())}), "
+                            "a local diffusers directory or a Hub repo id")
+    try:
+        from huggingface_hub import hf_hub_download
+
+        family = family_of_directory(Path(hf_hub_download(model, "model_index.json")).parent)
+    except BadInputError:
+        raise
+    except Exception as error:  # offline, gated or missing repo: huggingface_hub has many error types
+        raise ModelFetchError(f"could not fetch {model} from the Hugging Face Hub ({type(error).__name__}); "
+                              f"download it with `hf download {model} --local-dir DIR` and pass DIR") from None
+    return load_recipe(family, {"model": model, **overrides})
+
+
+def _run_dir(config, out_dir: Path | None) -> Path:
+    return out_dir or Path("runs") / config.recipe.replace(":", "-")
+
+
+def _summary(run_path: Path, summary: dict, as_json: bool) -> None:
+    from .run import Run
+
+    manifest = Run.existing(run_path).manifest
+    result = {"run": str(run_path), "stages": summary}
+    export = manifest["stages"].get("export", {})
+    if export.get("status") == "done":
+        result["export"] = str(run_path / export["file"])
+    validate = manifest["stages"].get("validate", {})
+    if validate.get("status") == "done":
+        result["validate"] = {k: validate[k] for k in ("passed", "psnr", "ssim", "latent_error")}
+        result["report"] = str(run_path / "validate" / "report.md")
+        result["comparison"] = str(run_path / "validate" / "comparison.png")
+    if as_json:
+        print(json.dumps(result, indent=2))
+    else:
+        if all(s["status"] == "up to date" for s in summary.values()):
+            out.print("nothing to do: every stage is up to date")
+        table = Table(title=f"run {run_path}")
+        for column in ("stage", "status", "seconds"):
+            table.add_column(column)
+        for name, stage in summary.items():
+            table.add_row(name, stage["status"], f"{stage['seconds']:.1f}")
+        out.print(table)
+        if "validate" in result:
+            v = result["validate"]
+            out.print(f"validate: PSNR {v['psnr']:.2f} dB, SSIM {v['ssim']:.4f}, latent error "
+                      f"{v['latent_error']:.4f} ({'gates passed' if v['passed'] else 'A GATE FAILED'})")
+            out.print(f"report: {result['report']}\ncomparison: {result['comparison']}")
+        if "export" in result:
+            out.print(f"export: {result['export']}")
+    if "validate" in result and not result["validate"]["passed"]:
+        raise QualityGateError(f"a validation gate failed; see {run_path / 'validate' / 'report.md'}")
+
+
+@app.command()
+def quantize(
+    model: Annotated[str, typer.Argument(help="Recipe name (flux-dev), tiny model (tiny-flux), local diffusers "
+                                              "directory or Hub repo id.")],
+    recipe: Annotated[str | None, typer.Option(help="Recipe name or YAML file; default: MODEL's own.")] = None,
+    rank: Annotated[int | None, typer.Option(help="Low-rank branch rank, a multiple of 16 (recipe: 32).")] = None,
+    precision: Annotated[str | None, typer.Option(help="int4, nvfp4 or int8 (recipe: int4).")] = None,
+    out_dir: Annotated[Path | None, typer.Option("--out", help="Run directory (default: runs/RECIPE).")] = None,
+    prompts: Annotated[str | None, typer.Option(help="Calibration prompts: builtin:calibration, a text/JSON/CSV "
+                                                     "file or hf:org/name[:split[:column]].")] = None,
+    num_prompts: Annotated[int | None, typer.Option(help="Calibration prompts used (recipe: 128).")] = None,
+    steps: Annotated[int | None, typer.Option(help="Denoising steps per calibration prompt (recipe).")] = None,
+    resolution: Annotated[int | None, typer.Option(help="Calibration image size in pixels (recipe).")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda or cuda:N (recipe).")] = None,
+    dtype: Annotated[str | None, typer.Option(help="float32, bfloat16 or float16 (recipe).")] = None,
+    offload: Annotated[bool | None, typer.Option(help="diffusers model CPU offload (fits FLUX in 24 GB).")] = None,
+    until: Annotated[str | None, typer.Option(help="Stop after this stage.")] = None,
+    redo: Annotated[str | None, typer.Option(help="Recompute this stage and every later one.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Run every stage (collect, smooth, svd, quantize, validate, export), resuming what is done."""
+    from .run import Run
+    from .stages import run_stages
+
+    overrides = {"quant.rank": rank, "quant.precision": precision, "calibration.prompts": prompts,
+                 "calibration.num_prompts": num_prompts, "calibration.steps": steps,
+                 "calibration.resolution": resolution, "device": device, "dtype": dtype, "offload": offload}
+    config = resolve_model(model, recipe, overrides)
+    run_path = _run_dir(config, out_dir)
+    _quiet_libraries()
+    with Run(run_path) as run:
+        summary = run_stages(run, config, until=until, redo=redo)
+    _summary(run_path, summary, as_json)
+
+
+def _rerun(run_dir: Path, until: str, overrides: dict[str, object], as_json: bool) -> None:
+    from .recipe import RunConfig, build_config
+    from .run import Run
+    from .stages import run_stages
+
+    stored = Run.existing(run_dir).manifest.get("config")
+    if stored is None:
+        raise BadInputError(f"{run_dir} has no resolved config in its manifest")
+    for key, value in overrides.items():
+        if value is not None:
+            section, _, leaf = key.partition(".")
+            stored[section][leaf] = value
+    config = build_config(RunConfig, stored, "")
+    _quiet_libraries()
+    with Run(run_dir) as run:
+        summary = run_stages(run, config, until=until)
+    _summary(run_dir, summary, as_json)
+
+
+@app.command()
+def validate(
+    run_dir: RunDirArg,
+    baselines: Annotated[str | None, typer.Option(help="Comma-separated: rtn, w4a16, smoothquant.")] = None,
+    min_psnr: Annotated[float | None, typer.Option(help="Gate: minimum mean PSNR in dB (exit 3 below).")] = None,
+    min_ssim: Annotated[float | None, typer.Option(help="Gate: minimum mean SSIM.")] = None,
+    max_latent_error: Annotated[float | None, typer.Option(help="Gate: maximum latent relative error.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """(Re)validate a run: 16-bit vs quantized images on held-out prompts, report and PNGs."""
+    listed = [b.strip() for b in baselines.split(",") if b.strip()] if baselines is not None else None
+    _rerun(run_dir, "validate", {"validation.baselines": listed, "validation.min_psnr": min_psnr,
+                                 "validation.min_ssim": min_ssim, "validation.max_latent_error": max_latent_error},
+           as_json)
+
+
+@app.command()
+def export(
+    run_dir: RunDirArg,
+    format: Annotated[str, typer.Option(help="svdq (our single-file format); nunchaku is planned.")] = "svdq",
+    as_json: JsonOpt = False,
+) -> None:
+    """Write the single-file export of a run (after validating it, if not done yet)."""
+    if format != "svdq":
+        raise BadInputError(f"--format {format!r} is not supported yet (available: svdq)")
+    _rerun(run_dir, "export", {}, as_json)
+
+
+@app.command()
+def status(run_dir: RunDirArg, as_json: JsonOpt = False) -> None:
+    """Show each stage of a run: status, config hash, artifacts verified, seconds."""
+    from .run import Run
+    from .stages import ORDER
+
+    run = Run.existing(run_dir)
+    rows = []
+    for name in ORDER:
+        record = run.manifest["stages"].get(name, {})
+        artifacts = record.get("artifacts", {})
+        broken = run.broken_artifacts(name) if artifacts else []
+        rows.append({"stage": name, "status": record.get("status", "pending"), "hash": record.get("hash"),
+                     "artifacts": len(artifacts), "broken": broken, "seconds": record.get("seconds")})
+    if as_json:
+        print(json.dumps({"run": str(run_dir), "stages": rows}, indent=2))
+        return
+    table = Table(title=f"run {run_dir}")
+    for column in ("stage", "status", "hash", "artifacts", "seconds"):
+        table.add_column(column)
+    for row in rows:
+        artifacts = f"{row['artifacts']}" + (f" ({len(row['broken'])} BROKEN)" if row["broken"] else " ok")
+        seconds = "" if row["seconds"] is None else f"{row['seconds']:.1f}"
+        table.add_row(row["stage"], row["status"], row["hash"] or "", artifacts, seconds)
+    out.print(table)
+
+
+@app.command()
+def recipes(
+    name: Annotated[str | None, typer.Argument(help="Print this recipe resolved; omit to list them.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """List the recipes, or print one with every field resolved."""
+    from .recipe import load_recipe, recipe_names
+
+    if name is None:
+        listing = {n: load_recipe(n).model for n in recipe_names()}
+        if as_json:
+            print(json.dumps(listing, indent=2))
+        else:
+            table = Table(title="recipes")
+            table.add_column("recipe")
+            table.add_column("model")
+            for recipe_name, model_id in listing.items():
+                table.add_row(recipe_name, model_id)
+            out.print(table)
+        return
+    resolved = load_recipe(name).to_dict()
+    if as_json:
+        print(json.dumps(resolved, indent=2))
+    else:
+        import yaml
+
+        print(yaml.safe_dump(resolved, sort_keys=False), end="")
+
+
+@app.command()
+def inspect(file: Annotated[Path, typer.Argument(help="An exported .safetensors file.")], as_json: JsonOpt = False):
+    """What a quantized file holds: format, precision, rank, layers, size vs bf16, validate summary."""
+    from .export_format import read_metadata
+
+    metadata = read_metadata(file)
+    quant = metadata["quantization_config"]
+    layers = metadata["layers"]
+    size = file.stat().st_size
+    bf16 = _bf16_bytes(file)
+    result = {"file": str(file), "format_version": metadata["format_version"], "model": metadata["recipe"]["model"],
+              "method": quant["method"], "precision": quant["precision"], "rank": quant["rank"],
+              "quantized_layers": len(layers), "bytes": size, "bytes_bf16": bf16, "validate": metadata["validate"]}
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return
+    table = Table(title=str(file), show_header=False)
+    for key, value in result.items():
+        table.add_row(key, json.dumps(value) if isinstance(value, dict) else str(value))
+    out.print(table)
+
+
+def _bf16_bytes(file: Path) -> int:
+    """Size the same transformer would have with every quantized layer in bf16."""
+    from safetensors import safe_open
+
+    metadata_layers = json.loads(safe_open(str(file), "pt").metadata()["layers"])
+    total = 0
+    with safe_open(str(file), "pt") as handle:
+        for key in handle.keys():
+            shape = handle.get_slice(key).get_shape()
+            layer = key.rpartition(".")[0]
+            if layer not in metadata_layers:
+                total += 2 * _numel(shape)
+    for layer in metadata_layers.values():
+        total += 2 * int(layer["in_features"]) * int(layer["out_features"]) + 2 * int(layer["out_features"])
+    return total
+
+
+def _numel(shape) -> int:
+    count = 1
+    for dim in shape:
+        count *= dim
+    return count
+
+
+def main() -> None:
+    """Console entry point: map our errors to one line and an exit code."""
+    try:
+        app(standalone_mode=False)
+    except SvdqError as error:
+        if _state["debug"]:
+            raise
+        print(f"Error: {error}", file=sys.stderr)
+        sys.exit(error.exit_code)
+    except (typer.Exit, SystemExit) as done:
+        sys.exit(getattr(done, "exit_code", getattr(done, "code", 0)))
+    except KeyboardInterrupt:
+        print("Error: interrupted; re-run the same command to resume", file=sys.stderr)
+        sys.exit(130)
+    except Exception as error:  # click usage errors and unexpected failures
+        import click
+
+        if isinstance(error, click.ClickException):
+            error.show()
+            sys.exit(error.exit_code)
+        if isinstance(error, click.exceptions.Abort):
+            sys.exit(1)
+        if _state["debug"]:
+            raise
+        print(f"Error: unexpected {type(error).__name__}: {error} (re-run with --debug for the traceback)",
+              file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,96 @@
+"""The single-file export (DESIGN.md §4) and loading it back into a diffusers pipeline.
+
+``svdq-{int4|fp4}_r{rank}-{model}.safetensors`` holds every tensor of the transformer — quantized layers as
+their SVDQLinear tensors under the layer's path, every other parameter and buffer in 16 bits — and string
+metadata: ``format_version``, ``quantization_config``, ``model_config`` (transformer class and config,
+family), ``recipe``, ``svdq_version``, ``validate`` (summary) and ``layers`` (per-layer format facts).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from .errors import BadInputError
+
+FORMAT_VERSION = "1"
+PRECISION_TAGS = {"int4": "int4", "nvfp4": "fp4", "int8": "int8"}
+
+
+def export_name(precision: str, rank: int, model: str) -> str:
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(model.rstrip("/")).name).strip("-") or "model"
+    return f"svdq-{PRECISION_TAGS[precision]}_r{rank}-{stem}.safetensors"
+
+
+def read_metadata(path: Path) -> dict[str, object]:
+    """The decoded metadata of an svdq export.
+
+    Raises:
+        BadInputError: not a safetensors file, or not one of ours.
+    """
+    try:
+        with safe_open(str(path), "pt") as handle:
+            raw = handle.metadata() or {}
+    except FileNotFoundError:
+        raise BadInputError(f"{path} does not exist") from None
+    except Exception as error:  # safetensors raises its own error types for malformed headers
+        raise BadInputError(f"{path} is not a safetensors file ({type(error).__name__})") from None
+    if "format_version" not in raw or "quantization_config" not in raw:
+        raise BadInputError(f"{path} is not an svdq export (no svdq metadata)")
+    return {key: (value if key == "format_version" else json.loads(value)) for key, value in raw.items()}
+
+
+def load_quantized(path: Path | str, pipeline=None, device: str | torch.device = "cpu"):
+    """Rebuild the quantized transformer of an export; with ``pipeline``, install it there.
+
+    Args:
+        path: the exported ``.safetensors`` file.
+        pipeline: a diffusers pipeline of the same model to receive the transformer (optional).
+        device: where the transformer's tensors go.
+
+    Returns:
+        The pipeline when one was given, else the transformer.
+    """
+    import diffusers
+
+    from .api import replace_module
+    from .runtime.linear import SVDQLinear
+
+    metadata = read_metadata(Path(path))
+    if metadata["format_version"] != FORMAT_VERSION:
+        raise BadInputError(f"{path} has export format {metadata['format_version']}, this svdq reads {FORMAT_VERSION}")
+    model_config = metadata["model_config"]
+    transformer_class = getattr(diffusers, model_config["class"])
+    dtype = getattr(torch, metadata["recipe"]["dtype"])
+    transformer = transformer_class.from_config(model_config["config"]).to(dtype)
+    tensors = load_file(str(path), device=str(device))
+    for name, layer_metadata in metadata["layers"].items():
+        prefix = f"{name}."
+        own = {key[len(prefix):]: value for key, value in tensors.items() if key.startswith(prefix)}
+        replace_module(transformer, name, SVDQLinear.from_state_dict(own, layer_metadata))
+    missing, unexpected = transformer.load_state_dict(tensors, strict=False)
+    if missing or unexpected:
+        raise BadInputError(f"{path} does not fit {model_config['class']}: missing {missing[:3]}, "
+                            f"unexpected {unexpected[:3]}")
+    transformer.to(device)
+    if pipeline is None:
+        return transformer
+    pipeline.transformer = transformer
+    return pipeline
+
+
+def load_quantized_pipeline(path: Path | str, device: str = "cpu"):
+    """The whole pipeline of an export: the recorded base model (tiny builder, local dir or Hub id) with the
+    quantized transformer in place of the 16-bit one."""
+    from .models import get_adapter
+    from .models.loading import load_pipeline
+
+    recipe = read_metadata(Path(path))["recipe"]
+    adapter = get_adapter(recipe["family"])
+    pipeline = load_pipeline(recipe["model"], adapter, getattr(torch, recipe["dtype"]), device)
+    return load_quantized(path, pipeline, device)

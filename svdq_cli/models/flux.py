@@ -1,0 +1,71 @@
+"""FLUX.1 (dev, schnell): 19 double-stream + 38 single-stream blocks at full size."""
+
+from __future__ import annotations
+
+import torch
+
+from . import tiny
+from .base import Adapter, BlockList, Protocol
+
+DOUBLE = BlockList(
+    "transformer_blocks",
+    (
+        ("attn.to_q", "attn.to_k", "attn.to_v"),
+        ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
+        ("attn.to_out.0",),
+        ("attn.to_add_out",),
+        ("ff.net.0.proj",),
+        ("ff.net.2",),
+        ("ff_context.net.0.proj",),
+        ("ff_context.net.2",),
+        ("norm1.linear", "norm1_context.linear"),  # both read silu(temb)
+    ),
+)
+SINGLE = BlockList(
+    "single_transformer_blocks",
+    (("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"), ("proj_out",), ("norm.linear",)),
+)
+
+
+def build_tiny(seed: int = 0, dtype: torch.dtype = torch.float32, blocks: tuple[int, int] = (2, 4)):
+    """A FluxPipeline with 128-wide blocks (``blocks`` = double, single), 16-channel packed latents."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    with tiny.seeded(seed):
+        transformer = FluxTransformer2DModel(
+            patch_size=1, in_channels=16, num_layers=blocks[0], num_single_layers=blocks[1], attention_head_dim=32,
+            num_attention_heads=4, joint_attention_dim=64, pooled_projection_dim=32, axes_dims_rope=(8, 12, 12),
+        )
+        pipeline = FluxPipeline(
+            scheduler=FlowMatchEulerDiscreteScheduler(),
+            vae=tiny.kl_vae(4, use_quant_conv=False, use_post_quant_conv=False, shift_factor=0.06, scaling_factor=1.5),
+            text_encoder=tiny.clip_text_encoder(), tokenizer=tiny.tokenizer(77),
+            text_encoder_2=tiny.t5_text_encoder(), tokenizer_2=tiny.tokenizer(64), transformer=transformer,
+        )
+    generator = torch.Generator().manual_seed(seed + 1)
+    for block in transformer.transformer_blocks:
+        channels, gains = tiny.outlier_channels(transformer.inner_dim, generator)
+        tiny.plant_modulation_outliers(block.norm1.linear, 6, (1, 4), channels, gains)  # scale_msa, scale_mlp
+    for block in transformer.single_transformer_blocks:
+        channels, gains = tiny.outlier_channels(transformer.inner_dim, generator)
+        tiny.plant_modulation_outliers(block.norm.linear, 3, (1,), channels, gains)
+    return pipeline.to(dtype=dtype)
+
+
+def _adapter(family: str, protocol: Protocol) -> Adapter:
+    return Adapter(
+        family=family,
+        pipeline_class="FluxPipeline",
+        transformer_class="FluxTransformer2DModel",
+        blocks=(DOUBLE, SINGLE),
+        weight_only=("norm1.linear", "norm1_context.linear", "norm.linear"),
+        nonnegative=("ff.net.2", "ff_context.net.2"),
+        protocol=protocol,
+        build_tiny=build_tiny,
+    )
+
+
+FLUX_DEV = _adapter("flux-dev", Protocol(steps=50, guidance=3.5, resolution=1024, extra={"max_sequence_length": 512}))
+FLUX_SCHNELL = _adapter("flux-schnell", Protocol(steps=4, guidance=0.0, resolution=1024,
+                                                 extra={"max_sequence_length": 256}))
+TINY = _adapter("tiny-flux", Protocol(steps=4, guidance=3.5, resolution=64, extra={"max_sequence_length": 32}))

@@ -1,0 +1,62 @@
+"""Loading the 16-bit pipeline: a built-in tiny model, a local diffusers directory, or a Hub repo id."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ..errors import BadInputError, SvdqError
+from . import ADAPTERS, TINY_MODELS, Adapter
+
+PIPELINE_FAMILIES = {
+    "FluxPipeline": "flux-dev", "PixArtSigmaPipeline": "pixart-sigma", "SanaPipeline": "sana",
+    "StableDiffusion3Pipeline": "sd3",
+}
+
+
+class ModelFetchError(SvdqError):
+    """The model could not be fetched from the Hub."""
+
+
+def family_of_directory(path: Path) -> str:
+    """The adapter family of a local diffusers directory, from its ``model_index.json``."""
+    index = Path(path) / "model_index.json"
+    try:
+        pipeline_class = json.loads(index.read_text())["_class_name"]
+    except (OSError, ValueError, KeyError):
+        raise BadInputError(f"{path} is not a diffusers pipeline directory (no readable model_index.json)") from None
+    if pipeline_class not in PIPELINE_FAMILIES:
+        raise BadInputError(f"{path}: pipeline {pipeline_class} is not supported "
+                            f"(supported: {', '.join(PIPELINE_FAMILIES)})")
+    return PIPELINE_FAMILIES[pipeline_class]
+
+
+def load_pipeline(model: str, adapter: Adapter, dtype: torch.dtype, device: str = "cpu", offload: bool = False):
+    """The 16-bit pipeline for ``model``, with progress bars off, on ``device`` (or CPU-offloaded).
+
+    Raises:
+        ModelFetchError: a Hub id that cannot be fetched (offline, gated, missing).
+    """
+    if model in TINY_MODELS:
+        pipeline = ADAPTERS[model].build_tiny(0, dtype)
+    else:
+        import diffusers
+
+        pipeline_class = getattr(diffusers, adapter.pipeline_class)
+        try:
+            pipeline = pipeline_class.from_pretrained(model, torch_dtype=dtype)
+        except (OSError, ValueError) as error:
+            if Path(model).exists():
+                raise BadInputError(f"cannot load {model} as a {adapter.pipeline_class}: {error}") from None
+            raise ModelFetchError(
+                f"could not fetch {model} from the Hugging Face Hub ({type(error).__name__}); download it with "
+                f"`hf download {model} --local-dir DIR` and pass DIR as the model"
+            ) from None
+    pipeline.set_progress_bar_config(disable=True)
+    if offload and device.startswith("cuda"):
+        pipeline.enable_model_cpu_offload(device=device)
+    else:
+        pipeline.to(device)
+    return pipeline

@@ -1,0 +1,53 @@
+"""PixArt-Σ: 28 blocks of self-attention, cross-attention to T5 and a GELU MLP at full size."""
+
+from __future__ import annotations
+
+import torch
+
+from . import tiny
+from .base import Adapter, BlockList, Protocol
+
+BLOCKS = BlockList(
+    "transformer_blocks",
+    (
+        ("attn1.to_q", "attn1.to_k", "attn1.to_v"),
+        ("attn1.to_out.0",),
+        ("attn2.to_q",),
+        ("attn2.to_k", "attn2.to_v"),  # both read the T5 states
+        ("attn2.to_out.0",),
+        ("ff.net.0.proj",),
+        ("ff.net.2",),
+    ),
+)
+
+
+def build_tiny(seed: int = 0, dtype: torch.dtype = torch.float32, blocks: int = 3):
+    """A PixArtSigmaPipeline with 128-wide blocks on 4-channel latents."""
+    from diffusers import DPMSolverMultistepScheduler, PixArtSigmaPipeline, PixArtTransformer2DModel
+
+    with tiny.seeded(seed):
+        transformer = PixArtTransformer2DModel(
+            sample_size=16, num_layers=blocks, patch_size=2, attention_head_dim=32, num_attention_heads=4,
+            in_channels=4, out_channels=8, cross_attention_dim=128, caption_channels=64,
+        )
+        pipeline = PixArtSigmaPipeline(
+            tokenizer=tiny.tokenizer(32), text_encoder=tiny.t5_text_encoder(), vae=tiny.kl_vae(4),
+            transformer=transformer, scheduler=DPMSolverMultistepScheduler(),
+        )
+    generator = torch.Generator().manual_seed(seed + 1)
+    for block in transformer.transformer_blocks:
+        channels, gains = tiny.outlier_channels(transformer.inner_dim, generator)
+        tiny.plant_table_outliers(block.scale_shift_table, (1, 4), channels, gains)
+    return pipeline.to(dtype=dtype)
+
+
+def _adapter(family: str, protocol: Protocol) -> Adapter:
+    return Adapter(
+        family=family, pipeline_class="PixArtSigmaPipeline", transformer_class="PixArtTransformer2DModel",
+        blocks=(BLOCKS,), weight_only=(), nonnegative=("ff.net.2",), protocol=protocol, build_tiny=build_tiny,
+    )
+
+
+PIXART_SIGMA = _adapter("pixart-sigma", Protocol(steps=20, guidance=4.5, resolution=1024))
+TINY = _adapter("tiny-pixart", Protocol(steps=4, guidance=4.5, resolution=64,
+                                        extra={"use_resolution_binning": False, "max_sequence_length": 32}))

@@ -1,0 +1,170 @@
+"""A run directory and its manifest (DESIGN.md §4).
+
+``RUN/manifest.json`` holds the resolved config, and per stage its config hash, status, the sha256 of every
+artifact it wrote, and timings. The manifest is rewritten (atomically) after every artifact, so an
+interrupted stage knows which blocks are done. A process holds ``RUN/.lock`` (an flock, released by the
+kernel even on SIGKILL) while it writes the run.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import platform
+import time
+from pathlib import Path
+
+from . import __version__
+from .artifacts import CorruptArtifactError, atomic_write_json, read_tensors, sha256_file, write_tensors
+from .errors import BadInputError, SvdqError
+
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = 1
+
+
+class RunLockedError(BadInputError):
+    """Another process is writing this run directory."""
+
+
+def library_versions() -> dict[str, str]:
+    import diffusers
+    import torch
+    import transformers
+
+    return {
+        "svdq": __version__, "python": platform.python_version(), "torch": torch.__version__,
+        "diffusers": diffusers.__version__, "transformers": transformers.__version__,
+    }
+
+
+class Run:
+    """A run directory. Use as a context manager to hold its lock while writing."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._lock_handle = None
+        self.manifest: dict = {"format": MANIFEST_FORMAT, "stages": {}}
+        if (self.path / MANIFEST).exists():
+            self.manifest = self._read_manifest()
+
+    @classmethod
+    def existing(cls, path: Path) -> Run:
+        """Open a run that must already exist (status, validate, export)."""
+        if not (Path(path) / MANIFEST).is_file():
+            raise BadInputError(f"{path} is not an svdq run directory (no {MANIFEST}); run `svdq quantize` first")
+        return cls(path)
+
+    def _read_manifest(self) -> dict:
+        import json
+
+        try:
+            manifest = json.loads((self.path / MANIFEST).read_text())
+        except (OSError, ValueError) as error:
+            raise SvdqError(
+                f"{self.path / MANIFEST} is unreadable ({error}); remove the run directory to start over"
+            ) from None
+        if manifest.get("format") != MANIFEST_FORMAT:
+            raise SvdqError(f"{self.path / MANIFEST} has format {manifest.get('format')}, expected {MANIFEST_FORMAT}")
+        return manifest
+
+    # --- locking ------------------------------------------------------------------------------------
+
+    def __enter__(self) -> Run:
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            probe = self.path / ".write-test"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as error:
+            raise BadInputError(f"run directory {self.path} is not writable ({error.strerror})") from None
+        handle = open(self.path / ".lock", "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            owner = handle.read().strip() or "another process"
+            handle.close()
+            raise RunLockedError(
+                f"run directory {self.path} is in use by process {owner}; wait for it to finish or choose another --out"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        self._lock_handle = handle
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._lock_handle is not None:
+            fcntl.flock(self._lock_handle, fcntl.LOCK_UN)
+            self._lock_handle.close()
+            self._lock_handle = None
+
+    # --- manifest -----------------------------------------------------------------------------------
+
+    def save(self) -> None:
+        atomic_write_json(self.path / MANIFEST, self.manifest)
+
+    def stage(self, name: str) -> dict:
+        return self.manifest["stages"].setdefault(name, {"status": "pending", "artifacts": {}})
+
+    def set_config(self, config: dict, versions: dict[str, str]) -> None:
+        self.manifest["config"] = config
+        self.manifest["versions"] = versions
+
+    def begin_stage(self, name: str, config_hash: str) -> bool:
+        """Mark a stage running under ``config_hash``; returns True when earlier artifacts of the same
+        hash can be kept (resume), False when the config changed and they were discarded."""
+        record = self.stage(name)
+        resume = record.get("hash") == config_hash
+        if not resume:
+            for relative in record.get("artifacts", {}):
+                (self.path / relative).unlink(missing_ok=True)
+            record["artifacts"] = {}
+        record.update(hash=config_hash, status="running", started=time.time())
+        record.pop("finished", None)
+        self.save()
+        return resume
+
+    def finish_stage(self, name: str, seconds: float, **extra: object) -> None:
+        record = self.stage(name)
+        record.update(status="done", seconds=round(seconds, 3), finished=time.time(), **extra)
+        self.save()
+
+    def is_current(self, name: str, config_hash: str) -> bool:
+        record = self.manifest["stages"].get(name)
+        return bool(record) and record.get("hash") == config_hash and record.get("status") == "done"
+
+    # --- artifacts ----------------------------------------------------------------------------------
+
+    def artifact_ok(self, stage: str, relative: str) -> bool:
+        """Whether the artifact exists and matches the checksum the manifest recorded."""
+        expected = self.stage(stage)["artifacts"].get(relative)
+        path = self.path / relative
+        return expected is not None and path.is_file() and sha256_file(path) == expected
+
+    def broken_artifacts(self, stage: str) -> list[str]:
+        return [relative for relative in self.stage(stage)["artifacts"] if not self.artifact_ok(stage, relative)]
+
+    def write(self, stage: str, relative: str, tensors: dict, metadata: dict[str, str] | None = None) -> None:
+        """Write a safetensors artifact atomically, then record its checksum (manifest last)."""
+        digest = write_tensors(self.path / relative, tensors, metadata)
+        self.stage(stage)["artifacts"][relative] = digest
+        self.save()
+
+    def write_file(self, stage: str, relative: str, data: bytes) -> None:
+        from .artifacts import atomic_write_bytes, sha256_bytes
+
+        atomic_write_bytes(self.path / relative, data)
+        self.stage(stage)["artifacts"][relative] = sha256_bytes(data)
+        self.save()
+
+    def read(self, stage: str, relative: str):
+        """Tensors and metadata of an artifact, verified against the manifest."""
+        expected = self.manifest["stages"].get(stage, {}).get("artifacts", {}).get(relative)
+        if expected is None:
+            raise CorruptArtifactError(f"{self.path / relative} was never recorded by stage {stage}")
+        return read_tensors(self.path / relative, expected)
+
+    def sha256_of(self, stage: str, relative: str) -> str:
+        return sha256_file(self.path / relative)

@@ -1,0 +1,58 @@
+"""collect: run the 16-bit pipeline over the calibration prompts and record, per input group, the running
+per-channel min/max over all tokens and a bounded seeded sample of rows across timesteps (plus the GPTQ
+Hessian when GPTQ is on). Memory is bounded by ``calib_rows`` per group, whatever the prompts × steps.
+
+One pass feeds every block, so an interrupted collect starts over; it is deterministic, so the per-block
+files it writes are the same either way.
+"""
+
+from __future__ import annotations
+
+from ..api import collect_statistics
+from ..progress import task
+from ..prompts import load_prompts, prompt_seed
+from . import Stage, block_artifact, inject_fault, json_meta
+
+
+def reads(config) -> dict:
+    quant = config.quant
+    return {
+        "model": config.model, "family": config.family, "dtype": config.dtype,
+        "calibration": config.to_dict()["calibration"],
+        "quant": {"calib_rows": quant.calib_rows, "gptq": quant.gptq, "seed": quant.seed},
+    }
+
+
+def run(run, workspace) -> dict:
+    config, adapter = workspace.config, workspace.adapter
+    calibration = config.calibration
+    prompts = load_prompts(calibration.prompts, calibration.num_prompts)
+    protocol = adapter.protocol
+    steps = calibration.steps or protocol.steps
+    guidance = protocol.guidance if calibration.guidance is None else calibration.guidance
+    resolution = calibration.resolution or protocol.resolution
+    groups = [group for _, block_groups in workspace.blocks for group in block_groups]
+
+    def calibrate(_transformer) -> None:
+        with task("collect", len(prompts)) as advance:
+            for prompt in prompts:
+                adapter.generate(workspace.pipeline, [prompt], [prompt_seed(prompt, calibration.seed)], steps,
+                                 guidance, resolution, output_type="latent")
+                advance(prompt[:40])
+
+    result = collect_statistics(workspace.transformer, workspace.originals, calibrate, config.quant, groups)
+    for index, (_, block_groups) in enumerate(workspace.blocks):
+        relative = block_artifact("collect", index)
+        if run.artifact_ok("collect", relative):
+            continue
+        tensors, members = {}, {}
+        for group in block_groups:
+            owner = group[0]
+            members[owner] = group
+            tensors.update({f"{owner}.{key}": value for key, value in result.stats[owner].state().items()})
+        run.write("collect", relative, tensors, json_meta({"members": members}))
+        inject_fault("collect", run)
+    return {"prompts": len(prompts), "steps": steps, "resolution": resolution}
+
+
+STAGE = Stage("collect", (), reads, run)

@@ -1,0 +1,55 @@
+"""smooth: per input group, the activation mode (signed, unsigned + shift, 16-bit) and the α/β grid search
+for λ with the low-rank branch and 4-bit quantization in the loop."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from ..api import GroupPlan, plan_group
+from ..quant.calibration import InputStats
+from . import Stage, block_artifact, for_each_block, json_meta, quant_fields
+
+
+def reads(config) -> dict:
+    return quant_fields(config, "method", "precision", "weight_only", "rank", "alphas", "search_rows",
+                        "search_channels", "scale_dtype", "seed", "exact_svd_max_elements")
+
+
+def group_stats(tensors: dict[str, torch.Tensor], owner: str) -> InputStats:
+    prefix = f"{owner}."
+    return InputStats.from_state({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+
+
+def load_plans(run, index: int) -> dict[str, GroupPlan]:
+    """The group plans of block ``index`` (keyed by the group's first layer)."""
+    tensors, metadata = run.read("smooth", block_artifact("smooth", index))
+    plans = {}
+    for owner, text in metadata.items():
+        fields = json.loads(text)
+        plans[owner] = GroupPlan(fields["act"], fields["shift"], fields["alpha"], fields["beta"],
+                                 tensors.get(f"{owner}.smooth"))
+    return plans
+
+
+def run(run, workspace) -> None:
+    config, adapter = workspace.config, workspace.adapter
+
+    def compute(index: int, block: str, groups: list[list[str]]):
+        collected, _ = run.read("collect", block_artifact("collect", index))
+        tensors, metadata = {}, {}
+        for group in groups:
+            owner = group[0]
+            plan = plan_group(group, [workspace.originals[n] for n in group], group_stats(collected, owner),
+                              config.quant, weight_only=[owner] if adapter.is_weight_only(owner) else (),
+                              nonnegative=[owner] if adapter.is_nonnegative(owner) else ())
+            if plan.smooth is not None:
+                tensors[f"{owner}.smooth"] = plan.smooth
+            metadata[owner] = {"act": plan.act, "shift": plan.shift, "alpha": plan.alpha, "beta": plan.beta}
+        return tensors, json_meta(metadata)
+
+    for_each_block(run, workspace, "smooth", compute)
+
+
+STAGE = Stage("smooth", ("collect",), reads, run)

@@ -1,0 +1,203 @@
+"""validate: generate the held-out prompts with the 16-bit and the quantized transformer at the same seeds
+and report what quantization cost — latent relative error, PSNR and SSIM of the images (LPIPS when its weights
+are available locally), per-layer output errors — as report.json, report.md, comparison.png and layers.png.
+
+``validation.baselines`` (rtn, w4a16, smoothquant) adds the same metrics for those methods, quantized in
+memory from the same calibration statistics, so a user sees what SVDQuant bought them. Gates
+(``min_psnr``, ``min_ssim``, ``max_latent_error``) are checked here; the CLI exits 3 when one fails.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from ..api import plan_group, quantize_layer, replace_module
+from ..prompts import load_prompts, prompt_seed
+from ..quant.config import QuantConfig
+from . import Stage, block_artifact
+from .quantize import load_block_layers
+from .report_images import comparison_png, layers_png
+from .smooth import group_stats
+
+BASELINE_CONFIGS = {
+    "rtn": {"method": "rtn"},
+    "w4a16": {"method": "rtn", "weight_only": True},
+    "smoothquant": {"method": "smoothquant"},
+}
+
+
+def reads(config) -> dict:
+    return {"validation": config.to_dict()["validation"]}
+
+
+@contextmanager
+def swapped(transformer: nn.Module, layers: dict[str, nn.Module], originals: dict[str, nn.Module]):
+    """Put ``layers`` into ``transformer`` for the duration, then restore the 16-bit modules."""
+    for name, layer in layers.items():
+        replace_module(transformer, name, layer)
+    try:
+        yield
+    finally:
+        for name in layers:
+            replace_module(transformer, name, originals[name])
+
+
+def quantized_layers(run, workspace) -> tuple[dict[str, nn.Module], list[dict]]:
+    layers, reports = {}, []
+    for index in range(len(workspace.blocks)):
+        for name, (layer, report) in load_block_layers(run, index).items():
+            layers[name] = layer.to(workspace.config.device)
+            reports.append(report)
+    return layers, reports
+
+
+def baseline_layers(run, workspace, method: str) -> dict[str, nn.Module]:
+    """A baseline quantized in memory from the collected statistics (same precision as the run)."""
+    base = workspace.config.quant
+    config = QuantConfig(precision=base.precision, scale_dtype=base.scale_dtype, seed=base.seed,
+                         search_rows=base.search_rows, **BASELINE_CONFIGS[method])
+    adapter, layers = workspace.adapter, {}
+    for index, (_, groups) in enumerate(workspace.blocks):
+        collected, _ = run.read("collect", block_artifact("collect", index))
+        for group in groups:
+            modules = [workspace.originals[name] for name in group]
+            plan = plan_group(group, modules, group_stats(collected, group[0]), config,
+                              weight_only=[group[0]] if adapter.is_weight_only(group[0]) else (),
+                              nonnegative=[group[0]] if adapter.is_nonnegative(group[0]) else ())
+            for name, module in zip(group, modules, strict=True):
+                layers[name] = quantize_layer(module, config, plan)
+    return layers
+
+
+def generate(workspace, prompts: list[str], seeds: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images ``[P, 3, H, W]`` in [0, 1] and final latents, one prompt at a time (bounded memory)."""
+    config, adapter = workspace.config.validation, workspace.adapter
+    protocol = adapter.protocol
+    steps, resolution = config.steps or protocol.steps, config.resolution or protocol.resolution
+    guidance = protocol.guidance if config.guidance is None else config.guidance
+    images, latents = [], []
+    for prompt, seed in zip(prompts, seeds, strict=True):
+        captured: dict[str, torch.Tensor] = {}
+
+        def keep_latents(_pipeline, _step, _timestep, values, captured=captured):
+            captured["latents"] = values["latents"].detach().float().cpu()
+            return values
+
+        images.append(adapter.generate(workspace.pipeline, [prompt], [seed], steps, guidance, resolution,
+                                       callback=keep_latents).float().cpu())
+        latents.append(captured["latents"])
+    return torch.cat(images), torch.cat(latents)
+
+
+def metrics(images: torch.Tensor, latents: torch.Tensor, reference_images: torch.Tensor,
+            reference_latents: torch.Tensor) -> dict:
+    from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+
+    per_prompt = []
+    for i in range(len(images)):
+        image, reference = images[i : i + 1].clamp(0, 1), reference_images[i : i + 1].clamp(0, 1)
+        latent_error = (torch.linalg.vector_norm(latents[i] - reference_latents[i])
+                        / torch.linalg.vector_norm(reference_latents[i]).clamp(min=1e-12)).item()
+        per_prompt.append({
+            "psnr": min(peak_signal_noise_ratio(image, reference, data_range=1.0).item(), 100.0),
+            "ssim": structural_similarity_index_measure(image, reference, data_range=1.0).item(),
+            "latent_error": latent_error,
+        })
+    mean = {key: sum(p[key] for p in per_prompt) / len(per_prompt) for key in per_prompt[0]}
+    return {**mean, "per_prompt": per_prompt}
+
+
+def lpips_status() -> str:
+    """LPIPS needs torchvision and pretrained AlexNet/VGG weights, which svdq never downloads."""
+    try:
+        from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
+
+        LearnedPerceptualImagePatchSimilarity(net_type="alex")
+    except Exception as error:  # missing torchvision, or weights not in the local cache (offline)
+        return f"not computed: LPIPS weights are not available locally ({type(error).__name__})"
+    return "available but not computed in this version"
+
+
+def check_gates(config, summary: dict) -> dict:
+    gates = {}
+    for name, key, better in (("min_psnr", "psnr", "higher"), ("min_ssim", "ssim", "higher"),
+                              ("max_latent_error", "latent_error", "lower")):
+        threshold = getattr(config, name)
+        if threshold is None:
+            continue
+        value = summary[key]
+        passed = value >= threshold if better == "higher" else value <= threshold
+        gates[name] = {"threshold": threshold, "value": value, "passed": passed}
+    return gates
+
+
+def run(run, workspace) -> dict:
+    config = workspace.config
+    validation = config.validation
+    prompts = load_prompts(validation.prompts, validation.num_prompts)
+    seeds = [prompt_seed(p, validation.seed) for p in prompts]
+    transformer = workspace.transformer
+    reference_images, reference_latents = generate(workspace, prompts, seeds)
+    layers, layer_reports = quantized_layers(run, workspace)
+    with swapped(transformer, layers, workspace.originals):
+        images, latents = generate(workspace, prompts, seeds)
+    methods = {"svdquant" if config.quant.method == "svdquant" else config.quant.method:
+               metrics(images, latents, reference_images, reference_latents)}
+    baseline_images = {}
+    for baseline in validation.baselines:
+        with swapped(transformer, baseline_layers(run, workspace, baseline), workspace.originals):
+            b_images, b_latents = generate(workspace, prompts, seeds)
+        methods[baseline] = metrics(b_images, b_latents, reference_images, reference_latents)
+        baseline_images[baseline] = b_images
+    main = next(iter(methods.values()))
+    gates = check_gates(validation, main)
+    report = {
+        "model": config.model, "prompts": prompts, "seeds": seeds,
+        "runtime": "reference path (torch, no fused CUDA kernels)", "device": config.device,
+        "methods": methods, "gates": gates, "passed": all(g["passed"] for g in gates.values()),
+        "lpips": lpips_status(), "layers": layer_reports,
+    }
+    run.write_file("validate", "validate/report.json", (json.dumps(report, indent=2) + "\n").encode())
+    run.write_file("validate", "validate/report.md", render_markdown(report).encode())
+    run.write_file("validate", "validate/comparison.png",
+                   _png(comparison_png(prompts, reference_images, images, baseline_images)))
+    run.write_file("validate", "validate/layers.png", _png(layers_png(layer_reports)))
+    return {"passed": report["passed"], "psnr": main["psnr"], "ssim": main["ssim"],
+            "latent_error": main["latent_error"]}
+
+
+def _png(image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def render_markdown(report: dict) -> str:
+    lines = [f"# Validation of {report['model']}", "",
+             f"{len(report['prompts'])} held-out prompts, same seeds for every method; {report['runtime']}.", "",
+             "| method | PSNR (dB) ↑ | SSIM ↑ | latent rel. error ↓ |", "|---|---:|---:|---:|"]
+    for method, values in report["methods"].items():
+        lines.append(f"| {method} | {values['psnr']:.2f} | {values['ssim']:.4f} | {values['latent_error']:.4f} |")
+    lines += ["", f"LPIPS: {report['lpips']}.", ""]
+    if report["gates"]:
+        lines += ["| gate | threshold | value | passed |", "|---|---:|---:|---|"]
+        for name, gate in report["gates"].items():
+            verdict = "yes" if gate["passed"] else "NO"
+            lines.append(f"| {name} | {gate['threshold']} | {gate['value']:.4f} | {verdict} |")
+        lines.append("")
+    worst = sorted(report["layers"], key=lambda r: -r["relative_error_after"])[:10]
+    lines += ["Layers with the largest output error (calibration rows):", "",
+              "| layer | act | α | β | rel. error naive | rel. error |", "|---|---|---:|---:|---:|---:|"]
+    for layer in worst:
+        lines.append(f"| {layer['name']} | {layer['act']} | {layer['alpha']:.2f} | {layer['beta']:.2f} | "
+                     f"{layer['relative_error_before']:.4f} | {layer['relative_error_after']:.4f} |")
+    lines += ["", "![comparison](comparison.png)", "", "![layers](layers.png)", ""]
+    return "\n".join(lines)
+
+
+STAGE = Stage("validate", ("quantize",), reads, run)
