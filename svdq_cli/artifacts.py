@@ -60,9 +60,24 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
+    """Serialized safetensors with a canonical header, so equal content gives equal bytes in any process.
+
+    safetensors writes its metadata from a hash map whose order changes between processes; re-encoding the
+    header with sorted keys (padded to 8 bytes, as the format requires) fixes that. Tensor offsets are
+    relative to the data section, so they are unaffected.
+    """
+    data = save({name: t.detach().contiguous() for name, t in tensors.items()}, metadata=metadata)
+    size = int.from_bytes(data[:8], "little")
+    header = json.dumps(json.loads(data[8 : 8 + size]), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    encoded = header.encode()
+    encoded += b" " * (-len(encoded) % 8)
+    return len(encoded).to_bytes(8, "little") + encoded + data[8 + size :]
+
+
 def write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> str:
     """Save tensors as safetensors atomically; returns the file's sha256."""
-    data = save({name: t.detach().contiguous() for name, t in tensors.items()}, metadata=metadata)
+    data = safetensors_bytes(tensors, metadata)
     atomic_write_bytes(path, data)
     return sha256_bytes(data)
 

@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 from .errors import BadInputError
 
 FORMAT_VERSION = "1"
+PLAIN_KEYS = ("format_version", "svdq_version")  # plain strings; every other metadata value is JSON
 PRECISION_TAGS = {"int4": "int4", "nvfp4": "fp4", "int8": "int8"}
 
 
@@ -42,7 +43,7 @@ def read_metadata(path: Path) -> dict[str, object]:
         raise BadInputError(f"{path} is not a safetensors file ({type(error).__name__})") from None
     if "format_version" not in raw or "quantization_config" not in raw:
         raise BadInputError(f"{path} is not an svdq export (no svdq metadata)")
-    return {key: (value if key == "format_version" else json.loads(value)) for key, value in raw.items()}
+    return {key: (value if key in PLAIN_KEYS else json.loads(value)) for key, value in raw.items()}
 
 
 def load_quantized(path: Path | str, pipeline=None, device: str | torch.device = "cpu"):

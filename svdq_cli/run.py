@@ -11,6 +11,7 @@ from __future__ import annotations
 import fcntl
 import os
 import platform
+import signal
 import time
 from pathlib import Path
 
@@ -20,6 +21,8 @@ from .errors import BadInputError, SvdqError
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1
+# Test-only fault injection: "STAGE:N" SIGKILLs the process right after the N-th artifact of STAGE is recorded.
+FAULT_VARIABLE = "SVDQ_FAULT_AFTER"
 
 
 class RunLockedError(BadInputError):
@@ -148,16 +151,20 @@ class Run:
 
     def write(self, stage: str, relative: str, tensors: dict, metadata: dict[str, str] | None = None) -> None:
         """Write a safetensors artifact atomically, then record its checksum (manifest last)."""
-        digest = write_tensors(self.path / relative, tensors, metadata)
-        self.stage(stage)["artifacts"][relative] = digest
-        self.save()
+        self._record(stage, relative, write_tensors(self.path / relative, tensors, metadata))
 
     def write_file(self, stage: str, relative: str, data: bytes) -> None:
         from .artifacts import atomic_write_bytes, sha256_bytes
 
         atomic_write_bytes(self.path / relative, data)
-        self.stage(stage)["artifacts"][relative] = sha256_bytes(data)
+        self._record(stage, relative, sha256_bytes(data))
+
+    def _record(self, stage: str, relative: str, digest: str) -> None:
+        self.stage(stage)["artifacts"][relative] = digest
         self.save()
+        fault = os.environ.get(FAULT_VARIABLE, "").partition(":")
+        if fault[0] == stage and len(self.stage(stage)["artifacts"]) >= int(fault[2]):
+            os.kill(os.getpid(), signal.SIGKILL)
 
     def read(self, stage: str, relative: str):
         """Tensors and metadata of an artifact, verified against the manifest."""

@@ -49,7 +49,7 @@ def build_tiny(seed: int = 0, dtype: torch.dtype = torch.float32, blocks: tuple[
     for block in transformer.single_transformer_blocks:
         channels, gains = tiny.outlier_channels(transformer.inner_dim, generator)
         tiny.plant_modulation_outliers(block.norm.linear, 3, (1,), channels, gains)
-    return pipeline.to(dtype=dtype)
+    return tiny.finish(pipeline, dtype)
 
 
 def _adapter(family: str, protocol: Protocol) -> Adapter:

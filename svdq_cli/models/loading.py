@@ -54,6 +54,9 @@ def load_pipeline(model: str, adapter: Adapter, dtype: torch.dtype, device: str 
                 f"could not fetch {model} from the Hugging Face Hub ({type(error).__name__}); download it with "
                 f"`hf download {model} --local-dir DIR` and pass DIR as the model"
             ) from None
+    for component in pipeline.components.values():
+        if isinstance(component, torch.nn.Module):
+            component.eval()
     pipeline.set_progress_bar_config(disable=True)
     if offload and device.startswith("cuda"):
         pipeline.enable_model_cpu_offload(device=device)

@@ -49,7 +49,7 @@ def build_tiny(seed: int = 0, dtype: torch.dtype = torch.float32, blocks: int = 
     for block in transformer.transformer_blocks:
         channels, gains = tiny.outlier_channels(transformer.config.num_attention_heads * 32, generator)
         tiny.plant_table_outliers(block.scale_shift_table, (1, 4), channels, gains)
-    return pipeline.to(dtype=dtype)
+    return tiny.finish(pipeline, dtype)
 
 
 def _adapter(family: str, protocol: Protocol) -> Adapter:

@@ -47,7 +47,7 @@ def build_tiny(seed: int = 0, dtype: torch.dtype = torch.float32, blocks: int = 
     for block in transformer.transformer_blocks:
         channels, gains = tiny.outlier_channels(transformer.inner_dim, generator)
         tiny.plant_modulation_outliers(block.norm1.linear, 6, (1, 4), channels, gains)
-    return pipeline.to(dtype=dtype)
+    return tiny.finish(pipeline, dtype)
 
 
 def _adapter(family: str, protocol: Protocol) -> Adapter:

@@ -111,3 +111,12 @@ def plant_table_outliers(table: torch.Tensor, scale_rows: tuple[int, ...], chann
     """The same for PixArt/Sana-style ``scale_shift_table`` parameters ``[6, dim]``."""
     for row in scale_rows:
         table[row, channels] += gains.to(table.dtype)
+
+
+def finish(pipeline, dtype: torch.dtype):
+    """Inference mode for every component (modules built from configs start in training mode, where T5's
+    dropout would make each generation random) and the requested dtype."""
+    for component in pipeline.components.values():
+        if isinstance(component, nn.Module):
+            component.eval()
+    return pipeline.to(dtype=dtype)

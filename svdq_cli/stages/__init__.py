@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,11 +22,9 @@ from ..errors import BadInputError
 from ..models import Adapter, get_adapter
 from ..progress import say, task, warn
 from ..recipe import RunConfig
-from ..run import Run, library_versions
+from ..run import FAULT_VARIABLE, Run, library_versions  # noqa: F401 (FAULT_VARIABLE: for tests)
 
 ORDER = ("collect", "smooth", "svd", "quantize", "validate", "export")
-# Test-only fault injection: "STAGE:N" SIGKILLs the process right after the N-th artifact of STAGE is written.
-FAULT_VARIABLE = "SVDQ_FAULT_AFTER"
 
 
 class Workspace:
@@ -150,15 +146,7 @@ def for_each_block(run: Run, workspace: Workspace, stage: str,
             if not run.artifact_ok(stage, relative):
                 tensors, metadata = compute(index, block, groups)
                 run.write(stage, relative, tensors, metadata)
-                inject_fault(stage, run)
             advance(block)
-
-
-def inject_fault(stage: str, run: Run) -> None:
-    """Test hook: SIGKILL this process after the configured artifact (see FAULT_VARIABLE)."""
-    target = os.environ.get(FAULT_VARIABLE, "")
-    if target.partition(":")[0] == stage and len(run.stage(stage)["artifacts"]) >= int(target.partition(":")[2]):
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def json_meta(values: dict[str, object]) -> dict[str, str]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from ..api import collect_statistics
 from ..progress import task
 from ..prompts import load_prompts, prompt_seed
-from . import Stage, block_artifact, inject_fault, json_meta
+from . import Stage, block_artifact, json_meta
 
 
 def reads(config) -> dict:
@@ -51,7 +51,6 @@ def run(run, workspace) -> dict:
             members[owner] = group
             tensors.update({f"{owner}.{key}": value for key, value in result.stats[owner].state().items()})
         run.write("collect", relative, tensors, json_meta({"members": members}))
-        inject_fault("collect", run)
     return {"prompts": len(prompts), "steps": steps, "resolution": resolution}
 
 

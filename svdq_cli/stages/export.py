@@ -29,7 +29,7 @@ def validate_summary(run) -> dict:
 
 
 def run(run, workspace) -> dict:
-    from safetensors.torch import save
+    from ..artifacts import safetensors_bytes
 
     config = workspace.config
     transformer = workspace.transformer
@@ -42,18 +42,21 @@ def run(run, workspace) -> dict:
     for key, value in transformer.state_dict().items():
         if key not in quantized_params:
             tensors[key] = value.detach().cpu().contiguous()
+    # Private keys (_use_default_values, _diffusers_version…) are diffusers bookkeeping, some built from sets
+    # whose order changes between processes; the model is fully described without them.
+    model_config = {key: value for key, value in dict(transformer.config).items() if not key.startswith("_")}
     metadata = {
         "format_version": FORMAT_VERSION,
         "quantization_config": json.dumps(config.quant.to_dict(), sort_keys=True),
         "model_config": json.dumps({"class": type(transformer).__name__, "family": config.family,
-                                    "config": dict(transformer.config)}, sort_keys=True, default=str),
+                                    "config": model_config}, sort_keys=True, default=str),
         "recipe": json.dumps(config.to_dict(), sort_keys=True),
         "svdq_version": __version__,
         "validate": json.dumps(validate_summary(run), sort_keys=True),
         "layers": json.dumps(layers, sort_keys=True),
     }
     name = export_name(config.quant.precision, config.quant.effective_rank, config.model)
-    data = save({k: v.contiguous() for k, v in sorted(tensors.items())}, metadata=metadata)
+    data = safetensors_bytes(tensors, metadata)
     run.write_file("export", f"export/{name}", data)
     return {"file": f"export/{name}", "bytes": len(data)}
 
