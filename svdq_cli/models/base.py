@@ -112,17 +112,12 @@ class Adapter:
         guidance: float,
         resolution: int,
         output_type: str = "pt",
-        callback: Callable | None = None,
     ) -> torch.Tensor:
         """Run the pipeline on ``prompts`` with one seeded generator per prompt; images in [0, 1] or latents.
 
-        Generators live on the CPU, so a seed gives the same noise on any device. ``callback`` is the
-        pipeline's ``callback_on_step_end`` and receives the latents.
+        Generators live on the CPU, so a seed gives the same noise on any device.
         """
         generators = [torch.Generator(device="cpu").manual_seed(seed) for seed in seeds]
-        extra = dict(self.protocol.extra)
-        if callback is not None:
-            extra.update(callback_on_step_end=callback, callback_on_step_end_tensor_inputs=["latents"])
         result = pipeline(
             prompt=prompts,
             num_inference_steps=steps,
@@ -131,6 +126,6 @@ class Adapter:
             width=resolution,
             generator=generators,
             output_type=output_type,
-            **extra,
+            **self.protocol.extra,
         )
         return result.images

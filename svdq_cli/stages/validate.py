@@ -74,23 +74,35 @@ def baseline_layers(run, workspace, method: str) -> dict[str, nn.Module]:
     return layers
 
 
+@contextmanager
+def decoded_latents(pipeline):
+    """Record what the pipeline hands its VAE to decode: the final latents, the same way for every family
+    (not all pipelines offer a step-end callback)."""
+    captured: list[torch.Tensor] = []
+    decode = pipeline.vae.decode
+
+    def recording_decode(latents, *args, **kwargs):
+        captured.append(latents.detach().float().cpu())
+        return decode(latents, *args, **kwargs)
+
+    pipeline.vae.decode = recording_decode
+    try:
+        yield captured
+    finally:
+        del pipeline.vae.decode  # back to the class's method
+
+
 def generate(workspace, prompts: list[str], seeds: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """Images ``[P, 3, H, W]`` in [0, 1] and final latents, one prompt at a time (bounded memory)."""
     config, adapter = workspace.config.validation, workspace.adapter
     protocol = adapter.protocol
     steps, resolution = config.steps or protocol.steps, config.resolution or protocol.resolution
     guidance = protocol.guidance if config.guidance is None else config.guidance
-    images, latents = [], []
-    for prompt, seed in zip(prompts, seeds, strict=True):
-        captured: dict[str, torch.Tensor] = {}
-
-        def keep_latents(_pipeline, _step, _timestep, values, captured=captured):
-            captured["latents"] = values["latents"].detach().float().cpu()
-            return values
-
-        images.append(adapter.generate(workspace.pipeline, [prompt], [seed], steps, guidance, resolution,
-                                       callback=keep_latents).float().cpu())
-        latents.append(captured["latents"])
+    images = []
+    with decoded_latents(workspace.pipeline) as latents:
+        for prompt, seed in zip(prompts, seeds, strict=True):
+            images.append(adapter.generate(workspace.pipeline, [prompt], [seed], steps, guidance,
+                                           resolution).float().cpu())
     return torch.cat(images), torch.cat(latents)
 
 
