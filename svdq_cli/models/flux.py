@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 
 from . import tiny
@@ -52,7 +54,7 @@ def build_tiny(seed: int = 0, dtype: torch.dtype = torch.float32, blocks: tuple[
     return tiny.finish(pipeline, dtype)
 
 
-def _adapter(family: str, protocol: Protocol) -> Adapter:
+def _adapter(family: str, protocol: Protocol, build=build_tiny) -> Adapter:
     return Adapter(
         family=family,
         pipeline_class="FluxPipeline",
@@ -61,7 +63,7 @@ def _adapter(family: str, protocol: Protocol) -> Adapter:
         weight_only=("norm1.linear", "norm1_context.linear", "norm.linear"),
         nonnegative=("ff.net.2", "ff_context.net.2"),
         protocol=protocol,
-        build_tiny=build_tiny,
+        build_tiny=build,
     )
 
 
@@ -69,3 +71,5 @@ FLUX_DEV = _adapter("flux-dev", Protocol(steps=50, guidance=3.5, resolution=1024
 FLUX_SCHNELL = _adapter("flux-schnell", Protocol(steps=4, guidance=0.0, resolution=1024,
                                                  extra={"max_sequence_length": 256}))
 TINY = _adapter("tiny-flux", Protocol(steps=4, guidance=3.5, resolution=64, extra={"max_sequence_length": 32}))
+# Four times the blocks of tiny-flux: shows that memory follows the block size, not the model size.
+TINY_DEEP = _adapter("tiny-flux-deep", TINY.protocol, partial(build_tiny, blocks=(8, 16)))
