@@ -8,7 +8,9 @@ from .base import Adapter, AdapterMismatchError, BlockList, Protocol
 ADAPTERS: dict[str, Adapter] = {
     adapter.family: adapter
     for adapter in (
-        flux.FLUX_DEV, flux.FLUX_SCHNELL, flux.TINY, flux.TINY_DEEP, pixart.PIXART_SIGMA, pixart.TINY, sana.SANA, sana.TINY,
+        flux.FLUX_DEV, flux.FLUX_SCHNELL, flux.TINY, flux.TINY_DEEP,
+        pixart.PIXART_SIGMA, pixart.TINY,
+        sana.SANA, sana.TINY,
         sd3.SD3, sd3.TINY,
     )
 }
