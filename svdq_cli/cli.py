@@ -261,7 +261,7 @@ def inspect(file: Annotated[Path, typer.Argument(help="An exported .safetensors 
     quant = metadata["quantization_config"]
     layers = metadata["layers"]
     size = file.stat().st_size
-    bf16 = _bf16_bytes(file)
+    bf16 = _bf16_bytes(file, layers)
     result = {"file": str(file), "format_version": metadata["format_version"], "model": metadata["recipe"]["model"],
               "method": quant["method"], "precision": quant["precision"], "rank": quant["rank"],
               "quantized_layers": len(layers), "bytes": size, "bytes_bf16": bf16, "validate": metadata["validate"]}
@@ -274,11 +274,10 @@ def inspect(file: Annotated[Path, typer.Argument(help="An exported .safetensors 
     out.print(table)
 
 
-def _bf16_bytes(file: Path) -> int:
+def _bf16_bytes(file: Path, metadata_layers: dict[str, dict]) -> int:
     """Size the same transformer would have with every quantized layer in bf16."""
     from safetensors import safe_open
 
-    metadata_layers = json.loads(safe_open(str(file), "pt").metadata()["layers"])
     total = 0
     with safe_open(str(file), "pt") as handle:
         for key in handle.keys():

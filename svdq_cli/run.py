@@ -172,6 +172,3 @@ class Run:
         if expected is None:
             raise CorruptArtifactError(f"{self.path / relative} was never recorded by stage {stage}")
         return read_tensors(self.path / relative, expected)
-
-    def sha256_of(self, stage: str, relative: str) -> str:
-        return sha256_file(self.path / relative)

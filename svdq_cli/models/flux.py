@@ -9,20 +9,19 @@ import torch
 from . import tiny
 from .base import Adapter, BlockList, Protocol
 
-DOUBLE = BlockList(
-    "transformer_blocks",
-    (
-        ("attn.to_q", "attn.to_k", "attn.to_v"),
-        ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
-        ("attn.to_out.0",),
-        ("attn.to_add_out",),
-        ("ff.net.0.proj",),
-        ("ff.net.2",),
-        ("ff_context.net.0.proj",),
-        ("ff_context.net.2",),
-        ("norm1.linear", "norm1_context.linear"),  # both read silu(temb)
-    ),
+# The MMDiT joint block (an image and a context stream), shared by Flux's double blocks and SD3.
+JOINT_GROUPS = (
+    ("attn.to_q", "attn.to_k", "attn.to_v"),
+    ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
+    ("attn.to_out.0",),
+    ("attn.to_add_out",),
+    ("ff.net.0.proj",),
+    ("ff.net.2",),
+    ("ff_context.net.0.proj",),
+    ("ff_context.net.2",),
+    ("norm1.linear", "norm1_context.linear"),  # both read silu(temb)
 )
+DOUBLE = BlockList("transformer_blocks", JOINT_GROUPS)
 SINGLE = BlockList(
     "single_transformer_blocks",
     (("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"), ("proj_out",), ("norm.linear",)),

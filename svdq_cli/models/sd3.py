@@ -7,23 +7,10 @@ import torch
 
 from . import tiny
 from .base import Adapter, BlockList, Protocol
+from .flux import JOINT_GROUPS
 
 CONTEXT_ONLY_IN_EARLY_BLOCKS = ("attn.to_add_out", "ff_context.net.0.proj", "ff_context.net.2")
-BLOCKS = BlockList(
-    "transformer_blocks",
-    (
-        ("attn.to_q", "attn.to_k", "attn.to_v"),
-        ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
-        ("attn.to_out.0",),
-        ("attn.to_add_out",),
-        ("ff.net.0.proj",),
-        ("ff.net.2",),
-        ("ff_context.net.0.proj",),
-        ("ff_context.net.2",),
-        ("norm1.linear", "norm1_context.linear"),
-    ),
-    optional=CONTEXT_ONLY_IN_EARLY_BLOCKS,
-)
+BLOCKS = BlockList("transformer_blocks", JOINT_GROUPS, optional=CONTEXT_ONLY_IN_EARLY_BLOCKS)
 
 
 def build_tiny(seed: int = 0, dtype: torch.dtype = torch.float32, blocks: int = 3):

@@ -1,8 +1,8 @@
 """SVDQuant for one layer or one group of layers sharing an input (DESIGN.md §1 steps 1–3).
 
 :func:`search_smoothing` picks α/β by the layer-output error measured with the low-rank branch and the
-4-bit quantization of weights and activations in the loop; :func:`decompose` then splits the smoothed
-weight into the 16-bit branch and the quantized residual.
+4-bit quantization of weights and activations in the loop; :func:`branch_factors` then takes the 16-bit
+branch of the smoothed weight and :func:`quantize_residual` quantizes what is left.
 """
 
 from __future__ import annotations
@@ -47,15 +47,6 @@ class SmoothingChoice:
     beta: float
     smooth: torch.Tensor
     error: float
-
-
-@dataclass(frozen=True)
-class Decomposition:
-    """Smoothed weight split as ``Ŵ ≈ lora_up @ lora_down + dequantize(residual)``."""
-
-    residual: QTensor
-    lora_down: torch.Tensor
-    lora_up: torch.Tensor
 
 
 def branch_output(
@@ -181,30 +172,6 @@ def quantize_residual(
             raise ValueError("GPTQ needs the calibration Hessian")
         return gptq_quantize(residual, hessian, fmt, scale_dtype, config.gptq_block, config.gptq_damp)
     return quantize(residual, fmt, True, scale_dtype)
-
-
-def decompose(
-    weight: torch.Tensor,
-    smooth: torch.Tensor,
-    config: QuantConfig,
-    model_dtype: torch.dtype,
-    hessian: torch.Tensor | None = None,
-) -> Decomposition:
-    """Smooth ``weight`` [N, K] by λ, take the low-rank branch, quantize the residual.
-
-    Args:
-        weight: the layer weight.
-        smooth: λ [K] (storage-rounded, see :func:`smoothing.smooth_factors`); ones for no smoothing.
-        config: rank, precision, GPTQ and low-rank refinement settings.
-        model_dtype: storage dtype of the branch factors (and INT scales unless ``scale_dtype=float32``).
-        hessian: ``Σ x̂ᵀx̂`` of the smoothed calibration inputs; required when ``config.gptq``.
-
-    Returns:
-        The :class:`Decomposition`; factors in ``model_dtype``.
-    """
-    down, up = branch_factors(weight, smooth, config, model_dtype)
-    residual = quantize_residual(weight, smooth, down, up, config, model_dtype, hessian)
-    return Decomposition(residual, down, up)
 
 
 def _rounder(dtype: torch.dtype):
