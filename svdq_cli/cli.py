@@ -90,6 +90,11 @@ def _summary(run_path: Path, summary: dict, as_json: bool) -> None:
     validate = manifest["stages"].get("validate", {})
     if validate.get("status") == "done":
         result["validate"] = {k: validate[k] for k in ("passed", "psnr", "ssim", "latent_error")}
+        report = json.loads((run_path / "validate" / "report.json").read_text())
+        result["validate"]["methods"] = {
+            method: {k: values[k] for k in ("psnr", "ssim", "latent_error")}
+            for method, values in report["methods"].items()
+        }
         result["report"] = str(run_path / "validate" / "report.md")
         result["comparison"] = str(run_path / "validate" / "comparison.png")
     if as_json:
@@ -105,8 +110,14 @@ def _summary(run_path: Path, summary: dict, as_json: bool) -> None:
         out.print(table)
         if "validate" in result:
             v = result["validate"]
-            out.print(f"validate: PSNR {v['psnr']:.2f} dB, SSIM {v['ssim']:.4f}, latent error "
-                      f"{v['latent_error']:.4f} ({'gates passed' if v['passed'] else 'A GATE FAILED'})")
+            methods = Table(title="quantized vs 16-bit on held-out prompts (same seeds)")
+            for column in ("method", "PSNR dB ↑", "SSIM ↑", "latent rel. error ↓"):
+                methods.add_column(column, justify="left" if column == "method" else "right")
+            for method, values in v["methods"].items():
+                methods.add_row(method, f"{values['psnr']:.2f}", f"{values['ssim']:.4f}",
+                                f"{values['latent_error']:.4f}")
+            out.print(methods)
+            out.print(f"gates: {'passed' if v['passed'] else 'A GATE FAILED'}")
             out.print(f"report: {result['report']}\ncomparison: {result['comparison']}")
         if "export" in result:
             out.print(f"export: {result['export']}")

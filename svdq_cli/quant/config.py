@@ -45,8 +45,8 @@ class QuantConfig:
             seeded randomized SVD.
         calib_rows: bound on the input rows sampled per input group during calibration.
         search_rows: calibration rows the α/β search evaluates each candidate on.
-        search_channels: output channels sampled for the search (0 = all); the chosen candidate is then
-            decomposed on the full weight.
+        search_channels: output channels sampled per layer for the search (0 = all); the chosen candidate is
+            then decomposed on the full weight.
         scale_dtype: ``model`` stores INT scales in the layer's dtype, ``float32`` in float32.
         seed: seeds every random choice (row sampling, randomized SVD), so runs are reproducible.
         version: config schema version, so old serialized configs still load.

@@ -94,11 +94,13 @@ def search_smoothing(
     model_dtype: torch.dtype,
     shift: float = 0.0,
 ) -> SmoothingChoice:
-    """Grid-search α/β for the layers in ``weights`` (they share the input).
+    """Grid-search α/β for the layers in ``weights`` (they share the input, so they share λ).
 
-    Every candidate λ is scored by the relative output error of the whole quantized group (branch and
-    4-bit rounding in the loop) on ``config.search_rows`` calibration rows and, for speed, a seeded sample
-    of ``config.search_channels`` output channels; the winner is later decomposed on the full weights.
+    Every candidate λ is scored by each member's relative output error (its own low-rank branch and 4-bit
+    rounding in the loop, as the real decomposition does), averaged over the members so that a layer with
+    large outputs cannot win λ at the others' expense. For speed the error is measured on
+    ``config.search_rows`` calibration rows and a seeded sample of ``config.search_channels`` output channels
+    per member; the winner is later decomposed on the full weights.
 
     Args:
         weights: ``[N_i, K]`` weights reading the same input.
@@ -110,27 +112,34 @@ def search_smoothing(
         shift: constant added to inputs before smoothing (unsigned activations).
     """
     check_act_mode(act_mode, config.format)
-    stacked = torch.cat([w.detach() for w in weights])
     w_absmax = weight_absmax(weights)
     x = inputs[: config.search_rows].float()
-    if config.search_channels and stacked.shape[0] > config.search_channels:
-        generator = torch.Generator().manual_seed(config.seed)
-        picked = torch.randperm(stacked.shape[0], generator=generator)[: config.search_channels]
-        stacked = stacked[picked.sort().values]
-    stacked = stacked.float()
-    # The search sample's rank cannot exceed its own size; the full decomposition uses the real rank.
+    members = [_channel_sample(w.detach(), config.search_channels, config.seed + i) for i, w in enumerate(weights)]
+    # A sample's rank cannot exceed its own size; the full decomposition uses the real rank.
     search_config = config
-    if config.effective_rank > min(stacked.shape):
-        search_config = QuantConfig(**{**config.to_dict(), "rank": min(stacked.shape) // 16 * 16})
-    reference = x @ stacked.T
+    smallest = min(min(m.shape) for m in members)
+    if config.effective_rank > smallest:
+        search_config = QuantConfig(**{**config.to_dict(), "rank": smallest // 16 * 16})
+    references = [x @ m.T for m in members]
     best: SmoothingChoice | None = None
     for alpha, beta in config.smoothing_candidates:
         smooth = smooth_factors(act_absmax, w_absmax, alpha, beta, model_dtype)
-        output = branch_output(x, stacked, smooth, shift, search_config, act_mode, model_dtype)
-        error = relative_error(output, reference)
+        errors = [
+            relative_error(branch_output(x, member, smooth, shift, search_config, act_mode, model_dtype), reference)
+            for member, reference in zip(members, references, strict=True)
+        ]
+        error = sum(errors) / len(errors)
         if best is None or error < best.error:
             best = SmoothingChoice(alpha, beta, smooth, error)
     return best
+
+
+def _channel_sample(weight: torch.Tensor, count: int, seed: int) -> torch.Tensor:
+    """``count`` seeded output channels of ``weight`` (all when count is 0 or larger), as float32."""
+    if count and weight.shape[0] > count:
+        picked = torch.randperm(weight.shape[0], generator=torch.Generator().manual_seed(seed))[:count]
+        weight = weight[picked.sort().values]
+    return weight.float()
 
 
 def branch_factors(
