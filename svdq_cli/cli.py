@@ -20,7 +20,7 @@ from .errors import BadInputError, QualityGateError, SvdqError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="SVDQuant 4-bit quantization for diffusion transformers.")
-out = Console()
+out = Console(width=None if sys.stdout.isatty() else 140)  # CI logs: wide tables, not wrapped
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout instead of tables.")]
 RunDirArg = Annotated[Path, typer.Argument(help="A run directory made by `svdq quantize`.")]
@@ -282,6 +282,67 @@ def inspect(file: Annotated[Path, typer.Argument(help="An exported .safetensors 
     table = Table(title=str(file), show_header=False)
     for key, value in result.items():
         table.add_row(key, json.dumps(value) if isinstance(value, dict) else str(value))
+    out.print(table)
+
+
+@app.command()
+def bench(
+    run_dir: Annotated[Path | None, typer.Argument(help="A run with an export: time one transformer step of it "
+                                                        "against the 16-bit model. Omit for kernel timings.")] = None,
+    m: Annotated[int | None, typer.Option("--m", help="Tokens per GEMM (default: 4608 on a GPU = 4096 image + "
+                                                      "512 text tokens; 256 on a CPU).")] = None,
+    rank: Annotated[int, typer.Option(help="Low-rank branch rank for kernel timings.")] = 32,
+    dtype: Annotated[str, typer.Option(help="bfloat16 or float16.")] = "bfloat16",
+    device: Annotated[str | None, typer.Option(help="cuda, cuda:N or cpu (default: cuda when present).")] = None,
+    repeats: Annotated[int | None, typer.Option(help="Timed repeats; the median is reported (GPU 50, CPU 3).")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Time the kernels at FLUX shapes, or one transformer step of an exported model."""
+    import torch
+
+    from .bench import kernel_bench, model_bench
+    from .run import Run
+
+    if dtype not in ("bfloat16", "float16"):
+        raise BadInputError(f"--dtype {dtype!r} is invalid (allowed: bfloat16, float16)")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise BadInputError(f"--device {device}: no CUDA device is available")
+    cuda = device.startswith("cuda")
+    repeats = repeats or (50 if cuda else 3)
+    _quiet_libraries()
+    if run_dir is not None:
+        record = Run.existing(run_dir).manifest["stages"].get("export", {})
+        if record.get("status") != "done":
+            raise BadInputError(f"{run_dir} has no export yet; run `svdq export {run_dir}` first")
+        result = model_bench(str(run_dir / record["file"]), device, repeats)
+    else:
+        result = kernel_bench(m or (4608 if cuda else 256), rank, getattr(torch, dtype), device, repeats)
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return
+    out.print(f"[bold]{result['note']}[/bold]")
+    out.print(" ".join(f"{k}={v}" for k, v in result["machine"].items()))
+    if result["mode"] == "model":
+        table = Table(title="one transformer step")
+        for column in ("model", "ms", "weight MiB", "peak MiB"):
+            table.add_column(column)
+        for name in ("16bit", "quantized"):
+            entry = result[name]
+            peak = entry.get("peak_memory_bytes")
+            table.add_row(name, f"{entry['step_milliseconds']:.2f}", f"{entry['weight_bytes'] / 2**20:.1f}",
+                          "-" if peak is None else f"{peak / 2**20:.1f}")
+        out.print(table)
+        return
+    table = Table(title=f"W4A4 r{rank} vs 16-bit matmul, M = {result['rows'][0]['M']} (median µs)")
+    for column in ("K×N", "W4A4+LR", "W4A4", "naive", "16-bit", "TFLOP/s", "GB/s", "× 16-bit", "LR overhead"):
+        table.add_column(column, justify="right")
+    for row in result["rows"]:
+        us = row["microseconds"]
+        naive = us.get("naive_unfused")
+        table.add_row(f"{row['K']}×{row['N']}", f"{us['w4a4_lowrank']:.0f}", f"{us['w4a4']:.0f}",
+                      "-" if naive is None else f"{naive:.0f}", f"{us['matmul_16bit']:.0f}", f"{row['tflops']:.2f}",
+                      f"{row['gbps']:.1f}", f"{row['speedup_vs_16bit']:.2f}", f"{row['lowrank_overhead_percent']:.1f}%")
     out.print(table)
 
 

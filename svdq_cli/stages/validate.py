@@ -31,6 +31,12 @@ BASELINE_CONFIGS = {
 }
 
 
+def runtime_description(device: str) -> str:
+    from ..runtime.kernels import describe
+
+    return describe(device)
+
+
 def reads(config) -> dict:
     return {"validation": config.to_dict()["validation"]}
 
@@ -170,7 +176,7 @@ def run(run, workspace) -> dict:
     gates = check_gates(validation, main)
     report = {
         "model": config.model, "prompts": prompts, "seeds": seeds,
-        "runtime": "reference path (torch, no fused CUDA kernels)", "device": config.device,
+        "runtime": runtime_description(config.device), "device": config.device,
         "methods": methods, "gates": gates, "passed": all(g["passed"] for g in gates.values()),
         "lpips": lpips_status(), "layers": layer_reports,
     }
