@@ -2,8 +2,9 @@
 
 ``SVDQLinear.forward`` calls :func:`fused_forward` when :func:`fused_unsupported` finds nothing against it:
 an int4 layer with quantized activations, a bf16/fp16 CUDA input of the layer's dtype, a rank that is a
-multiple of 16 up to 128, CuPy installed, and compute capability 8.0 or newer (sm_80/86/89 and Hopper's
-sm_90, where the 4-bit codes are widened to int8 for the 8-bit tensor cores). Otherwise the reference path
+multiple of 16 up to 128, CuPy installed, and compute capability 8.0 or newer. On sm_80/86/89 the GEMM uses
+the native 4-bit tensor cores (mma.m16n8k64 s4); Hopper (sm_90) has none, so there the 4-bit codes are
+widened to int8 in registers for mma.m16n8k32 (see kernels/w4a4_gemm.cu). Otherwise the reference path
 runs, with a one-time warning when the input was on a GPU. Tensors cross to CuPy through DLPack (no
 copies), kernels run on torch's current stream, and compiled modules are cached per (arch, dtype, rank,
 activation signedness). Weights are re-packed once per device (see fragments.py).
@@ -64,6 +65,11 @@ def should_fuse(layer, x: torch.Tensor) -> bool:
     return False
 
 
+def uses_s4(capability: tuple[int, int]) -> bool:
+    """Native 4-bit MMA on Ampere/Ada (8.x); Hopper and later take the int8 path."""
+    return capability[0] == 8
+
+
 def describe(device: torch.device | str) -> str:
     """What the runtime uses on ``device``, for reports."""
     device = torch.device(device)
@@ -74,7 +80,8 @@ def describe(device: torch.device | str) -> str:
     major, minor = torch.cuda.get_device_capability(device)
     if major < 8:
         return f"reference path (torch); sm_{major}{minor} is not supported by the fused kernels"
-    return f"fused CUDA kernels (sm_{major}{minor}, int8 mma.m16n8k32)"
+    mma = "4-bit mma.m16n8k64" if uses_s4((major, minor)) else "int8 mma.m16n8k32 on widened 4-bit codes"
+    return f"fused CUDA kernels (sm_{major}{minor}, {mma})"
 
 
 @functools.cache
@@ -95,16 +102,16 @@ def _kernels(arch: int, dtype: torch.dtype, rank: int, unsigned: bool):
     return functions
 
 
-def _device_weights(layer, device: torch.device) -> dict[str, torch.Tensor]:
+def _device_weights(layer, device: torch.device, s4: bool) -> dict[str, torch.Tensor]:
     """Fragment-packed weights, float32 scales and a bias on ``device``, re-packed when the buffers change."""
-    key = (device, layer.qweight.data_ptr(), layer.qweight._version, layer.wscales._version)
+    key = (device, s4, layer.qweight.data_ptr(), layer.qweight._version, layer.wscales._version)
     cache = getattr(layer, "_fused_cache", None)
     if cache is not None and cache["key"] == key:
         return cache
     from ..quant.packing import unpack_nibbles
 
     codes = unpack_nibbles(layer.qweight.cpu(), signed=True)
-    frag = pack_weight_fragments(codes).view(np.int32)
+    frag = pack_weight_fragments(codes, s4=s4).view(np.int32)
     bias = layer.bias if layer.bias is not None else torch.zeros(layer.out_features, dtype=layer.dtype)
     cache = {
         "key": key,
@@ -120,9 +127,10 @@ def fused_forward(layer, x: torch.Tensor) -> torch.Tensor:
     """The fused forward: one kernel quantizes x and computes x̂·lora_downᵀ, one GEMM adds the rest."""
     cupy = _cupy()
     device = x.device
-    major, minor = torch.cuda.get_device_capability(device)
-    kernels = _kernels(major * 10 + minor, x.dtype, layer.rank, layer.act == "unsigned")
-    weights = _device_weights(layer, device)
+    capability = torch.cuda.get_device_capability(device)
+    s4 = uses_s4(capability)
+    kernels = _kernels(capability[0] * 10 + capability[1], x.dtype, layer.rank, layer.act == "unsigned", s4)
+    weights = _device_weights(layer, device, s4)
     rows = x.reshape(-1, layer.in_features).contiguous()
     m, k, n = rows.shape[0], layer.in_features, layer.out_features
     packed = torch.empty(m, k // 2, dtype=torch.uint8, device=device)

@@ -47,6 +47,29 @@ def mma_m16n8k32(a: np.ndarray, b: np.ndarray, a_signed: bool) -> np.ndarray:
     return np.stack([D[GID, TID * 2], D[GID, TID * 2 + 1], D[GID + 8, TID * 2], D[GID + 8, TID * 2 + 1]], axis=1)
 
 
+def nibbles_of(words: np.ndarray, signed: bool) -> np.ndarray:
+    """uint32 [...] → its eight nibbles [..., 8] (nibble 0 = least significant), as int."""
+    n = np.stack([(words >> (4 * i)) & 0xF for i in range(8)], axis=-1).astype(np.int64)
+    return np.where(n >= 8, n - 16, n) if signed else n
+
+
+def mma_m16n8k64(a: np.ndarray, b: np.ndarray, a_signed: bool) -> np.ndarray:
+    """The 4-bit mma.m16n8k64: a [32, 4] and b [32, 2] uint32 of 8 nibbles each, per the PTX fragment map."""
+    A = np.zeros((16, 64), dtype=np.int64)
+    B = np.zeros((64, 8), dtype=np.int64)
+    a_nibbles, b_nibbles = nibbles_of(a, a_signed), nibbles_of(b, True)
+    for lane in LANES:
+        g, t = GID[lane], TID[lane]
+        A[g, t * 8 : t * 8 + 8] = a_nibbles[lane, 0]
+        A[g + 8, t * 8 : t * 8 + 8] = a_nibbles[lane, 1]
+        A[g, 32 + t * 8 : 32 + t * 8 + 8] = a_nibbles[lane, 2]
+        A[g + 8, 32 + t * 8 : 32 + t * 8 + 8] = a_nibbles[lane, 3]
+        B[t * 8 : t * 8 + 8, g] = b_nibbles[lane, 0]
+        B[32 + t * 8 : 32 + t * 8 + 8, g] = b_nibbles[lane, 1]
+    D = A @ B
+    return np.stack([D[GID, TID * 2], D[GID, TID * 2 + 1], D[GID + 8, TID * 2], D[GID + 8, TID * 2 + 1]], axis=1)
+
+
 def quantize_lora_down(x, smooth, lora_down, shift, unsigned):
     """kernels/quantize_lora_down.cu in float32 numpy (same operation order): packed, scales, down."""
     f32 = np.float32
@@ -64,18 +87,19 @@ def quantize_lora_down(x, smooth, lora_down, shift, unsigned):
     return packed, scales, down
 
 
-def w4a4_gemm(act_packed, act_scales, w_frag, w_scales, down, lora_up, bias, M, N, Npad, K, unsigned_a):
-    """kernels/w4a4_gemm.cu: 32×64 block tiles, 4 warps of 16×32, n8 tiles, groups of 64, two k32 halves."""
+def w4a4_gemm(act_packed, act_scales, w_frag, w_scales, down, lora_up, bias, M, N, Npad, K, unsigned_a, s4=False):
+    """kernels/w4a4_gemm.cu: 32×64 block tiles, 4 warps of 16×32, n8 tiles, groups of 64; the S4 variant
+    does one m16n8k64 per group, the int8 variant two m16n8k32 halves."""
     out = np.full((M, N), np.nan)
     steps = K // 32
     flat_frag = w_frag.reshape(-1)  # the kernel indexes the words as one flat array
 
-    def activation_words(rows, k):
+    def activation_words(rows, k, count=2):
+        """``count`` bytes of packed codes from k on, little-endian (the kernel's 16- or 32-bit load)."""
         words = np.zeros(32, dtype=np.uint32)
         valid = rows < M
-        lo = act_packed[rows[valid], k[valid] // 2].astype(np.uint32)
-        hi = act_packed[rows[valid], k[valid] // 2 + 1].astype(np.uint32)
-        words[valid] = lo | (hi << 8)
+        for i in range(count):
+            words[valid] |= act_packed[rows[valid], k[valid] // 2 + i].astype(np.uint32) << np.uint32(8 * i)
         return words
 
     for block_y in range(-(-M // 32)):
@@ -86,7 +110,17 @@ def w4a4_gemm(act_packed, act_scales, w_frag, w_scales, down, lora_up, bias, M, 
                 acc = np.zeros((4, 32, 4))
                 for g in range(K // 64):
                     dot = np.zeros((4, 32, 4), dtype=np.int64)
-                    for half in range(2):
+                    if s4:
+                        k0 = g * 64
+                        a = np.stack([activation_words(row0 + GID, k0 + TID * 8, 4),
+                                      activation_words(row0 + GID + 8, k0 + TID * 8, 4),
+                                      activation_words(row0 + GID, k0 + 32 + TID * 8, 4),
+                                      activation_words(row0 + GID + 8, k0 + 32 + TID * 8, 4)], axis=1)
+                        for t in range(4):
+                            index = ((col0 // 8 + t) * (K // 64) + g) * 32 + LANES
+                            b = flat_frag.reshape(-1, 2)[index]  # the kernel's uint2 load
+                            dot[t] += mma_m16n8k64(a, b, a_signed=not unsigned_a)
+                    for half in range(0 if s4 else 2):
                         k0 = g * 64 + half * 32
                         a = np.stack([
                             widen4(activation_words(row0 + GID, k0 + TID * 4), not unsigned_a),

@@ -29,9 +29,26 @@ def test_weight_fragment_words_hold_each_lanes_b_operand(gen):
     assert not words[padded_columns(24) // 8 - 1].any() or padded_columns(24) == 24  # padding is zero codes
 
 
+def test_s4_fragment_words_hold_each_lanes_b_operand(gen):
+    codes = torch.randint(-8, 8, (16, 128), generator=gen, dtype=torch.int8).numpy()
+    words = pack_weight_fragments(codes, s4=True)
+    assert words.shape == (padded_columns(16) // 8, 2, 32, 2)
+    for n_tile in range(2):
+        for group in range(2):
+            for lane in range(32):
+                gid, tid = divmod(lane, 4)
+                n = n_tile * 8 + gid
+                for half in range(2):
+                    word = int(words[n_tile, group, lane, half])
+                    nibbles = [(word >> (4 * j)) & 0xF for j in range(8)]
+                    k0 = group * 64 + half * 32 + tid * 8
+                    assert [v - 16 if v >= 8 else v for v in nibbles] == list(codes[n, k0 : k0 + 8])
+
+
+@pytest.mark.parametrize("s4", [False, True], ids=["int8-mma", "s4-mma"])
 @pytest.mark.parametrize("act,rank,shape", [("signed", 32, (37, 128, 72)), ("unsigned", 16, (5, 192, 64)),
                                             ("signed", 0, (33, 64, 136))])
-def test_emulated_kernels_reproduce_the_reference_forward(gen, act, rank, shape):
+def test_emulated_kernels_reproduce_the_reference_forward(gen, act, rank, shape, s4):
     m, k, n = shape
     linear = nn.Linear(k, n)
     with torch.no_grad():
@@ -53,9 +70,9 @@ def test_emulated_kernels_reproduce_the_reference_forward(gen, act, rank, shape)
     np.testing.assert_array_equal(a_scales, reference_q.scales.numpy())
 
     codes = unpack_nibbles(layer.qweight, signed=True)
-    out = emu.w4a4_gemm(packed, a_scales.astype(np.float64), pack_weight_fragments(codes),
+    out = emu.w4a4_gemm(packed, a_scales.astype(np.float64), pack_weight_fragments(codes, s4=s4),
                         pack_weight_scales(layer.wscales), down, layer.lora_up.double().numpy(),
-                        layer.bias.double().numpy(), m, n, padded_columns(n), k, unsigned_a=act == "unsigned")
+                        layer.bias.double().numpy(), m, n, padded_columns(n), k, unsigned_a=act == "unsigned", s4=s4)
     assert not np.isnan(out).any(), "some outputs were never written"
     expected = layer(x).double().numpy()
     error = np.linalg.norm(out - expected) / np.linalg.norm(expected)

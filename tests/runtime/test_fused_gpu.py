@@ -54,8 +54,9 @@ def test_activation_codes_equal_the_reference(gen):
 
     layer = layer_for(3072, 3072, 32, torch.bfloat16, "signed", gen)
     x = torch.randn(97, 3072, generator=gen).to(torch.bfloat16).cuda()
-    functions = kernels._kernels(*(lambda c: (c[0] * 10 + c[1],))(torch.cuda.get_device_capability()),
-                                 torch.bfloat16, 32, False)
+    capability = torch.cuda.get_device_capability()
+    functions = kernels._kernels(capability[0] * 10 + capability[1], torch.bfloat16, 32, False,
+                                 kernels.uses_s4(capability))
     packed = torch.full((97, 1536), 0xAB, dtype=torch.uint8, device="cuda")  # poisoned
     scales = torch.full((97, 48), float("nan"), device="cuda")
     down = torch.full((97, 32), float("nan"), device="cuda")

@@ -11,3 +11,8 @@ def test_cpu_inputs_take_the_reference_path_silently(recwarn):
     assert not kernels.should_fuse(layer, x) and not recwarn.list
     assert torch.equal(layer(x), layer.reference_forward(x))
     assert kernels.describe("cpu").startswith("reference path")
+
+
+def test_variant_follows_the_compute_capability():
+    assert kernels.uses_s4((8, 0)) and kernels.uses_s4((8, 6)) and kernels.uses_s4((8, 9))
+    assert not kernels.uses_s4((9, 0))
