@@ -65,6 +65,7 @@ def machine(device: str) -> dict[str, object]:
             info["cupy"] = cupy.__version__
         except ImportError:
             pass
+        info.update(_clocks())
     else:
         info.update(cpu=platform.processor() or platform.machine(), threads=torch.get_num_threads())
     return info
@@ -101,6 +102,22 @@ def shape_timings(k: int, n: int, m: int, rank: int, dtype: torch.dtype, device:
         "speedup_vs_16bit": timings["matmul_16bit"] / seconds,
         "lowrank_overhead_percent": 100.0 * (timings["w4a4_lowrank"] / timings["w4a4"] - 1.0),
     }
+
+
+def _clocks() -> dict[str, str]:
+    """SM and memory clocks (current and maximum) from nvidia-smi, when it is there."""
+    import shutil
+    import subprocess
+
+    if shutil.which("nvidia-smi") is None:
+        return {}
+    fields = "clocks.sm,clocks.mem,clocks.max.sm,clocks.max.mem,driver_version"
+    try:
+        line = subprocess.run(["nvidia-smi", f"--query-gpu={fields}", "--format=csv,noheader"], capture_output=True,
+                              text=True, timeout=10).stdout.splitlines()[0]
+    except (OSError, subprocess.SubprocessError, IndexError):
+        return {}
+    return dict(zip(fields.split(","), (v.strip() for v in line.split(",")), strict=False))
 
 
 def kernel_bench(m: int, rank: int, dtype: torch.dtype, device: str, repeats: int,

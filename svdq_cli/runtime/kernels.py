@@ -123,8 +123,11 @@ def _device_weights(layer, device: torch.device, s4: bool) -> dict[str, torch.Te
     return cache
 
 
-def fused_forward(layer, x: torch.Tensor) -> torch.Tensor:
-    """The fused forward: one kernel quantizes x and computes x̂·lora_downᵀ, one GEMM adds the rest."""
+def fused_forward(layer, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The fused forward: one kernel quantizes x and computes x̂·lora_downᵀ, one GEMM adds the rest.
+
+    ``out`` (``[rows, out_features]``, x's dtype) receives the result when given (tests poison it first).
+    """
     cupy = _cupy()
     device = x.device
     capability = torch.cuda.get_device_capability(device)
@@ -136,7 +139,7 @@ def fused_forward(layer, x: torch.Tensor) -> torch.Tensor:
     packed = torch.empty(m, k // 2, dtype=torch.uint8, device=device)
     scales = torch.empty(m, k // 64, dtype=torch.float32, device=device)
     down = torch.empty(m, max(layer.rank, 1), dtype=torch.float32, device=device)
-    out = torch.empty(m, n, dtype=x.dtype, device=device)
+    out = torch.empty(m, n, dtype=x.dtype, device=device) if out is None else out
     shift = float(layer.shift) if layer.shift is not None else 0.0
     if m == 0:
         return out.reshape(*x.shape[:-1], n)

@@ -41,7 +41,8 @@ def test_fused_matches_reference(gen, m, k, n, rank, dtype):
     layer = layer_for(k, n, rank, dtype, "signed", gen)
     x = (torch.randn(m, k, generator=gen) * (1 + 20 * (torch.rand(k, generator=gen) > 0.99))).to(dtype).cuda()
     assert kernels.fused_unsupported(layer, x) is None
-    fused = kernels.fused_forward(layer, x)
+    poisoned = torch.full((m, n), float("nan"), dtype=dtype, device="cuda")
+    fused = kernels.fused_forward(layer, x, out=poisoned)
     torch.cuda.synchronize()
     reference = layer.reference_forward(x)
     assert torch.isfinite(fused).all(), "unwritten or non-finite outputs"
