@@ -1,6 +1,6 @@
 """A numpy emulation of kernels/*.cu at the level of warp lanes and MMA fragments.
 
-``mma_m16n8k32`` assembles A and B from the 32 lanes' registers by the PTX ISA's ownership rules and
+``mma_m16n8`` assembles A and B from the 32 lanes' registers by the PTX ISA's ownership rules and
 hands each lane its C elements back by the same rules; ``quantize_lora_down`` and ``w4a4_gemm`` follow the
 kernels' indexing line for line (block, warp, lane, group, half, tile). Wrong packing or indexing shows up
 as a wrong product here, on the CPU.
@@ -30,42 +30,28 @@ def widen4(nibbles: np.ndarray, signed: bool) -> np.ndarray:
     return (per_byte & 0xFF).astype(np.uint32) @ (1 << (8 * np.arange(4, dtype=np.uint32)))
 
 
-def mma_m16n8k32(a: np.ndarray, b: np.ndarray, a_signed: bool) -> np.ndarray:
-    """a: [32 lanes, 4] uint32, b: [32, 2] uint32 → c: [32, 4] int64 of D = A·B per the PTX fragment map."""
-    A = np.zeros((16, 32), dtype=np.int64)
-    B = np.zeros((32, 8), dtype=np.int64)
-    a_bytes, b_bytes = bytes_of(a, a_signed), bytes_of(b, True)
-    for lane in LANES:
-        g, t = GID[lane], TID[lane]
-        A[g, t * 4 : t * 4 + 4] = a_bytes[lane, 0]
-        A[g + 8, t * 4 : t * 4 + 4] = a_bytes[lane, 1]
-        A[g, 16 + t * 4 : 16 + t * 4 + 4] = a_bytes[lane, 2]
-        A[g + 8, 16 + t * 4 : 16 + t * 4 + 4] = a_bytes[lane, 3]
-        B[t * 4 : t * 4 + 4, g] = b_bytes[lane, 0]
-        B[16 + t * 4 : 16 + t * 4 + 4, g] = b_bytes[lane, 1]
-    D = A @ B
-    return np.stack([D[GID, TID * 2], D[GID, TID * 2 + 1], D[GID + 8, TID * 2], D[GID + 8, TID * 2 + 1]], axis=1)
-
-
 def nibbles_of(words: np.ndarray, signed: bool) -> np.ndarray:
     """uint32 [...] → its eight nibbles [..., 8] (nibble 0 = least significant), as int."""
     n = np.stack([(words >> (4 * i)) & 0xF for i in range(8)], axis=-1).astype(np.int64)
     return np.where(n >= 8, n - 16, n) if signed else n
 
 
-def mma_m16n8k64(a: np.ndarray, b: np.ndarray, a_signed: bool) -> np.ndarray:
-    """The 4-bit mma.m16n8k64: a [32, 4] and b [32, 2] uint32 of 8 nibbles each, per the PTX fragment map."""
-    A = np.zeros((16, 64), dtype=np.int64)
-    B = np.zeros((64, 8), dtype=np.int64)
-    a_nibbles, b_nibbles = nibbles_of(a, a_signed), nibbles_of(b, True)
+def mma_m16n8(a: np.ndarray, b: np.ndarray, a_signed: bool, k: int) -> np.ndarray:
+    """mma.m16n8k32 (8-bit elements) or mma.m16n8k64 (4-bit): a [32 lanes, 4] and b [32, 2] uint32 →
+    c [32, 4] int64 of D = A·B, with A and B assembled by the PTX ISA's fragment ownership:
+    lane (gid, tid) holds A[gid][tid·e ..], A[gid+8][tid·e ..], A[gid][k/2 + tid·e ..], A[gid+8][k/2 + tid·e ..]
+    and B[tid·e ..][gid], B[k/2 + tid·e ..][gid], e = k/8 elements per register; C as c0…c3."""
+    per = k // 8
+    split = bytes_of if k == 32 else nibbles_of
+    A = np.zeros((16, k), dtype=np.int64)
+    B = np.zeros((k, 8), dtype=np.int64)
+    a_elements, b_elements = split(a, a_signed), split(b, True)
     for lane in LANES:
         g, t = GID[lane], TID[lane]
-        A[g, t * 8 : t * 8 + 8] = a_nibbles[lane, 0]
-        A[g + 8, t * 8 : t * 8 + 8] = a_nibbles[lane, 1]
-        A[g, 32 + t * 8 : 32 + t * 8 + 8] = a_nibbles[lane, 2]
-        A[g + 8, 32 + t * 8 : 32 + t * 8 + 8] = a_nibbles[lane, 3]
-        B[t * 8 : t * 8 + 8, g] = b_nibbles[lane, 0]
-        B[32 + t * 8 : 32 + t * 8 + 8, g] = b_nibbles[lane, 1]
+        for register, (row, offset) in enumerate(((g, 0), (g + 8, 0), (g, k // 2), (g + 8, k // 2))):
+            A[row, offset + t * per : offset + t * per + per] = a_elements[lane, register]
+        for register, offset in enumerate((0, k // 2)):
+            B[offset + t * per : offset + t * per + per, g] = b_elements[lane, register]
     D = A @ B
     return np.stack([D[GID, TID * 2], D[GID, TID * 2 + 1], D[GID + 8, TID * 2], D[GID + 8, TID * 2 + 1]], axis=1)
 
@@ -119,7 +105,7 @@ def w4a4_gemm(act_packed, act_scales, w_frag, w_scales, down, lora_up, bias, M, 
                         for t in range(4):
                             index = ((col0 // 8 + t) * (K // 64) + g) * 32 + LANES
                             b = flat_frag.reshape(-1, 2)[index]  # the kernel's uint2 load
-                            dot[t] += mma_m16n8k64(a, b, a_signed=not unsigned_a)
+                            dot[t] += mma_m16n8(a, b, not unsigned_a, 64)
                     for half in range(0 if s4 else 2):
                         k0 = g * 64 + half * 32
                         a = np.stack([
@@ -131,7 +117,7 @@ def w4a4_gemm(act_packed, act_scales, w_frag, w_scales, down, lora_up, bias, M, 
                         for t in range(4):
                             word = flat_frag[((col0 // 8 + t) * steps + k0 // 32) * 32 + LANES]
                             b = np.stack([widen4(word & 0xFFFF, True), widen4(word >> 16, True)], axis=1)
-                            dot[t] += mma_m16n8k32(a, b, a_signed=not unsigned_a)
+                            dot[t] += mma_m16n8(a, b, not unsigned_a, 32)
                     rows = np.stack([row0 + GID, row0 + GID + 8])
                     a_scale = np.where(rows < M, act_scales[np.minimum(rows, M - 1), g], 0.0)
                     for t in range(4):
