@@ -285,6 +285,35 @@ def inspect(file: Annotated[Path, typer.Argument(help="An exported .safetensors 
     out.print(table)
 
 
+lora_app = typer.Typer(help="Off-the-shelf LoRAs on quantized exports, with no re-quantization.")
+app.add_typer(lora_app, name="lora")
+
+
+@lora_app.command("apply")
+def lora_apply(
+    export_file: Annotated[Path, typer.Argument(metavar="EXPORT", help="An exported svdq .safetensors file.")],
+    loras: Annotated[list[Path], typer.Argument(metavar="LORA...", help="LoRA .safetensors files; they stack.")],
+    scale: Annotated[float, typer.Option(help="Strength applied to every LoRA (times its own alpha/rank).")] = 1.0,
+    out_file: Annotated[Path | None, typer.Option("--out", help="Output file (default: EXPORT with +lora).")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Join LoRAs to the low-rank branch of quantized layers (merge them into 16-bit layers)."""
+    from .lora import apply_lora
+
+    target = out_file or export_file.with_name(f"{export_file.stem}+lora.safetensors")
+    source, results = export_file, []
+    for lora in loras:
+        results.append(apply_lora(source, lora, scale, target))
+        source = target
+    if as_json:
+        print(json.dumps({"out": str(target), "applied": results}, indent=2))
+    else:
+        for lora, result in zip(loras, results, strict=True):
+            out.print(f"{lora.name}: joined to {result['joined']} quantized layers, merged into "
+                      f"{result['merged']} 16-bit layers")
+        out.print(f"wrote {target}")
+
+
 @app.command()
 def bench(
     run_dir: Annotated[Path | None, typer.Argument(help="A run with an export: time one transformer step of it "
