@@ -1,0 +1,137 @@
+"""Publishing a run on the Hugging Face Hub: the export, a generated model card, the resolved recipe and the
+validation picture, in one commit through huggingface_hub. The token comes from huggingface_hub's usual
+sources (``--token``, ``HF_TOKEN``, the cached login) and is never printed or written into any file."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from .errors import BadInputError
+from .export_format import read_metadata
+
+# Licenses of the base models we ship recipes for, so the card can inherit them.
+BASE_LICENSES = {
+    "black-forest-labs/FLUX.1-dev": {"license": "other", "license_name": "flux-1-dev-non-commercial-license",
+                                     "license_link": "LICENSE.md"},
+    "black-forest-labs/FLUX.1-schnell": {"license": "apache-2.0"},
+    "PixArt-alpha/PixArt-Sigma-XL-2-1024-MS": {"license": "openrail++"},
+    "stabilityai/stable-diffusion-3-medium-diffusers": {"license": "other",
+                                                        "license_name": "stabilityai-ai-community"},
+}
+
+
+@dataclass
+class Upload:
+    """What push-to-hub sends: repo path → local file (or generated text)."""
+
+    files: dict[str, Path]
+    card: str
+    recipe: str
+
+
+def plan_upload(run_dir: Path, repo_id: str, force: bool = False) -> Upload:
+    """Check the run can be published and build the card and file list (nothing is sent).
+
+    Raises:
+        BadInputError: no export, a validation that failed or never ran (unless ``force``), bad repo id.
+    """
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    from .run import Run
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as error:
+        raise BadInputError(f"invalid repo id {repo_id!r}: {str(error).splitlines()[0]}") from None
+    if "/" not in repo_id:
+        raise BadInputError(f"invalid repo id {repo_id!r}: use namespace/name")
+    stages = Run.existing(run_dir).manifest["stages"]
+    export = stages.get("export", {})
+    if export.get("status") != "done":
+        raise BadInputError(f"{run_dir} has no export yet; run `svdq export {run_dir}` first")
+    validate = stages.get("validate", {})
+    if not force and validate.get("status") != "done":
+        raise BadInputError(f"{run_dir} was never validated; run `svdq validate {run_dir}` or pass --force")
+    if not force and not validate.get("passed", False):
+        raise BadInputError(f"{run_dir} failed its validation gates; fix the run or pass --force")
+    export_path = run_dir / export["file"]
+    metadata = read_metadata(export_path)
+    files = {export_path.name: export_path}
+    comparison = run_dir / "validate" / "comparison.png"
+    if comparison.is_file():
+        files["comparison.png"] = comparison
+    recipe = yaml.safe_dump(metadata["recipe"], sort_keys=False)
+    return Upload(files, model_card(metadata, export_path.name, repo_id, "comparison.png" in files), recipe)
+
+
+def model_card(metadata: dict, filename: str, repo_id: str, with_picture: bool) -> str:
+    """README.md for the Hub: YAML front matter, config summary, validation table, loading snippet."""
+    recipe, quant = metadata["recipe"], metadata["quantization_config"]
+    base = recipe["model"]
+    front = {"library_name": "diffusers", "pipeline_tag": "text-to-image",
+             "tags": ["svdquant", "svdq", quant["precision"], "diffusers", "text-to-image", "quantized"]}
+    if "/" in base and not Path(base).exists():
+        front.update(base_model=base, base_model_relation="quantized")
+        front.update(BASE_LICENSES.get(base, {}))
+    validate = metadata.get("validate", {})
+    lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
+             f"# {repo_id.split('/')[-1]}", "",
+             f"{quant['method']} {quant['precision']} quantization of `{base}` made with svdq "
+             f"{metadata.get('svdq_version', '')}: smoothing, a rank-{quant['rank']} 16-bit low-rank branch and "
+             f"{'4' if quant['precision'] != 'int8' else '8'}-bit weights and activations "
+             f"(group {quant['group_size']}{', GPTQ' if quant['gptq'] else ''}).", "",
+             "| setting | value |", "|---|---|"]
+    for key in ("method", "precision", "rank", "group_size", "gptq", "weight_only"):
+        lines.append(f"| {key} | {quant[key]} |")
+    lines.append(f"| layers quantized | {len(metadata['layers'])} |")
+    lines.append("")
+    if validate.get("ran"):
+        lines += ["## Validation against the 16-bit model", "",
+                  "Held-out prompts, same seeds; higher PSNR/SSIM and lower latent error are closer to 16-bit.", "",
+                  "| method | PSNR (dB) | SSIM | latent rel. error |", "|---|---:|---:|---:|"]
+        for method, values in validate["methods"].items():
+            lines.append(f"| {method} | {values['psnr']:.2f} | {values['ssim']:.4f} | {values['latent_error']:.4f} |")
+        lines.append("")
+    else:
+        lines += ["This model was published without validation.", ""]
+    if with_picture:
+        lines += ["![16-bit | quantized | difference](comparison.png)", ""]
+    lines += ["## Use", "", "```python", "from huggingface_hub import hf_hub_download",
+              "from svdq_cli.export_format import load_quantized_pipeline", "",
+              f'path = hf_hub_download("{repo_id}", "{filename}")',
+              'pipe = load_quantized_pipeline(path, device="cuda")',
+              'image = pipe("a red fox in fresh snow").images[0]', "```", "",
+              "The resolved recipe is in `recipe.yaml`.", ""]
+    return "\n".join(lines)
+
+
+def push(upload: Upload, repo_id: str, token: str | None, private: bool, revision: str | None,
+         create_pr: bool) -> str:
+    """Create the repo if needed and upload everything in one commit; returns the commit URL.
+
+    Raises:
+        BadInputError: no token.
+    """
+    from huggingface_hub import CommitOperationAdd, HfApi, get_token
+
+    token = token or get_token()
+    if not token:
+        raise BadInputError("no Hugging Face token: run `hf auth login`, set HF_TOKEN, or pass --token")
+    api = HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+    operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(path))
+                  for name, path in upload.files.items()]
+    operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=upload.card.encode()))
+    operations.append(CommitOperationAdd(path_in_repo="recipe.yaml", path_or_fileobj=upload.recipe.encode()))
+    info = api.create_commit(repo_id, operations, commit_message="Upload svdq quantized model",
+                             revision=revision, create_pr=create_pr, repo_type="model")
+    return getattr(info, "pr_url", None) or getattr(info, "commit_url", str(info))
+
+
+def describe(upload: Upload) -> dict[str, object]:
+    return {"files": [*upload.files, "README.md", "recipe.yaml"],
+            "bytes": {name: path.stat().st_size for name, path in upload.files.items()},
+            "card": upload.card}
