@@ -265,23 +265,33 @@ def recipes(
 
 @app.command()
 def inspect(file: Annotated[Path, typer.Argument(help="An exported .safetensors file.")], as_json: JsonOpt = False):
-    """What a quantized file holds: format, precision, rank, layers, size vs bf16, validate summary."""
-    from .export_format import read_metadata
+    """What a quantized file holds: format, precision, rank, per-layer shapes and bytes, size vs bf16, validation."""
+    from .export_format import layer_inventory, read_metadata
 
     metadata = read_metadata(file)
     quant = metadata["quantization_config"]
-    layers = metadata["layers"]
-    size = file.stat().st_size
-    bf16 = _bf16_bytes(file, layers)
+    layers, other_bytes = layer_inventory(file, metadata["layers"])
+    bf16 = other_bytes + sum(2 * (layer["in_features"] * layer["out_features"] + layer["out_features"])
+                             for layer in layers)
     result = {"file": str(file), "format_version": metadata["format_version"], "model": metadata["recipe"]["model"],
               "method": quant["method"], "precision": quant["precision"], "rank": quant["rank"],
-              "quantized_layers": len(layers), "bytes": size, "bytes_bf16": bf16, "validate": metadata["validate"]}
+              "quantized_layers": len(layers), "bytes": file.stat().st_size, "bytes_bf16": bf16,
+              "loras": metadata.get("loras", []), "validate": metadata["validate"], "layers": layers}
     if as_json:
         print(json.dumps(result, indent=2))
         return
-    table = Table(title=str(file), show_header=False)
+    summary = Table(title=str(file), show_header=False)
     for key, value in result.items():
-        table.add_row(key, json.dumps(value) if isinstance(value, dict) else str(value))
+        if key != "layers":
+            summary.add_row(key, json.dumps(value) if isinstance(value, (dict, list)) else str(value))
+    summary.add_row("size vs bf16", f"{bf16 / result['bytes']:.2f}× smaller")
+    out.print(summary)
+    table = Table(title="quantized layers")
+    for column in ("layer", "in", "out", "rank", "act", "bytes"):
+        table.add_column(column, justify="left" if column in ("layer", "act") else "right")
+    for layer in layers:
+        table.add_row(layer["name"], str(layer["in_features"]), str(layer["out_features"]), str(layer["rank"]),
+                      layer["act"], str(layer["bytes"]))
     out.print(table)
 
 
@@ -404,29 +414,6 @@ def bench(
                       "-" if naive is None else f"{naive:.0f}", f"{us['matmul_16bit']:.0f}", f"{row['tflops']:.2f}",
                       f"{row['gbps']:.1f}", f"{row['speedup_vs_16bit']:.2f}", f"{row['lowrank_overhead_percent']:.1f}%")
     out.print(table)
-
-
-def _bf16_bytes(file: Path, metadata_layers: dict[str, dict]) -> int:
-    """Size the same transformer would have with every quantized layer in bf16."""
-    from safetensors import safe_open
-
-    total = 0
-    with safe_open(str(file), "pt") as handle:
-        for key in handle.keys():
-            shape = handle.get_slice(key).get_shape()
-            layer = key.rpartition(".")[0]
-            if layer not in metadata_layers:
-                total += 2 * _numel(shape)
-    for layer in metadata_layers.values():
-        total += 2 * int(layer["in_features"]) * int(layer["out_features"]) + 2 * int(layer["out_features"])
-    return total
-
-
-def _numel(shape) -> int:
-    count = 1
-    for dim in shape:
-        count *= dim
-    return count
 
 
 def main() -> None:

@@ -46,6 +46,33 @@ def read_metadata(path: Path) -> dict[str, object]:
     return {key: (value if key in PLAIN_KEYS else json.loads(value)) for key, value in raw.items()}
 
 
+def layer_inventory(path: Path, layers: dict[str, dict[str, str]]) -> tuple[list[dict[str, object]], int]:
+    """Per quantized layer: shapes, rank, activation mode and stored bytes; plus the bytes of everything else."""
+    sizes: dict[str, int] = {}
+    shapes: dict[str, list[int]] = {}
+    with safe_open(str(path), "pt") as handle:
+        for key in handle.keys():
+            tensor_slice = handle.get_slice(key)
+            shape = tensor_slice.get_shape()
+            count = 1
+            for dim in shape:
+                count *= dim
+            sizes[key] = count * _ELEMENT_BYTES[tensor_slice.get_dtype()]
+            shapes[key] = shape
+    inventory = []
+    for name, facts in sorted(layers.items()):
+        own = [key for key in sizes if key.startswith(f"{name}.")]
+        inventory.append({"name": name, "in_features": int(facts["in_features"]),
+                          "out_features": int(facts["out_features"]), "rank": shapes[f"{name}.lora_down"][0],
+                          "act": facts["act"], "bytes": sum(sizes[key] for key in own)})
+    quantized = {key for entry in inventory for key in sizes if key.startswith(f"{entry['name']}.")}
+    return inventory, sum(size for key, size in sizes.items() if key not in quantized)
+
+
+_ELEMENT_BYTES = {"F64": 8, "F32": 4, "I64": 8, "I32": 4, "F16": 2, "BF16": 2, "I16": 2, "U8": 1, "I8": 1,
+                  "F8_E4M3": 1, "F8_E5M2": 1, "BOOL": 1}
+
+
 def load_quantized(path: Path | str, pipeline=None, device: str | torch.device = "cpu"):
     """Rebuild the quantized transformer of an export; with ``pipeline``, install it there.
 

@@ -133,5 +133,10 @@ def test_inspect_and_status(finished_run):
     info = json.loads(stdout)
     assert info["precision"] == "int4" and info["rank"] == 16 and info["quantized_layers"] == 52
     assert info["bytes"] < info["bytes_bf16"]
+    to_q = next(layer for layer in info["layers"] if layer["name"] == "transformer_blocks.0.attn.to_q")
+    # qweight 128×64 + bf16-or-fp32 scales, λ, branch, bias: far below the 128×128 float32 weight
+    assert to_q["in_features"] == 128 and to_q["rank"] == 16 and 8192 < to_q["bytes"] < 128 * 128 * 4
+    code, stdout, _ = svdq("inspect", export_file(finished_run))
+    assert code == 0 and "quantized layers" in stdout and "× smaller" in stdout
     code, stdout, _ = svdq("status", finished_run, "--json")
     assert code == 0 and [s["status"] for s in json.loads(stdout)["stages"]] == ["done"] * 6
