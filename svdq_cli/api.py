@@ -126,6 +126,7 @@ class _Collector:
 
     def __init__(self, layers: dict[str, nn.Linear], config: QuantConfig, groups: Sequence[Sequence[str]]):
         self.layers = layers
+        self._index = {name: index for index, name in enumerate(layers)}  # seeds each input's row sample
         self.config = config
         self.stats: dict[str, InputStats] = {}
         self.owner: dict[str, str] = {}
@@ -144,11 +145,10 @@ class _Collector:
 
     def _stats_for(self, name: str) -> InputStats:
         if name not in self.stats:
-            index = list(self.layers).index(name)
             self.stats[name] = InputStats(
                 self.layers[name].in_features,
                 self.config.calib_rows,
-                self.config.seed * 1_000_003 + index,
+                self.config.seed * 1_000_003 + self._index[name],
                 hessian=self.config.gptq,
             )
         return self.stats[name]

@@ -139,13 +139,13 @@ def model_bench(export: str, device: str, repeats: int) -> dict[str, object]:
     """One transformer step of the exported model against the 16-bit one: latency and memory."""
     from .export_format import load_quantized_pipeline, read_metadata
     from .models import get_adapter
+    from .models.loading import load_pipeline
+    from .runtime.kernels import describe
 
     recipe = read_metadata(export)["recipe"]
     adapter = get_adapter(recipe["family"])
     pipeline = load_quantized_pipeline(export, device)
     quantized = pipeline.transformer
-    from .models.loading import load_pipeline
-
     reference = load_pipeline(recipe["model"], adapter, getattr(torch, recipe["dtype"]), device).transformer
     captured: dict[str, object] = {}
 
@@ -170,11 +170,5 @@ def model_bench(export: str, device: str, repeats: int) -> dict[str, object]:
         if cuda:
             entry["peak_memory_bytes"] = torch.cuda.max_memory_allocated(device)
         result[name] = entry
-    result["note"] = (kernel_note(device) + ("" if cuda else "; peak memory is measured on a GPU only"))
+    result["note"] = describe(device) + ("" if cuda else "; peak memory is measured on a GPU only")
     return result
-
-
-def kernel_note(device: str) -> str:
-    from .runtime.kernels import describe
-
-    return describe(device)

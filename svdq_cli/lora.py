@@ -81,15 +81,17 @@ def read_lora(path: Path) -> dict[str, LoraPair]:
     return pairs
 
 
-def _resolve(name: str, layers: list[str]) -> str | None:
-    """Our module path for a LoRA layer name (dotted, or kohya's underscores)."""
-    for prefix in _PREFIXES:
-        if name.startswith(prefix):
-            name = name[len(prefix):]
-    if name in layers:
-        return name
+def _resolver(layers: list[str]):
+    """Maps a LoRA layer name (dotted, or kohya's underscores; optional prefixes) to our module path."""
     flattened = {layer.replace(".", "_"): layer for layer in layers}
-    return flattened.get(name.replace(".", "_"))
+
+    def resolve(name: str) -> str | None:
+        for prefix in _PREFIXES:
+            if name.startswith(prefix):
+                name = name[len(prefix):]
+        return flattened.get(name.replace(".", "_"))
+
+    return resolve
 
 
 def apply_lora(export: Path, lora: Path, scale: float, out: Path) -> dict[str, object]:
@@ -99,7 +101,7 @@ def apply_lora(export: Path, lora: Path, scale: float, out: Path) -> dict[str, o
         BadInputError: unreadable files, a LoRA layer the model does not have, mismatched shapes.
     """
     from .artifacts import atomic_write_bytes, safetensors_bytes
-    from .export_format import read_metadata
+    from .export_format import PLAIN_KEYS, read_metadata
 
     metadata = read_metadata(export)
     tensors = load_file(str(export))
@@ -107,8 +109,9 @@ def apply_lora(export: Path, lora: Path, scale: float, out: Path) -> dict[str, o
     sixteen_bit = [key[: -len(".weight")] for key in tensors if key.endswith(".weight")
                    and key[: -len(".weight")] not in quantized]
     joined, merged = [], []
+    resolve = _resolver([*quantized, *sixteen_bit])
     for name, pair in read_lora(lora).items():
-        target = _resolve(name, [*quantized, *sixteen_bit])
+        target = resolve(name)
         if target is None:
             raise BadInputError(f"LoRA layer {name} matches no layer of {export.name}")
         factor = scale * pair.scale
@@ -120,7 +123,7 @@ def apply_lora(export: Path, lora: Path, scale: float, out: Path) -> dict[str, o
             _check(target, pair, weight.shape[1], weight.shape[0])
             tensors[f"{target}.weight"] = (weight.float() + factor * pair.up @ pair.down).to(weight.dtype)
             merged.append(target)
-    raw = {key: (value if key in ("format_version", "svdq_version") else json.dumps(value, sort_keys=True))
+    raw = {key: (value if key in PLAIN_KEYS else json.dumps(value, sort_keys=True))
            for key, value in metadata.items()}
     applied = json.loads(raw.get("loras", "[]"))
     applied.append({"file": Path(lora).name, "scale": scale, "layers": len(joined) + len(merged)})

@@ -34,19 +34,20 @@ class InputStats:
 
     def update(self, x: torch.Tensor) -> None:
         """Fold a batch of inputs ``[..., K]`` into the statistics."""
-        rows = x.detach().reshape(-1, x.shape[-1])
-        if rows.shape[1] != self.in_features:
-            raise ValueError(f"input has {rows.shape[1]} features, expected {self.in_features}")
-        if rows.shape[0] == 0:
+        batch = x.detach().reshape(-1, x.shape[-1])
+        if batch.shape[1] != self.in_features:
+            raise ValueError(f"input has {batch.shape[1]} features, expected {self.in_features}")
+        if batch.shape[0] == 0:
             return
-        if not torch.isfinite(rows).all():
+        if not torch.isfinite(batch).all():
             self.finite = False
             return
-        device = rows.device
-        self.channel_min = torch.minimum(self.channel_min.to(device), rows.amin(dim=0).float())
-        self.channel_max = torch.maximum(self.channel_max.to(device), rows.amax(dim=0).float())
-        self.count += rows.shape[0]
-        keys = torch.rand(rows.shape[0], generator=self._generator).to(device)
+        device = batch.device
+        self.channel_min = torch.minimum(self.channel_min.to(device), batch.amin(dim=0).float())
+        self.channel_max = torch.maximum(self.channel_max.to(device), batch.amax(dim=0).float())
+        self.count += batch.shape[0]
+        keys = torch.rand(batch.shape[0], generator=self._generator).to(device)
+        rows = batch
         if self.rows is not None:
             rows = torch.cat((self.rows, rows))
             keys = torch.cat((self._keys, keys))
@@ -55,7 +56,7 @@ class InputStats:
             rows = rows[order]
         self.rows, self._keys = rows.clone(), keys
         if self._with_hessian:
-            batch = x.detach().reshape(-1, x.shape[-1]).float()
+            batch = batch.float()
             self.xtx = batch.T @ batch if self.xtx is None else self.xtx + batch.T @ batch
             self.row_sum = batch.sum(0) if self.row_sum is None else self.row_sum + batch.sum(0)
 

@@ -118,6 +118,9 @@ def _device_weights(layer, device: torch.device, s4: bool) -> dict[str, torch.Te
         "w_frag": torch.from_numpy(frag).to(device),
         "w_scales": torch.from_numpy(pack_weight_scales(layer.wscales)).to(device),
         "bias": bias.to(device),
+        # rank 0: the kernels read no branch, but every pointer argument needs a tensor behind it
+        "no_down": torch.zeros(1, layer.in_features, dtype=layer.dtype, device=device),
+        "no_up": torch.zeros(layer.out_features, 1, dtype=layer.dtype, device=device),
     }
     layer._fused_cache = cache
     return cache
@@ -144,8 +147,8 @@ def fused_forward(layer, x: torch.Tensor, out: torch.Tensor | None = None) -> to
     if m == 0:
         return out.reshape(*x.shape[:-1], n)
     as_cupy = cupy.from_dlpack
-    lora_down = layer.lora_down if layer.rank else torch.zeros(1, k, dtype=x.dtype, device=device)
-    lora_up = layer.lora_up if layer.rank else torch.zeros(n, 1, dtype=x.dtype, device=device)
+    lora_down = layer.lora_down if layer.rank else weights["no_down"]
+    lora_up = layer.lora_up if layer.rank else weights["no_up"]
     stream = cupy.cuda.ExternalStream(torch.cuda.current_stream(device).cuda_stream)
     with cupy.cuda.Device(device.index or 0), stream:
         kernels["quantize_lora_down"](

@@ -12,7 +12,7 @@ import hashlib
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 
 import torch
@@ -76,7 +76,6 @@ class Stage:
     inputs: tuple[str, ...]
     reads: Callable[[RunConfig], dict]
     body: Callable[[Run, Workspace], dict | None]
-    per_block: bool = field(default=True)
 
 
 def registry() -> dict[str, Stage]:

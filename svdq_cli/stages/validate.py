@@ -19,6 +19,7 @@ from torch import nn
 from ..api import plan_group, quantize_layer, replace_module
 from ..prompts import load_prompts, prompt_seed
 from ..quant.config import QuantConfig
+from ..runtime.kernels import describe
 from . import Stage, block_artifact
 from .quantize import load_block_layers
 from .report_images import comparison_png, layers_png
@@ -29,12 +30,6 @@ BASELINE_CONFIGS = {
     "w4a16": {"method": "rtn", "weight_only": True},
     "smoothquant": {"method": "smoothquant"},
 }
-
-
-def runtime_description(device: str) -> str:
-    from ..runtime.kernels import describe
-
-    return describe(device)
 
 
 def reads(config) -> dict:
@@ -176,7 +171,7 @@ def run(run, workspace) -> dict:
     gates = check_gates(validation, main)
     report = {
         "model": config.model, "prompts": prompts, "seeds": seeds,
-        "runtime": runtime_description(config.device), "device": config.device,
+        "runtime": describe(config.device), "device": config.device,
         "methods": methods, "gates": gates, "passed": all(g["passed"] for g in gates.values()),
         "lpips": lpips_status(), "layers": layer_reports,
     }
