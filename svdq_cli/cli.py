@@ -79,11 +79,11 @@ def _run_dir(config, out_dir: Path | None) -> Path:
     return out_dir or Path("runs") / config.recipe.replace(":", "-")
 
 
-def _summary(run_path: Path, summary: dict, as_json: bool) -> None:
+def _summary(run_path: Path, summary: dict, as_json: bool, extra: dict | None = None) -> None:
     from .run import Run
 
     manifest = Run.existing(run_path).manifest
-    result = {"run": str(run_path), "stages": summary}
+    result = {"run": str(run_path), "stages": summary, **(extra or {})}
     export = manifest["stages"].get("export", {})
     if export.get("status") == "done":
         result["export"] = str(run_path / export["file"])
@@ -121,6 +121,11 @@ def _summary(run_path: Path, summary: dict, as_json: bool) -> None:
             out.print(f"report: {result['report']}\ncomparison: {result['comparison']}")
         if "export" in result:
             out.print(f"export: {result['export']}")
+        if "nunchaku" in result:
+            n = result["nunchaku"]
+            out.print(f"nunchaku: {n['file']} ({n['bytes'] / 2**20:.1f} MiB; {n['w4a4_layers']} W4A4 layers at "
+                      f"rank {n['rank'] if n['uniform_rank'] else 'per layer'}; {n['w4a16_layers']} AdaLN layers "
+                      f"re-quantized to W4A16, relative weight error max {n['adanorm_relative_error_max']:.4f})")
     if "validate" in result and not result["validate"]["passed"]:
         raise QualityGateError(f"a validation gate failed; see {run_path / 'validate' / 'report.md'}")
 
@@ -160,7 +165,7 @@ def quantize(
     _summary(run_path, summary, as_json)
 
 
-def _rerun(run_dir: Path, until: str, overrides: dict[str, object], as_json: bool) -> None:
+def _rerun(run_dir: Path, until: str, overrides: dict[str, object], as_json: bool, show: bool = True) -> dict:
     from .recipe import RunConfig, build_config
     from .run import Run
     from .stages import run_stages
@@ -176,7 +181,9 @@ def _rerun(run_dir: Path, until: str, overrides: dict[str, object], as_json: boo
     _quiet_libraries()
     with Run(run_dir) as run:
         summary = run_stages(run, config, until=until)
-    _summary(run_dir, summary, as_json)
+    if show:
+        _summary(run_dir, summary, as_json)
+    return summary
 
 
 @app.command()
@@ -198,13 +205,29 @@ def validate(
 @app.command()
 def export(
     run_dir: RunDirArg,
-    format: Annotated[str, typer.Option(help="svdq (our single-file format); nunchaku is planned.")] = "svdq",
+    format: Annotated[str, typer.Option(help="svdq (our single file) or nunchaku (Nunchaku's Flux checkpoint, "
+                                             "written next to it under export/nunchaku/).")] = "svdq",
+    per_layer_rank: Annotated[bool, typer.Option(help="nunchaku: keep each layer's rank (fused qkv: 3r) instead "
+                                                      "of padding all to the largest; smaller, but only "
+                                                      "NunchakuFluxTransformer2dModel loads it.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Write the single-file export of a run (after validating it, if not done yet)."""
-    if format != "svdq":
-        raise BadInputError(f"--format {format!r} is not supported yet (available: svdq)")
-    _rerun(run_dir, "export", {}, as_json)
+    if format not in ("svdq", "nunchaku"):
+        raise BadInputError(f"--format {format!r} is unknown (available: svdq, nunchaku)")
+    if format == "svdq":
+        _rerun(run_dir, "export", {}, as_json)
+        return
+    from . import nunchaku
+    from .run import Run
+
+    stored = Run.existing(run_dir).manifest.get("config")
+    if stored is not None:
+        nunchaku.check_run(stored)
+    summary = _rerun(run_dir, "export", {}, as_json, show=False)
+    with Run(run_dir) as run:
+        written = nunchaku.export_run(run, uniform_rank=not per_layer_rank)
+    _summary(run_dir, summary, as_json, {"nunchaku": {**written, "file": str(run_dir / written["file"])}})
 
 
 @app.command()
