@@ -60,3 +60,14 @@ def run_copy(finished_run, tmp_path) -> Path:
     target = tmp_path / "run"
     shutil.copytree(finished_run, target)
     return target
+
+
+@pytest.fixture(scope="session")
+def bf16_run(tmp_path_factory) -> Path:
+    """A complete tiny-flux run in bfloat16, the dtype Nunchaku runs in."""
+    recipe = tmp_path_factory.mktemp("recipe-bf16") / "tiny-bf16.yaml"
+    recipe.write_text(RECIPE.replace("dtype: float32", "dtype: bfloat16"))
+    run = tmp_path_factory.mktemp("runs") / "bf16"
+    code, _, stderr = svdq("quantize", "tiny-flux", "--recipe", recipe, "--out", run)
+    assert code == 0, stderr
+    return run
