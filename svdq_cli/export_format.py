@@ -73,6 +73,12 @@ _ELEMENT_BYTES = {"F64": 8, "F32": 4, "I64": 8, "I32": 4, "F16": 2, "BF16": 2, "
                   "F8_E4M3": 1, "F8_E5M2": 1, "BOOL": 1}
 
 
+def layer_state(tensors: dict[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:
+    """One quantized layer's tensors out of a whole export, keyed as its ``state_dict()``."""
+    prefix = f"{name}."
+    return {key[len(prefix):]: value for key, value in tensors.items() if key.startswith(prefix)}
+
+
 def load_quantized(path: Path | str, pipeline=None, device: str | torch.device = "cpu"):
     """Rebuild the quantized transformer of an export; with ``pipeline``, install it there.
 
@@ -98,9 +104,7 @@ def load_quantized(path: Path | str, pipeline=None, device: str | torch.device =
     transformer = transformer_class.from_config(model_config["config"]).to(dtype)
     tensors = load_file(str(path), device=str(device))
     for name, layer_metadata in metadata["layers"].items():
-        prefix = f"{name}."
-        own = {key[len(prefix):]: value for key, value in tensors.items() if key.startswith(prefix)}
-        replace_module(transformer, name, SVDQLinear.from_state_dict(own, layer_metadata))
+        replace_module(transformer, name, SVDQLinear.from_state_dict(layer_state(tensors, name), layer_metadata))
     missing, unexpected = transformer.load_state_dict(tensors, strict=False)
     if missing or unexpected:
         raise BadInputError(f"{path} does not fit {model_config['class']}: missing {missing[:3]}, "

@@ -25,6 +25,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from ..export_format import layer_state
 from ..quant.formats import dequantize, get_format
 from ..quant.packing import unpack_nibbles
 from ..runtime.linear import SVDQLinear
@@ -268,8 +269,8 @@ class _Layers:
     def quantized(self, name: str) -> SVDQLinear:
         if name not in self.metadata:
             raise ValueError(f"layer {name} is 16-bit in this export; Nunchaku needs every block linear in W4A4")
-        prefix = f"{name}."
-        own = {key[len(prefix):]: self.take(key) for key in self.tensors if key.startswith(prefix)}
+        own = layer_state(self.tensors, name)
+        self.used.update(f"{name}.{key}" for key in own)
         return SVDQLinear.from_state_dict(own, self.metadata[name])
 
     def dense(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
