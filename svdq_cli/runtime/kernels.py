@@ -1,13 +1,20 @@
-"""The fused CUDA path of SVDQLinear: kernels/*.cu compiled by NVRTC through CuPy (DESIGN.md §1 step 4).
+"""The fused path of SVDQLinear: kernels/*.cu launched through a backend (DESIGN.md §1 step 4).
 
-``SVDQLinear.forward`` calls :func:`fused_forward` when :func:`fused_unsupported` finds nothing against it:
-an int4 layer with quantized activations, a bf16/fp16 CUDA input of the layer's dtype, a rank that is a
-multiple of 16 up to 128, CuPy installed, and compute capability 8.0 or newer. On sm_80/86/89 the GEMM uses
-the native 4-bit tensor cores (mma.m16n8k64 s4); Hopper (sm_90) has none, so there the 4-bit codes are
-widened to int8 in registers for mma.m16n8k32 (see kernels/w4a4_gemm.cu). Otherwise the reference path
-runs, with a one-time warning when the input was on a GPU. Tensors cross to CuPy through DLPack (no
-copies), kernels run on torch's current stream, and compiled modules are cached per (arch, dtype, rank,
-activation signedness). Weights are re-packed once per device (see fragments.py).
+One kernel quantizes x and computes x̂·lora_downᵀ, one GEMM adds the rest. The glue here — which variant,
+its name expression and template arguments, the argument lists, the grid and block geometry, the dtype
+handling — is the same whatever runs the kernels:
+
+- :class:`CupyBackend`: NVRTC through CuPy on a CUDA device, DLPack views (no copies), torch's current
+  stream; used whenever an SVDQLinear sees a CUDA input and the layer qualifies.
+- :class:`~svdq_cli.runtime.emulator.EmulatedBackend`: the same sources executed on the CPU (see
+  ``emulator/``); used for CPU inputs inside :func:`emulated` (``svdq validate --runtime emulated``).
+
+A layer qualifies when :func:`fused_unsupported` finds nothing against it: int4 with quantized activations,
+a bf16/fp16 input of the layer's dtype, a rank that is a multiple of 16 up to 128, compute capability 8.0 or
+newer. On sm_80/86/89 the GEMM uses the native 4-bit tensor cores (mma.m16n8k64 s4); Hopper (sm_90) has
+none, so there the 4-bit codes are widened to int8 in registers for mma.m16n8k32 (see kernels/w4a4_gemm.cu).
+Otherwise the reference path runs, with a one-time warning naming the reason when the input was on a GPU.
+Weights are re-packed once per device into the kernels' fragment order (fragments.py).
 """
 
 from __future__ import annotations
@@ -15,6 +22,9 @@ from __future__ import annotations
 import functools
 import math
 import warnings
+from collections import Counter
+from contextlib import ExitStack, contextmanager
+from contextvars import ContextVar
 
 import numpy as np
 import torch
@@ -36,33 +46,111 @@ def _cupy():
         return None
 
 
-def fused_unsupported(layer, x: torch.Tensor) -> str | None:
-    """Why ``layer`` cannot run ``x`` on the fused kernels, or None when it can."""
-    if not x.is_cuda:
+class CupyBackend:
+    """Kernels compiled by NVRTC through CuPy and run on a CUDA device."""
+
+    name = "cuda"
+
+    def __init__(self) -> None:
+        self.cupy = _cupy()
+
+    def capability(self, device: torch.device) -> tuple[int, int]:
+        return torch.cuda.get_device_capability(device)
+
+    def module(self, source: str, name_expressions: list[str], filename: str):
+        # CuPy adds -arch for the current device itself.
+        return self.cupy.RawModule(code=source, options=("-std=c++17",), name_expressions=list(name_expressions))
+
+    def array(self, tensor: torch.Tensor):
+        return self.cupy.from_dlpack(tensor)
+
+    @contextmanager
+    def launching(self, device: torch.device):
+        with ExitStack() as stack:
+            stack.enter_context(self.cupy.cuda.Device(device.index or 0))
+            stack.enter_context(self.cupy.cuda.ExternalStream(torch.cuda.current_stream(device).cuda_stream))
+            yield
+
+    def describe(self) -> str:
+        return "CUDA (CuPy)"
+
+
+@functools.cache
+def cuda_backend() -> CupyBackend:
+    return CupyBackend()
+
+
+# The emulated backend SVDQLinear uses for CPU inputs, and what it did: fused calls and fallback reasons.
+_emulated: ContextVar = ContextVar("svdq_emulated_backend", default=None)
+_tally: ContextVar = ContextVar("svdq_fused_tally", default=None)
+
+
+@contextmanager
+def emulated(backend=None):
+    """Run SVDQLinear layers on CPU inputs through the kernels on the CPU emulator for the duration.
+
+    Yields a Counter of what the layers did: ``fused`` calls, and each fallback reason with its count.
+    """
+    from .emulator import EmulatedBackend
+
+    token = _emulated.set(backend or EmulatedBackend())
+    tally = Counter()
+    tally_token = _tally.set(tally)
+    try:
+        yield tally
+    finally:
+        _emulated.reset(token)
+        _tally.reset(tally_token)
+
+
+def backend_for(x: torch.Tensor):
+    """The backend that runs the kernels for ``x``: CuPy for CUDA inputs, the active emulator for CPU ones."""
+    if x.is_cuda:
+        return cuda_backend() if _cupy() is not None else None
+    return _emulated.get()
+
+
+def fused_unsupported(layer, x: torch.Tensor, backend=None) -> str | None:
+    """Why ``layer`` cannot run ``x`` on the fused kernels of ``backend`` (default: :func:`backend_for`), or
+    None when it can."""
+    backend = backend or backend_for(x)
+    if backend is None:
+        if x.is_cuda:
+            return "CuPy is not installed (pip install 'svdq[cuda12]' or 'svdq[cuda13]')"
         return "input is not on a CUDA device"
+    if backend.name == "cuda" and not x.is_cuda:
+        return "input is not on a CUDA device"
+    if backend.name == "emulated" and x.device.type != "cpu":
+        return "the emulator runs on CPU tensors"
     if layer.precision != "int4" or layer.act == "none":
         return f"no fused kernel for {layer.precision} with activations '{layer.act}'"
     if x.dtype not in _CPP_TYPES or x.dtype != layer.dtype:
         return f"input dtype {x.dtype} (layer {layer.dtype}); fused kernels take bf16/fp16 matching the layer"
     if layer.rank % 16 or layer.rank > MAX_RANK:
         return f"rank {layer.rank} is not a multiple of 16 up to {MAX_RANK}"
-    if _cupy() is None:
-        return "CuPy is not installed (pip install 'svdq[cuda12]' or 'svdq[cuda13]')"
-    major, minor = torch.cuda.get_device_capability(x.device)
+    major, minor = backend.capability(x.device)
     if major < 8:
         return f"compute capability {major}.{minor} has no 8-bit mma.m16n8k32 (needs 8.0 or newer)"
     return None
 
 
-def should_fuse(layer, x: torch.Tensor) -> bool:
-    """True when the fused path applies; warns once per reason when a CUDA input falls back."""
-    reason = fused_unsupported(layer, x)
+def try_fused(layer, x: torch.Tensor) -> torch.Tensor | None:
+    """The fused forward of ``layer`` when a backend applies to ``x``, else None (the caller takes the
+    reference path). A CUDA input that falls back warns once per reason; under :func:`emulated` every
+    decision is tallied."""
+    backend = backend_for(x)
+    if backend is None and not x.is_cuda:
+        return None
+    reason = fused_unsupported(layer, x, backend)
+    tally = _tally.get()
+    if tally is not None:
+        tally["fused" if reason is None else reason] += 1
     if reason is None:
-        return True
+        return fused_forward(layer, x, backend=backend)
     if x.is_cuda and reason not in _warned:
         _warned.add(reason)
         warnings.warn(f"svdq: using the reference path on the GPU: {reason}", stacklevel=3)
-    return False
+    return None
 
 
 def uses_s4(capability: tuple[int, int]) -> bool:
@@ -84,21 +172,21 @@ def describe(device: torch.device | str) -> str:
     return f"fused CUDA kernels (sm_{major}{minor}, {mma})"
 
 
-@functools.cache
-def _kernels(arch: int, dtype: torch.dtype, rank: int, unsigned: bool):
-    cupy = _cupy()
-    flag = "true" if unsigned else "false"
-    cpp = _CPP_TYPES[dtype]
-    names = {
+def kernel_names(dtype: torch.dtype, rank: int, unsigned: bool, s4: bool) -> dict[str, str]:
+    """The name expression of each kernel variant, i.e. its template arguments (file stem → expression)."""
+    cpp, flag = _CPP_TYPES[dtype], "true" if unsigned else "false"
+    return {
         "quantize_lora_down": f"svdq::quantize_lora_down<{cpp}, {rank}, {flag}>",
-        "w4a4_gemm": f"svdq::w4a4_gemm<{cpp}, {rank}, {flag}>",
+        "w4a4_gemm": f"svdq::w4a4_gemm<{cpp}, {rank}, {flag}, {'true' if s4 else 'false'}>",
     }
+
+
+@functools.cache
+def _kernels(backend, capability: tuple[int, int], dtype: torch.dtype, rank: int, unsigned: bool, s4: bool):
+    """Compiled kernels of one variant, cached per backend and device capability."""
     functions = {}
-    for stem, name in names.items():
-        source = (data_dir("kernels") / f"{stem}.cu").read_text()
-        # CuPy adds -arch for the current device itself; ``arch`` keys the cache.
-        module = cupy.RawModule(code=source, options=("-std=c++17",), name_expressions=[name])
-        functions[stem] = module.get_function(name)
+    for stem, name in kernel_names(dtype, rank, unsigned, s4).items():
+        functions[stem] = backend.module(kernel_source(stem), [name], f"{stem}.cu").get_function(name)
     return functions
 
 
@@ -126,40 +214,65 @@ def _device_weights(layer, device: torch.device, s4: bool) -> dict[str, torch.Te
     return cache
 
 
-def fused_forward(layer, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+def kernel_source(stem: str) -> str:
+    """The CUDA source ``kernels/{stem}.cu`` as shipped."""
+    return (data_dir("kernels") / f"{stem}.cu").read_text()
+
+
+def _variant(layer, x: torch.Tensor, backend):
+    capability = tuple(backend.capability(x.device))
+    s4 = uses_s4(capability)
+    return _kernels(backend, capability, x.dtype, layer.rank, layer.act == "unsigned", s4), s4
+
+
+def launch_quantize(layer, rows: torch.Tensor, backend, packed=None, scales=None, down=None):
+    """quantize_lora_down.cu on ``rows`` ``[M, K]``: packed 4-bit codes ``[M, K/2]``, float32 group scales
+    ``[M, K/64]`` and the float32 down-projection ``[M, max(r, 1)]`` (written into the given buffers)."""
+    kernels, s4 = _variant(layer, rows, backend)
+    m, k, device = rows.shape[0], layer.in_features, rows.device
+    packed = torch.empty(m, k // 2, dtype=torch.uint8, device=device) if packed is None else packed
+    scales = torch.empty(m, k // 64, dtype=torch.float32, device=device) if scales is None else scales
+    down = torch.empty(m, max(layer.rank, 1), dtype=torch.float32, device=device) if down is None else down
+    shift = float(layer.shift) if layer.shift is not None else 0.0
+    lora_down = layer.lora_down if layer.rank else _device_weights(layer, device, s4)["no_down"]
+    array = backend.array
+    with backend.launching(device):
+        kernels["quantize_lora_down"](
+            (m,), (256,),
+            (array(rows), array(layer.smooth), array(lora_down), array(packed), array(scales), array(down),
+             np.int32(k), np.float32(shift)),
+        )
+    return packed, scales, down
+
+
+def launch_gemm(layer, packed: torch.Tensor, scales: torch.Tensor, down: torch.Tensor, out: torch.Tensor, backend):
+    """w4a4_gemm.cu: ``out [M, N] = Q(x̂)·Q(R)ᵀ + down·lora_upᵀ + bias`` from launch_quantize's outputs."""
+    kernels, s4 = _variant(layer, out, backend)
+    weights = _device_weights(layer, out.device, s4)
+    m, n, k = packed.shape[0], layer.out_features, layer.in_features
+    lora_up = layer.lora_up if layer.rank else weights["no_up"]
+    array = backend.array
+    with backend.launching(out.device):
+        kernels["w4a4_gemm"](
+            (padded_columns(n) // 64, math.ceil(m / 32)), (128,),
+            (array(packed), array(scales), array(weights["w_frag"]), array(weights["w_scales"]), array(down),
+             array(lora_up), array(weights["bias"]), array(out), np.int32(m), np.int32(n),
+             np.int32(padded_columns(n)), np.int32(k)),
+        )
+    return out
+
+
+def fused_forward(layer, x: torch.Tensor, out: torch.Tensor | None = None, backend=None) -> torch.Tensor:
     """The fused forward: one kernel quantizes x and computes x̂·lora_downᵀ, one GEMM adds the rest.
 
     ``out`` (``[rows, out_features]``, x's dtype) receives the result when given (tests poison it first).
+    ``backend`` defaults to :func:`backend_for` ``x``.
     """
-    cupy = _cupy()
-    device = x.device
-    capability = torch.cuda.get_device_capability(device)
-    s4 = uses_s4(capability)
-    kernels = _kernels(capability[0] * 10 + capability[1], x.dtype, layer.rank, layer.act == "unsigned", s4)
-    weights = _device_weights(layer, device, s4)
+    backend = backend or backend_for(x)
     rows = x.reshape(-1, layer.in_features).contiguous()
-    m, k, n = rows.shape[0], layer.in_features, layer.out_features
-    packed = torch.empty(m, k // 2, dtype=torch.uint8, device=device)
-    scales = torch.empty(m, k // 64, dtype=torch.float32, device=device)
-    down = torch.empty(m, max(layer.rank, 1), dtype=torch.float32, device=device)
-    out = torch.empty(m, n, dtype=x.dtype, device=device) if out is None else out
-    shift = float(layer.shift) if layer.shift is not None else 0.0
-    if m == 0:
-        return out.reshape(*x.shape[:-1], n)
-    as_cupy = cupy.from_dlpack
-    lora_down = layer.lora_down if layer.rank else weights["no_down"]
-    lora_up = layer.lora_up if layer.rank else weights["no_up"]
-    stream = cupy.cuda.ExternalStream(torch.cuda.current_stream(device).cuda_stream)
-    with cupy.cuda.Device(device.index or 0), stream:
-        kernels["quantize_lora_down"](
-            (m,), (256,),
-            (as_cupy(rows), as_cupy(layer.smooth), as_cupy(lora_down), as_cupy(packed), as_cupy(scales),
-             as_cupy(down), np.int32(k), np.float32(shift)),
-        )
-        kernels["w4a4_gemm"](
-            (padded_columns(n) // 64, math.ceil(m / 32)), (128,),
-            (as_cupy(packed), as_cupy(scales), as_cupy(weights["w_frag"]), as_cupy(weights["w_scales"]),
-             as_cupy(down), as_cupy(lora_up), as_cupy(weights["bias"]), as_cupy(out), np.int32(m), np.int32(n),
-             np.int32(padded_columns(n)), np.int32(k)),
-        )
+    n = layer.out_features
+    out = torch.empty(rows.shape[0], n, dtype=x.dtype, device=x.device) if out is None else out
+    if rows.shape[0]:
+        packed, scales, down = launch_quantize(layer, rows, backend)
+        launch_gemm(layer, packed, scales, down, out, backend)
     return out.reshape(*x.shape[:-1], n)

@@ -194,12 +194,10 @@ class SVDQLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"input has {x.shape[-1]} features, layer expects {self.in_features}")
-        if x.is_cuda:
-            from . import kernels
+        from . import kernels
 
-            if kernels.should_fuse(self, x):
-                return kernels.fused_forward(self, x)
-        return self.reference_forward(x)
+        fused = kernels.try_fused(self, x)
+        return self.reference_forward(x) if fused is None else fused
 
     def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The specification the fused kernels are tested against (see the module docstring)."""
