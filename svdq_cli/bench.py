@@ -4,7 +4,9 @@ Kernel mode times, per (K, N): the fused W4A4 GEMM with its rank-r branch, the s
 the naive unfused sequence (quantize kernel, GEMM kernel, then the branch as two torch matmuls) and torch's
 bf16 matmul — CUDA events, warm-up, median of repeats, all in one run so ratios compare like with like.
 Without a usable GPU it times the reference path on the CPU instead and says that GPU kernels were not
-measured. Figures, never pass/fail: the targets live in DESIGN.md §7.
+measured. Emulated mode (``--emulate``) runs the real kernels on the CPU emulator and reports what it counts
+(global bytes, mma instructions) against the ideal traffic, with a roofline *model* for published GPU peaks.
+Figures, never pass/fail: the targets live in DESIGN.md §7.
 """
 
 from __future__ import annotations
@@ -172,3 +174,47 @@ def model_bench(export: str, device: str, repeats: int) -> dict[str, object]:
         result[name] = entry
     result["note"] = describe(device) + ("" if cuda else "; peak memory is measured on a GPU only")
     return result
+
+
+def emulated_kernel_bench(m: int, rank: int, dtype: torch.dtype, shapes=None, progress=None) -> dict:
+    """Counted traffic and a roofline model of the fused kernels per shape, from the CPU emulator.
+
+    Each GPU of :data:`~svdq_cli.runtime.cost_model.GPUS` is emulated at its own compute capability (the
+    Hopper path differs), counting only (mma arithmetic skipped), so full FLUX shapes take seconds each.
+    """
+    from .runtime import cost_model, kernels
+    from .runtime.emulator import EmulatedBackend
+
+    rows = []
+    for k, n in shapes or FLUX_SHAPES:
+        layer = random_layer(k, n, rank, dtype, "cpu")
+        x = torch.randn(m, k, generator=torch.Generator().manual_seed(1)).to(dtype)
+        ideal = cost_model.ideal_bytes(m, n, k, rank, x.element_size())
+        row = {"K": k, "N": n, "M": m, "rank": rank, "gpus": {}}
+        for gpu in cost_model.GPUS.values():
+            backend = EmulatedBackend(gpu.capability, checked=True, count_only=True)
+            kernels.fused_forward(layer, x, backend=backend)
+            quantize, gemm = backend.launches
+            figures = {
+                "quantize": cost_model.kernel_figures(quantize, ideal["quantize"], gpu, 2 * m * k * rank),
+                "gemm": cost_model.kernel_figures(gemm, ideal["gemm"], gpu, 2 * m * n * rank),
+            }
+            figures["gemm"]["mma"] = dict(gemm.mma)
+            figures["gemm"]["shared_bytes"] = gemm.shared_bytes
+            total = sum(f["requested_bytes"] for f in figures.values())
+            row["gpus"][gpu.name] = {
+                **figures,
+                "estimate_us": sum(f["estimate_us"] for f in figures.values()),
+                "no_reuse_us": sum(f["no_reuse_us"] for f in figures.values()),
+                "branch_share_of_bytes": sum(f["branch_bytes"] for f in figures.values()) / total,
+                "branch_bytes_over_gemm_bytes": sum(f["branch_bytes"] for f in figures.values())
+                / figures["gemm"]["requested_bytes"],
+            }
+            if progress:
+                progress(f"{k}x{n} {gpu.name}")
+        row["branch_share_of_flops"] = (2 * m * rank * (k + n)) / (2 * m * n * k + 2 * m * rank * (k + n))
+        rows.append(row)
+    note = ("MODEL, not a measurement: bytes and mma instructions counted by executing kernels/*.cu on the CPU "
+            "emulator, set against published dense peaks (DRAM traffic = distinct sectors touched, i.e. the L2 "
+            "serving every re-read)")
+    return {"mode": "emulated", "machine": machine("cpu"), "note": note, "rows": rows}

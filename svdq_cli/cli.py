@@ -95,6 +95,9 @@ def _summary(run_path: Path, summary: dict, as_json: bool, extra: dict | None = 
             method: {k: values[k] for k in ("psnr", "ssim", "latent_error")}
             for method, values in report["methods"].items()
         }
+        result["validate"]["runtime"] = report["runtime"]
+        if report.get("kernels_vs_reference_path"):
+            result["validate"]["kernels_vs_reference_path"] = report["kernels_vs_reference_path"]
         result["report"] = str(run_path / "validate" / "report.md")
         result["comparison"] = str(run_path / "validate" / "comparison.png")
     if as_json:
@@ -117,6 +120,12 @@ def _summary(run_path: Path, summary: dict, as_json: bool, extra: dict | None = 
                 methods.add_row(method, f"{values['psnr']:.2f}", f"{values['ssim']:.4f}",
                                 f"{values['latent_error']:.4f}")
             out.print(methods)
+            out.print(f"runtime: {v['runtime']}")
+            if "kernels_vs_reference_path" in v:
+                check = v["kernels_vs_reference_path"]
+                out.print(f"kernels vs reference path: worst layer {check['worst_layer_snr_db']:.1f} dB SNR on the "
+                          f"same inputs; end to end PSNR {check['psnr']:.2f} dB, latent relative error "
+                          f"{check['latent_error']:.2e}")
             out.print(f"gates: {'passed' if v['passed'] else 'A GATE FAILED'}")
             out.print(f"report: {result['report']}\ncomparison: {result['comparison']}")
         if "export" in result:
@@ -193,13 +202,16 @@ def validate(
     min_psnr: Annotated[float | None, typer.Option(help="Gate: minimum mean PSNR in dB (exit 3 below).")] = None,
     min_ssim: Annotated[float | None, typer.Option(help="Gate: minimum mean SSIM.")] = None,
     max_latent_error: Annotated[float | None, typer.Option(help="Gate: maximum latent relative error.")] = None,
+    runtime: Annotated[str | None, typer.Option(help="auto (fused CUDA kernels on a GPU, else the reference path) "
+                                                     "or emulated (the kernels on the CPU emulator, compared "
+                                                     "with the reference path).")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """(Re)validate a run: 16-bit vs quantized images on held-out prompts, report and PNGs."""
     listed = [b.strip() for b in baselines.split(",") if b.strip()] if baselines is not None else None
     _rerun(run_dir, "validate", {"validation.baselines": listed, "validation.min_psnr": min_psnr,
-                                 "validation.min_ssim": min_ssim, "validation.max_latent_error": max_latent_error},
-           as_json)
+                                 "validation.min_ssim": min_ssim, "validation.max_latent_error": max_latent_error,
+                                 "validation.runtime": runtime}, as_json)
 
 
 @app.command()
@@ -388,6 +400,8 @@ def bench(
     dtype: Annotated[str, typer.Option(help="bfloat16 or float16.")] = "bfloat16",
     device: Annotated[str | None, typer.Option(help="cuda, cuda:N or cpu (default: cuda when present).")] = None,
     repeats: Annotated[int | None, typer.Option(help="Timed repeats; the median is reported (GPU 50, CPU 3).")] = None,
+    emulate: Annotated[bool, typer.Option(help="Run the kernels on the CPU emulator and print what they move and "
+                                               "compute, against the ideal and a roofline model (no timing).")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Time the kernels at FLUX shapes, or one transformer step of an exported model."""
@@ -398,6 +412,11 @@ def bench(
 
     if dtype not in ("bfloat16", "float16"):
         raise BadInputError(f"--dtype {dtype!r} is invalid (allowed: bfloat16, float16)")
+    if emulate:
+        if run_dir is not None:
+            raise BadInputError("--emulate counts the kernels at FLUX shapes; it takes no run directory")
+        _emulated_bench(m or 4608, rank, getattr(torch, dtype), as_json)
+        return
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise BadInputError(f"--device {device}: no CUDA device is available")
@@ -437,6 +456,43 @@ def bench(
                       "-" if naive is None else f"{naive:.0f}", f"{us['matmul_16bit']:.0f}", f"{row['tflops']:.2f}",
                       f"{row['gbps']:.1f}", f"{row['speedup_vs_16bit']:.2f}", f"{row['lowrank_overhead_percent']:.1f}%")
     out.print(table)
+
+
+def _emulated_bench(m: int, rank: int, dtype, as_json: bool) -> None:
+    from . import bench
+    from .progress import task
+    from .runtime.cost_model import GPUS
+
+    with task("emulate", len(bench.FLUX_SHAPES) * len(GPUS)) as advance:
+        result = bench.emulated_kernel_bench(m, rank, dtype, bench.FLUX_SHAPES, progress=advance)
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return
+    out.print(f"[bold]{result['note']}[/bold]")
+    megabytes = lambda value: f"{value / 1e6:.1f}"  # noqa: E731
+    for gpu in GPUS:
+        table = Table(title=f"fused W4A4 r{rank}, M = {m}: counted traffic and {gpu} roofline model")
+        for column in ("K×N", "kernel", "requested MB", "distinct MB", "ideal MB", "req÷ideal", "distinct÷ideal",
+                       "mma", "smem KB", "bound", "model µs", "no-reuse µs"):
+            table.add_column(column, justify="left" if column == "kernel" else "right")
+        for row in result["rows"]:
+            figures = row["gpus"][gpu]
+            for name in ("quantize", "gemm"):
+                f = figures[name]
+                mma = sum(f.get("mma", {}).values())
+                shared = f"{f['shared_bytes'] / 1024:.1f}" if "shared_bytes" in f else ""
+                table.add_row(f"{row['K']}×{row['N']}", name, megabytes(f["requested_bytes"]),
+                              megabytes(f["unique_bytes"]), megabytes(f["ideal_bytes"]),
+                              f"{f['requested_over_ideal']:.2f}", f"{f['unique_over_ideal']:.2f}",
+                              f"{mma:,}" if mma else "-", shared, f["bound"], f"{f['estimate_us']:.1f}",
+                              f"{f['no_reuse_us']:.0f}")
+        out.print(table)
+        for row in result["rows"]:
+            figures = row["gpus"][gpu]
+            out.print(f"{row['K']}×{row['N']}: low-rank branch {100 * figures['branch_bytes_over_gemm_bytes']:.1f}% "
+                      f"of the GEMM's requested bytes, {100 * row['branch_share_of_flops']:.1f}% of the FLOPs; "
+                      f"model {figures['estimate_us']:.1f} µs for both kernels ({figures['no_reuse_us']:.0f} µs "
+                      "if no byte were reused from cache)")
 
 
 def main() -> None:

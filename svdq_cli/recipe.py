@@ -27,6 +27,7 @@ from .resources import data_dir
 
 DTYPES = ("float32", "bfloat16", "float16")
 BASELINES = ("rtn", "w4a16", "smoothquant")
+RUNTIMES = ("auto", "emulated")
 
 
 @dataclass(frozen=True)
@@ -46,7 +47,12 @@ class CalibrationConfig:
 
 @dataclass(frozen=True)
 class ValidationConfig:
-    """What the validate stage runs, and its quality gates (None: no gate)."""
+    """What the validate stage runs, and its quality gates (None: no gate).
+
+    ``runtime`` is how the quantized layers execute: ``auto`` (the fused CUDA kernels on a GPU that takes
+    them, else the reference path) or ``emulated`` (the same kernels on the CPU emulator, compared with the
+    reference path in the report).
+    """
 
     prompts: str = "builtin:validation"
     num_prompts: int = 4
@@ -58,6 +64,7 @@ class ValidationConfig:
     min_psnr: float | None = None
     min_ssim: float | None = None
     max_latent_error: float | None = None
+    runtime: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -80,6 +87,9 @@ class RunConfig:
             raise BadInputError(f"dtype={self.dtype!r} is invalid (allowed: {', '.join(DTYPES)})")
         if not (self.device == "cpu" or self.device == "cuda" or self.device.startswith("cuda:")):
             raise BadInputError(f"device={self.device!r} is invalid (allowed: cpu, cuda, cuda:N)")
+        if self.validation.runtime not in RUNTIMES:
+            raise BadInputError(f"validation.runtime={self.validation.runtime!r} is invalid (allowed: "
+                                f"{', '.join(RUNTIMES)})")
         unknown = [b for b in self.validation.baselines if b not in BASELINES]
         if unknown:
             raise BadInputError(f"validation.baselines: unknown {', '.join(unknown)} (allowed: {', '.join(BASELINES)})")

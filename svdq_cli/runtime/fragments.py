@@ -1,20 +1,15 @@
 """Load-time re-packing of an SVDQLinear's weights into the fused GEMM's fragment layout.
 
 Files keep the canonical layout (DESIGN.md §2); kernels/w4a4_gemm.cu wants each lane's B fragment for one
-MMA to be contiguous (B = Wᵀ, so B[k][n] = W[n][k]; lane = 4·gid + tid, n = n_tile·8 + gid).
+group of 64 along K to be one contiguous 8-byte word pair, and a block's 16 n8 tiles of one group to be one
+contiguous 4 KB run (B = Wᵀ, so B[k][n] = W[n][k]; lane = 4·gid + tid, n = n_tile·8 + gid):
 
-int8 variant (mma.m16n8k32, sm_90): one uint32 per lane per k32 step, ``[Npad/8, K/32, 32]``; b0 owns
-B[tid·4 .. +3][gid], b1 owns B[16 + tid·4 .. +3][gid]:
+    words [K/64, Npad/8, 32, 2] uint32;  b0 = Σ_j code[n, g·64 + tid·8 + j] << 4·j,
+                                         b1 = Σ_j code[n, g·64 + 32 + tid·8 + j] << 4·j
 
-    word = Σ_j code[n, step·32 + tid·4 + j] << 4·j  +  Σ_j code[n, step·32 + 16 + tid·4 + j] << 16 + 4·j
-
-S4 variant (mma.m16n8k64, sm_80–89): two uint32 per lane per group of 64, ``[Npad/8, K/64, 32, 2]``; b0
-owns B[tid·8 .. +7][gid], b1 owns B[32 + tid·8 .. +7][gid]:
-
-    b0 = Σ_j code[n, g·64 + tid·8 + j] << 4·j,   b1 = Σ_j code[n, g·64 + 32 + tid·8 + j] << 4·j
-
-N is padded to a multiple of 64 (the kernel's block width) with zero codes and zero scales. Weight scales
-become float32 ``[K/64, Npad]`` so a lane's two adjacent output columns are adjacent in memory.
+b0/b1 are m16n8k64's B registers (sm_80–89); the Hopper path splits each into the two 16-bit halves it widens
+for m16n8k32 (see the kernel). N is padded to a multiple of 128 (the kernel's block width) with zero codes and
+zero scales. Weight scales become float32 ``[K/64, Npad]``, so a block reads its 128 contiguously.
 """
 
 from __future__ import annotations
@@ -22,37 +17,33 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-BLOCK_N = 64
+BLOCK_N = 128
+BLOCK_M = 128
 
 
 def padded_columns(out_features: int) -> int:
     return -(-out_features // BLOCK_N) * BLOCK_N
 
 
-def pack_weight_fragments(codes: torch.Tensor | np.ndarray, s4: bool = False) -> np.ndarray:
-    """Canonical signed codes ``[N, K]`` → uint32 words ``[Npad/8, K/32, 32]``, or with ``s4``
-    ``[Npad/8, K/64, 32, 2]``."""
+def padded_rows(rows: int) -> int:
+    return -(-rows // BLOCK_M) * BLOCK_M
+
+
+def pack_weight_fragments(codes: torch.Tensor | np.ndarray) -> np.ndarray:
+    """Canonical signed codes ``[N, K]`` → uint32 words ``[K/64, Npad/8, 32, 2]``."""
     codes = np.asarray(codes.cpu() if isinstance(codes, torch.Tensor) else codes)
     n, k = codes.shape
-    step = 64 if s4 else 32
-    if k % step:
-        raise ValueError(f"in_features {k} is not a multiple of {step}")
+    if k % 64:
+        raise ValueError(f"in_features {k} is not a multiple of 64")
     padded = np.zeros((padded_columns(n), k), dtype=np.uint32)
     padded[:n] = codes.astype(np.int64) & 0xF
-    # [n_tile, gid, step, half, tid, j]: k = step_index·step + half·step/2 + tid·step/8 + j
-    tiles = padded.reshape(-1, 8, k // step, 2, 4, step // 8)
-    if s4:
-        words = np.zeros(tiles.shape[:5], dtype=np.uint32)  # [n_tile, gid, step, half, tid]
-        for j in range(8):
-            words |= tiles[..., j] << np.uint32(4 * j)
-        # → [n_tile, step, gid, tid, half]: the lanes, each with (b0, b1)
-        return np.ascontiguousarray(words.transpose(0, 2, 1, 4, 3).reshape(-1, k // step, 32, 2))
-    words = np.zeros(tiles.shape[:3] + (4,), dtype=np.uint32)  # [n_tile, gid, step, tid]
-    for half in range(2):
-        for j in range(4):
-            words |= tiles[:, :, :, half, :, j] << np.uint32(16 * half + 4 * j)
-    # → [n_tile, step, gid, tid]: the lanes
-    return np.ascontiguousarray(words.transpose(0, 2, 1, 3).reshape(-1, k // step, 32))
+    # [n_tile, gid, group, half, tid, j]: k = group·64 + half·32 + tid·8 + j
+    tiles = padded.reshape(-1, 8, k // 64, 2, 4, 8)
+    words = np.zeros(tiles.shape[:5], dtype=np.uint32)
+    for j in range(8):
+        words |= tiles[..., j] << np.uint32(4 * j)
+    # → [group, n_tile, gid, tid, half]: per group, the tiles, each with its lanes' (b0, b1)
+    return np.ascontiguousarray(words.transpose(2, 0, 1, 4, 3).reshape(k // 64, -1, 32, 2))
 
 
 def pack_weight_scales(scales: torch.Tensor) -> np.ndarray:

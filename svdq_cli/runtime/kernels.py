@@ -20,7 +20,6 @@ Weights are re-packed once per device into the kernels' fragment order (fragment
 from __future__ import annotations
 
 import functools
-import math
 import warnings
 from collections import Counter
 from contextlib import ExitStack, contextmanager
@@ -30,7 +29,7 @@ import numpy as np
 import torch
 
 from ..resources import data_dir
-from .fragments import pack_weight_fragments, pack_weight_scales, padded_columns
+from .fragments import pack_weight_fragments, pack_weight_scales, padded_columns, padded_rows
 
 MAX_RANK = 128
 _CPP_TYPES = {torch.bfloat16: "__nv_bfloat16", torch.float16: "__half"}
@@ -190,16 +189,16 @@ def _kernels(backend, capability: tuple[int, int], dtype: torch.dtype, rank: int
     return functions
 
 
-def _device_weights(layer, device: torch.device, s4: bool) -> dict[str, torch.Tensor]:
+def _device_weights(layer, device: torch.device) -> dict[str, torch.Tensor]:
     """Fragment-packed weights, float32 scales and a bias on ``device``, re-packed when the buffers change."""
-    key = (device, s4, layer.qweight.data_ptr(), layer.qweight._version, layer.wscales._version)
+    key = (device, layer.qweight.data_ptr(), layer.qweight._version, layer.wscales._version)
     cache = getattr(layer, "_fused_cache", None)
     if cache is not None and cache["key"] == key:
         return cache
     from ..quant.packing import unpack_nibbles
 
     codes = unpack_nibbles(layer.qweight.cpu(), signed=True)
-    frag = pack_weight_fragments(codes, s4=s4).view(np.int32)
+    frag = pack_weight_fragments(codes).view(np.int32)
     bias = layer.bias if layer.bias is not None else torch.zeros(layer.out_features, dtype=layer.dtype)
     cache = {
         "key": key,
@@ -221,43 +220,45 @@ def kernel_source(stem: str) -> str:
 
 def _variant(layer, x: torch.Tensor, backend):
     capability = tuple(backend.capability(x.device))
-    s4 = uses_s4(capability)
-    return _kernels(backend, capability, x.dtype, layer.rank, layer.act == "unsigned", s4), s4
+    return _kernels(backend, capability, x.dtype, layer.rank, layer.act == "unsigned", uses_s4(capability))
 
 
 def launch_quantize(layer, rows: torch.Tensor, backend, packed=None, scales=None, down=None):
-    """quantize_lora_down.cu on ``rows`` ``[M, K]``: packed 4-bit codes ``[M, K/2]``, float32 group scales
-    ``[M, K/64]`` and the float32 down-projection ``[M, max(r, 1)]`` (written into the given buffers)."""
-    kernels, s4 = _variant(layer, rows, backend)
+    """quantize_lora_down.cu on ``rows`` ``[M, K]``. Returns the GEMM's inputs, padded to Mpad rows (a multiple
+    of 128) with zeros: packed 4-bit codes ``[Mpad, K/2]``, float32 group scales ``[K/64, Mpad]`` (group-major)
+    and the float32 down-projection ``[Mpad, max(r, 1)]`` (written into the given buffers)."""
+    kernels = _variant(layer, rows, backend)
     m, k, device = rows.shape[0], layer.in_features, rows.device
-    packed = torch.empty(m, k // 2, dtype=torch.uint8, device=device) if packed is None else packed
-    scales = torch.empty(m, k // 64, dtype=torch.float32, device=device) if scales is None else scales
-    down = torch.empty(m, max(layer.rank, 1), dtype=torch.float32, device=device) if down is None else down
+    mpad = padded_rows(m)
+    packed = torch.empty(mpad, k // 2, dtype=torch.uint8, device=device) if packed is None else packed
+    scales = torch.empty(k // 64, mpad, dtype=torch.float32, device=device) if scales is None else scales
+    down = torch.empty(mpad, max(layer.rank, 1), dtype=torch.float32, device=device) if down is None else down
     shift = float(layer.shift) if layer.shift is not None else 0.0
-    lora_down = layer.lora_down if layer.rank else _device_weights(layer, device, s4)["no_down"]
+    lora_down = layer.lora_down if layer.rank else _device_weights(layer, device)["no_down"]
     array = backend.array
     with backend.launching(device):
         kernels["quantize_lora_down"](
-            (m,), (256,),
+            (mpad // 64,), (256,),
             (array(rows), array(layer.smooth), array(lora_down), array(packed), array(scales), array(down),
-             np.int32(k), np.float32(shift)),
+             np.int32(m), np.int32(mpad), np.int32(k), np.float32(shift)),
         )
     return packed, scales, down
 
 
 def launch_gemm(layer, packed: torch.Tensor, scales: torch.Tensor, down: torch.Tensor, out: torch.Tensor, backend):
     """w4a4_gemm.cu: ``out [M, N] = Q(x̂)·Q(R)ᵀ + down·lora_upᵀ + bias`` from launch_quantize's outputs."""
-    kernels, s4 = _variant(layer, out, backend)
-    weights = _device_weights(layer, out.device, s4)
-    m, n, k = packed.shape[0], layer.out_features, layer.in_features
+    kernels = _variant(layer, out, backend)
+    weights = _device_weights(layer, out.device)
+    m, n, k = out.shape[0], layer.out_features, layer.in_features
+    mpad, npad = packed.shape[0], padded_columns(n)
     lora_up = layer.lora_up if layer.rank else weights["no_up"]
     array = backend.array
     with backend.launching(out.device):
         kernels["w4a4_gemm"](
-            (padded_columns(n) // 64, math.ceil(m / 32)), (128,),
+            (npad // 128, mpad // 128), (256,),
             (array(packed), array(scales), array(weights["w_frag"]), array(weights["w_scales"]), array(down),
-             array(lora_up), array(weights["bias"]), array(out), np.int32(m), np.int32(n),
-             np.int32(padded_columns(n)), np.int32(k)),
+             array(lora_up), array(weights["bias"]), array(out), np.int32(m), np.int32(n), np.int32(mpad),
+             np.int32(npad), np.int32(k)),
         )
     return out
 

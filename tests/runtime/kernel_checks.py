@@ -7,6 +7,7 @@ from svdq_cli import QuantConfig, SVDQLinear
 from svdq_cli.quant.formats import FORMATS, quantize
 from svdq_cli.quant.packing import pack_nibbles
 from svdq_cli.runtime import kernels
+from svdq_cli.runtime.fragments import padded_rows
 
 
 def make_layer(k, n, rank, dtype, act, gen):
@@ -29,20 +30,23 @@ def poisoned(*shape, dtype, device="cpu"):
 
 
 def check_activations(layer, x, backend):
-    """quantize_lora_down.cu's codes and scales are the reference quantizer's, bit for bit; its down-projection
-    is x̂·lora_downᵀ to float32 accuracy."""
+    """quantize_lora_down.cu's codes and scales are the reference quantizer's, bit for bit, its down-projection
+    is x̂·lora_downᵀ to float32 accuracy, and the padding rows the GEMM reads are zero."""
     m, k = x.shape
-    packed = poisoned(m, k // 2, dtype=torch.uint8, device=x.device)
-    scales = poisoned(m, k // 64, dtype=torch.float32, device=x.device)
-    down = poisoned(m, max(layer.rank, 1), dtype=torch.float32, device=x.device)
+    mpad = padded_rows(m)
+    packed = poisoned(mpad, k // 2, dtype=torch.uint8, device=x.device)
+    scales = poisoned(k // 64, mpad, dtype=torch.float32, device=x.device)
+    down = poisoned(mpad, max(layer.rank, 1), dtype=torch.float32, device=x.device)
     kernels.launch_quantize(layer, x, backend, packed, scales, down)
     smoothed = (x.float() + (layer.shift if layer.shift is not None else 0.0)) / layer.smooth.float()
     expected = quantize(smoothed, FORMATS["int4"], signed=layer.act == "signed", per_row_tensor_scale=True)
-    assert torch.equal(packed, pack_nibbles(expected.codes)), "activation codes differ from the reference"
-    assert torch.equal(scales, expected.scales), "activation scales differ from the reference"
+    assert torch.equal(packed[:m], pack_nibbles(expected.codes)), "activation codes differ from the reference"
+    assert torch.equal(scales[:, :m].T, expected.scales), "activation scales differ from the reference"
+    assert not packed[m:].any() and not scales[:, m:].any(), "padding rows are not zero"
     if layer.rank:
         reference = smoothed.double() @ layer.lora_down.double().T
-        assert (down.double() - reference).abs().max() <= 1e-5 * reference.abs().max() + 1e-6
+        assert (down[:m].double() - reference).abs().max() <= 1e-5 * reference.abs().max() + 1e-6
+        assert not down[m:].any(), "padding rows of the branch are not zero"
 
 
 def check_gemm(layer, x, backend):

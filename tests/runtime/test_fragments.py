@@ -6,37 +6,29 @@
 import numpy as np
 import torch
 
-from svdq_cli.runtime.fragments import pack_weight_fragments, padded_columns
+from svdq_cli.runtime.fragments import pack_weight_fragments, pack_weight_scales, padded_columns
 
 
-def test_weight_fragment_words_hold_each_lanes_b_operand(gen):
-    codes = torch.randint(-8, 8, (24, 96), generator=gen, dtype=torch.int8).numpy()
+def test_weight_fragment_words_hold_each_lanes_b_operands(gen):
+    codes = torch.randint(-8, 8, (136, 128), generator=gen, dtype=torch.int8).numpy()
     words = pack_weight_fragments(codes)
-    assert words.shape == (padded_columns(24) // 8, 96 // 32, 32) and words.dtype == np.uint32
-    for n_tile in range(3):
-        for step in range(3):
-            for lane in range(32):
-                gid, tid = divmod(lane, 4)
-                n, word = n_tile * 8 + gid, int(words[n_tile, step, lane])
-                nibbles = [(word >> (4 * j)) & 0xF for j in range(8)]
-                signed = [v - 16 if v >= 8 else v for v in nibbles]
-                k0 = step * 32
-                assert signed[:4] == list(codes[n, k0 + tid * 4 : k0 + tid * 4 + 4])
-                assert signed[4:] == list(codes[n, k0 + 16 + tid * 4 : k0 + 16 + tid * 4 + 4])
-    assert not words[padded_columns(24) // 8 - 1].any() or padded_columns(24) == 24  # padding is zero codes
-
-
-def test_s4_fragment_words_hold_each_lanes_b_operand(gen):
-    codes = torch.randint(-8, 8, (16, 128), generator=gen, dtype=torch.int8).numpy()
-    words = pack_weight_fragments(codes, s4=True)
-    assert words.shape == (padded_columns(16) // 8, 2, 32, 2)
-    for n_tile in range(2):
-        for group in range(2):
+    assert words.shape == (2, padded_columns(136) // 8, 32, 2) and words.dtype == np.uint32
+    for group in range(2):
+        for n_tile in range(padded_columns(136) // 8):
             for lane in range(32):
                 gid, tid = divmod(lane, 4)
                 n = n_tile * 8 + gid
-                for half in range(2):
-                    word = int(words[n_tile, group, lane, half])
+                for half in range(2):  # b0: codes g·64 + tid·8 .. +7; b1: g·64 + 32 + tid·8 .. +7
+                    word = int(words[group, n_tile, lane, half])
                     nibbles = [(word >> (4 * j)) & 0xF for j in range(8)]
                     k0 = group * 64 + half * 32 + tid * 8
-                    assert [v - 16 if v >= 8 else v for v in nibbles] == list(codes[n, k0 : k0 + 8])
+                    expected = list(codes[n, k0 : k0 + 8]) if n < 136 else [0] * 8  # padding: zero codes
+                    assert [v - 16 if v >= 8 else v for v in nibbles] == expected
+
+
+def test_weight_scales_are_group_major_and_zero_padded(gen):
+    scales = torch.rand(136, 3, generator=gen).to(torch.bfloat16)
+    packed = pack_weight_scales(scales)
+    assert packed.shape == (3, 256) and packed.dtype == np.float32
+    np.testing.assert_array_equal(packed[:, :136], scales.float().numpy().T)
+    assert not packed[:, 136:].any()

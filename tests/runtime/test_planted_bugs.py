@@ -19,23 +19,26 @@ except EmulatorUnavailable as missing:
 # name: (file, [(original text, planted text)], activation mode, emulated capability)
 BUGS = {
     "none": ("w4a4_gemm.cu", [], "signed", (8, 9)),
-    "s4_a_fragment_rows_swapped": ("w4a4_gemm.cu", [
-        ("a[1] = activation_word8(act_packed, row0 + gid + 8, M, K, k0 + tid * 8);",
-         "a[1] = activation_word8(act_packed, row0 + gid, M, K, k0 + 32 + tid * 8);"),
-        ("a[2] = activation_word8(act_packed, row0 + gid, M, K, k0 + 32 + tid * 8);",
-         "a[2] = activation_word8(act_packed, row0 + gid + 8, M, K, k0 + tid * 8);")], "signed", (8, 9)),
+    "a_fragment_registers_swapped": ("w4a4_gemm.cu", [  # ldmatrix rows and halves trade places: a1 <-> a2
+        ("(row0 + (lane & 7) + ((lane >> 3) & 1) * 8) * kRowBytes + (lane >> 4) * 16",
+         "(row0 + (lane & 7) + (lane >> 4) * 8) * kRowBytes + ((lane >> 3) & 1) * 16")], "signed", (8, 9)),
     "asm_type_u4_for_signed": ("w4a4_gemm.cu", [
         ("mma.sync.aligned.m16n8k64.row.col.s32.s4.s4.s32", "mma.sync.aligned.m16n8k64.row.col.s32.u4.s4.s32")],
         "signed", (8, 9)),
     "int8_b_halves_swapped": ("w4a4_gemm.cu", [
-        ("widen4<true>(word & 0xFFFFu), widen4<true>(word >> 16)",
-         "widen4<true>(word >> 16), widen4<true>(word & 0xFFFFu)")], "unsigned", (9, 0)),
+        ("widen4<true>(b[ni].x & 0xFFFFu), widen4<true>(b[ni].x >> 16)",
+         "widen4<true>(b[ni].x >> 16), widen4<true>(b[ni].x & 0xFFFFu)")], "unsigned", (9, 0)),
     "epilogue_column_off_by_one": ("w4a4_gemm.cu", [
         ("if (row >= M || col >= N) continue;", "if (row >= M || col > N) continue;")], "signed", (8, 9)),
+    "pipeline_reads_a_stage_before_it_lands": ("w4a4_gemm.cu", [
+        ("wait_pending<kStages - 2>();", "wait_pending<kStages - 1>();")], "signed", (8, 9)),
+    "pipeline_missing_barrier": ("w4a4_gemm.cu", [
+        ("        __syncthreads();  // group g has landed", "        // group g has landed")], "signed", (9, 0)),
     "half_warp_reduction": ("quantize_lora_down.cu", [
-        ("for (int offset = 16; offset > 0; offset >>= 1) peak",
-         "for (int offset = 8; offset > 0; offset >>= 1) peak")], "unsigned", (8, 9)),
-    "missing_barrier": ("quantize_lora_down.cu", [("        __syncthreads();\n", "\n")], "signed", (8, 9)),
+        ("for (int offset = 16; offset > 0; offset >>= 1)", "for (int offset = 8; offset > 0; offset >>= 1)")],
+        "unsigned", (8, 9)),
+    "missing_barrier": ("quantize_lora_down.cu", [
+        ("            __syncthreads();  // x̂ of every row is staged", "")], "signed", (8, 9)),
 }
 
 

@@ -81,7 +81,8 @@ class _LaunchConfig(ctypes.Structure):
     _fields_ = [
         ("grid", ctypes.c_uint * 3), ("block", ctypes.c_uint * 3), ("dynamic_shared", ctypes.c_uint),
         ("static_shared_limit", ctypes.c_uint), ("shared_limit", ctypes.c_uint), ("threads", ctypes.c_int),
-        ("reverse", ctypes.c_int), ("checked", ctypes.c_int), ("buffers", ctypes.POINTER(_Buffer)),
+        ("reverse", ctypes.c_int), ("checked", ctypes.c_int), ("count_only", ctypes.c_int),
+        ("buffers", ctypes.POINTER(_Buffer)),
         ("buffer_count", ctypes.c_int),
     ]
 
@@ -204,7 +205,7 @@ def build_library(source: str, filename: str, names: list[str], arch: int, check
     if checked and any(flag.startswith("-fsanitize=") for flag in flags):
         raise EmulatorUnavailable("checked builds instrument with -fsanitize=thread hooks, which cannot combine with "
                                   "the sanitizers in SVDQ_EMU_CXXFLAGS")
-    kernel_flags = flags + (["-fsanitize=thread"] if checked else [])
+    kernel_flags = flags + (["-fsanitize=thread", "--param=tsan-instrument-func-entry-exit=0"] if checked else [])
     runtime = _runtime_object()
     key = hashlib.sha256("\0".join([unit, runtime.name, toolchain().version, *kernel_flags]).encode()).hexdigest()[:20]
     stem = re.sub(r"\W", "_", Path(filename).stem)
@@ -308,7 +309,7 @@ class EmulatedKernel:
         config = _LaunchConfig(
             (ctypes.c_uint * 3)(*grid), (ctypes.c_uint * 3)(*block), shared_mem, device.static_shared_limit,
             device.shared_limit, self.backend.threads, int(self.backend.reverse), int(self.backend.checked),
-            (_Buffer * max(len(buffers), 1))(*buffers), len(buffers))
+            int(self.backend.count_only), (_Buffer * max(len(buffers), 1))(*buffers), len(buffers))
         stats, error = _LaunchStats(), ctypes.create_string_buffer(4096)
         failed = self._launch(ctypes.byref(config), params, ctypes.byref(stats), error, len(error))
         if failed:
@@ -359,17 +360,21 @@ class EmulatedBackend:
         checked: build with memory checks and counters (slower); fills :attr:`launches`.
         threads: OS threads running blocks (default: every core).
         reverse: resume a block's threads in reverse order (exposes order-dependent kernels).
+        count_only: with ``checked``, skip the mma arithmetic (its results are zeros) to count the traffic of
+            full-size launches quickly; outputs are then meaningless.
     """
 
     name = "emulated"
 
     def __init__(self, capability: tuple[int, int] = (8, 9), checked: bool = False, threads: int | None = None,
-                 reverse: bool = False) -> None:
+                 reverse: bool = False, count_only: bool = False) -> None:
         if tuple(capability) not in DEVICES:
             raise EmulatorError(f"capability {capability} is not emulated (choose from {sorted(DEVICES)})")
         toolchain()
         self.device = DEVICES[tuple(capability)]
-        self.checked, self.reverse = checked, reverse
+        if count_only and not checked:
+            raise EmulatorError("count_only counts, so it needs checked=True")
+        self.checked, self.reverse, self.count_only = checked, reverse, count_only
         self.threads = threads or 0
         self.launches: list[LaunchRecord] = []
         self._modules: dict[tuple[str, tuple[str, ...]], EmulatedModule] = {}

@@ -24,6 +24,7 @@
 #include <cstdarg>
 #include <cstdio>
 #include <cstdlib>
+#include <deque>
 #include <mutex>
 #include <stdexcept>
 #include <string>
@@ -41,7 +42,12 @@ namespace svdq_emu {
 namespace {
 
 constexpr int kWarp = 32;
-constexpr size_t kStackBytes = 64 * 1024;
+// Each fiber stack lives in a region aligned to its size: a header page (the lane's address, so the memory
+// hooks find their lane from the stack pointer without thread-local lookups), a guard page, then the stack.
+constexpr size_t kStackRegion = 64 * 1024;
+constexpr size_t kPage = 4096;
+constexpr size_t kStackBytes = kStackRegion - 2 * kPage;
+constexpr uint64_t kHeaderMagic = 0x5356445145535441ull;
 constexpr size_t kArenaBytes = 232 * 1024;  // the largest shared memory of any supported GPU (sm_90: 227 KB)
 constexpr int kMaxBuffers = 16;
 constexpr uint8_t kPoison = 0xFF;           // NaN as float, -1 as integer
@@ -119,7 +125,8 @@ struct Lane {
 #else
     void* stack_pointer = nullptr;
 #endif
-    char* stack = nullptr;  // usable stack, above a guard page
+    char* stack = nullptr;  // usable stack, above the header and guard pages of its region
+    struct Worker* owner = nullptr;
     uint3 index{};
     int linear = 0, lane = 0, warp = 0;
     uint64_t collectives = 0;  // collectives this lane has entered
@@ -270,12 +277,25 @@ char* take_stack() {
             return stack;
         }
     }
-    // A guard page below each stack turns an overflow into a crash, not silent corruption.
-    const size_t page = (size_t)sysconf(_SC_PAGESIZE);
-    void* block = mmap(nullptr, kStackBytes + page, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    // A guard page below each stack turns an overflow into a crash, not silent corruption. Regions are never
+    // unmapped (the pool keeps them), so the unaligned slack of each mapping is simply left unused.
+    void* block = mmap(nullptr, 2 * kStackRegion, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (block == MAP_FAILED) raise("cannot allocate a fiber stack");
-    mprotect(block, page, PROT_NONE);
-    return static_cast<char*>(block) + page;
+    char* region = reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(block) + kStackRegion - 1) & ~(kStackRegion - 1));
+    mprotect(region + kPage, kPage, PROT_NONE);
+    return region + 2 * kPage;
+}
+
+struct StackHeader {
+    uint64_t magic;
+    Lane* lane;
+};
+
+// The lane running on the current stack: read from the stack region's header.
+inline Lane* lane_of_stack() {
+    const uintptr_t sp = reinterpret_cast<uintptr_t>(__builtin_frame_address(0));
+    const auto* header = reinterpret_cast<const StackHeader*>(sp & ~(uintptr_t)(kStackRegion - 1));
+    return header->magic == kHeaderMagic ? header->lane : nullptr;
 }
 
 void give_back(std::vector<Lane>& lanes) {
@@ -299,6 +319,8 @@ void give_back(std::vector<char>&& arena) {
 
 void start_lane(Lane& lane) {
     if (!lane.stack) lane.stack = take_stack();
+    *reinterpret_cast<StackHeader*>(lane.stack - 2 * kPage) = StackHeader{kHeaderMagic, &lane};
+    lane.owner = worker;
 #ifdef SVDQ_EMU_USE_UCONTEXT
     getcontext(&lane.context);
     lane.context.uc_stack.ss_sp = lane.stack;
@@ -439,6 +461,8 @@ size_t allocate_shared(size_t bytes, size_t align) {
 }
 
 // ---------------------------------------------------------------- memory checks (checked builds)
+bool race_checks() { return worker->launch->config->checked && !worker->launch->config->count_only; }
+
 uintptr_t image_begin = 0, image_end = 0;  // this module's loaded segments: constants, string literals
 
 void find_image() {
@@ -472,12 +496,11 @@ bool ordered(const Worker& w, uint16_t other, uint32_t epoch, uint32_t warp_epoc
     return other_warp == me / kWarp && warp_epoch != w.warps[other_warp].sync_epoch;  // a __syncwarp did
 }
 
-void shared_access(uintptr_t offset, size_t bytes, bool write) {
-    Worker& w = *worker;
+void shared_access(Worker& w, const Lane& lane, uintptr_t offset, size_t bytes, bool write) {
     if (offset + bytes > w.arena_used)
         raise(format("shared memory %s of %zu bytes at offset %zu, outside the %zu bytes declared",
                      write ? "write" : "read", bytes, (size_t)offset, w.arena_used));
-    const int me = current->linear;
+    const int me = lane.linear;
     const uint32_t my_warp_epoch = w.warps[me / kWarp].sync_epoch;
     for (size_t i = 0; i < bytes; ++i) {
         Shadow& s = w.shadow[offset + i];
@@ -504,14 +527,14 @@ void shared_access(uintptr_t offset, size_t bytes, bool write) {
     }
 }
 
-void global_access(BufferState& buffer, int index, uintptr_t address, size_t bytes, bool write) {
-    Worker& w = *worker;
+void global_access(Worker& w, const Lane& lane, BufferState& buffer, int index, uintptr_t address, size_t bytes,
+                   bool write) {
     const uint64_t offset = address - buffer.begin;
     (write ? w.stats.store_bytes : w.stats.load_bytes)[index] += bytes;
     auto& sectors = write ? buffer.written_sectors : buffer.read_sectors;
     for (uint64_t s = offset / 32; s <= (offset + bytes - 1) / 32; ++s) __atomic_store_n(&sectors[s], 1, __ATOMIC_RELAXED);
     if (!write || buffer.writers.empty()) return;
-    const uint32_t me = (uint32_t)(w.block_linear * w.launch->threads_per_block + current->linear + 1);
+    const uint32_t me = (uint32_t)(w.block_linear * w.launch->threads_per_block + lane.linear + 1);
     for (size_t i = 0; i < bytes; ++i) {
         const uint32_t before = __atomic_exchange_n(&buffer.writers[offset + i], me, __ATOMIC_RELAXED);
         if (before && before != me)
@@ -521,18 +544,23 @@ void global_access(BufferState& buffer, int index, uintptr_t address, size_t byt
 }
 
 void check_access(const void* pointer, size_t bytes, bool write) {
-    Worker* w = worker;
-    if (!w || !current || !w->launch->config->checked) return;
     const uintptr_t address = (uintptr_t)pointer;
-    if (address - (uintptr_t)w->arena < kArenaBytes) return shared_access(address - (uintptr_t)w->arena, bytes, write);
-    if (address - (uintptr_t)current->stack < kStackBytes) return;
+    const Lane* lane = lane_of_stack();  // the hooks run on the kernel's fiber stack
+    if (!lane || !bytes) return;
+    if (address - (uintptr_t)lane->stack < kStackBytes) return;  // the kernel's own locals: the usual case
+    Worker* w = lane->owner;
+    if (!w->launch->config->checked) return;
+    if (address - (uintptr_t)w->arena < kArenaBytes) {
+        if (w->launch->config->count_only) return;  // counting at scale: global traffic only
+        return shared_access(*w, *lane, address - (uintptr_t)w->arena, bytes, write);
+    }
     Launch& launch = *w->launch;
     for (int i = 0; i < launch.buffer_count; ++i) {
         BufferState& buffer = launch.buffers[i];
         if (address - buffer.begin < buffer.bytes) {
             if (address + bytes > buffer.begin + buffer.bytes)
                 raise(format("%zu-byte %s straddles the end of buffer #%d", bytes, write ? "write" : "read", i));
-            return global_access(buffer, i, address, bytes, write);
+            return global_access(*w, *lane, buffer, i, address, bytes, write);
         }
     }
     if (address >= image_begin && address < image_end && !write) return;
@@ -661,7 +689,8 @@ Instruction parse(const char* source) {
 }
 
 const Instruction& instruction(const char* text) {
-    thread_local std::vector<std::pair<const char*, Instruction>> cache;
+    // A deque: references stay valid while other fibers (on this OS thread) add entries mid-instruction.
+    thread_local std::deque<std::pair<const char*, Instruction>> cache;
     for (auto& entry : cache)
         if (entry.first == text) return entry.second;
     cache.emplace_back(text, parse(text));
@@ -771,7 +800,8 @@ void run_mma(const Instruction& ins, const Operands& ops, const char* text) {
     for (int q = 0; q < 2; ++q) words[4 + q] = (uint32_t)ops.read(ins.operands[2][q], 4);
     for (int q = 0; q < 4; ++q) words[6 + q] = (uint32_t)ops.read(ins.operands[3][q], 4);
     Slot& slot = collective(text, text, words, 10, [&](Slot& s) {
-        mma_compute(s, ins);
+        if (worker->launch->config->count_only) memset(s.output, 0, sizeof s.output);
+        else mma_compute(s, ins);
         worker->stats.mma[ins.kind]++;  // one warp-wide instruction
     });
     for (int q = 0; q < 4; ++q) ops.write(ins.operands[0][q], slot.output[current->lane][q]);
@@ -801,8 +831,8 @@ void run_ldmatrix(const Instruction& ins, const Operands& ops, const char* text)
                 s.output[lane][j] = low | (uint32_t)high << 16;
             }
     });
-    if (worker->launch->config->checked && current->lane < 8 * ins.matrices)  // the row this lane named
-        shared_access(address, 16, false);
+    if (race_checks() && current->lane < 8 * ins.matrices)  // the row this lane named
+        shared_access(*worker, *current, address, 16, false);
     for (int j = 0; j < ins.matrices; ++j) ops.write(ins.operands[0][j], slot.output[current->lane][j]);
 }
 
@@ -810,10 +840,8 @@ void complete_copies(Lane& lane, size_t count) {
     for (size_t i = 0; i < count; ++i) {
         const AsyncCopy& copy = lane.copies[i];
         char* target = shared_pointer(copy.destination, copy.bytes, "cp.async");
-        if (worker->launch->config->checked) {
-            check_access(copy.source, copy.source_bytes, false);
-            shared_access(copy.destination, copy.bytes, true);
-        }
+        if (worker->launch->config->checked) check_access(copy.source, copy.source_bytes, false);
+        if (race_checks()) shared_access(*worker, lane, copy.destination, copy.bytes, true);
         memcpy(target, copy.source, copy.source_bytes);
         memset(target + copy.source_bytes, 0, copy.bytes - copy.source_bytes);
     }
@@ -997,7 +1025,7 @@ int run_grid(const LaunchConfig* config, void (*thunk)(void*), void* context, La
         if (config->checked) {
             b.read_sectors.assign((b.bytes + 31) / 32, 0);
             b.written_sectors.assign((b.bytes + 31) / 32, 0);
-            if (b.bytes <= (8u << 20)) b.writers.assign(b.bytes, 0);  // 4 bytes of shadow per byte
+            if (b.bytes <= (8u << 20) && !config->count_only) b.writers.assign(b.bytes, 0);  // 4 shadow bytes a byte
         }
     }
     int threads = config->threads > 0 ? config->threads : (int)std::max(1u, std::thread::hardware_concurrency());
@@ -1008,7 +1036,7 @@ int run_grid(const LaunchConfig* config, void (*thunk)(void*), void* context, La
         w.block_dim = dim3(launch.config->block[0], launch.config->block[1], launch.config->block[2]);
         std::vector<char> arena = take_arena();
         w.arena = arena.data();
-        if (launch.config->checked) w.shadow.assign(kArenaBytes, Shadow{0, 0, 0, 0, 0, 0, 0});
+        if (launch.config->checked && !launch.config->count_only) w.shadow.assign(kArenaBytes, Shadow{0, 0, 0, 0, 0, 0, 0});
         worker = &w;
         try {
             for (uint64_t block; (block = launch.next_block.fetch_add(1)) < launch.blocks;) run_block(block);

@@ -90,6 +90,7 @@ struct LaunchConfig {
     int threads;                                 // OS threads running blocks (0: all cores)
     int reverse;                                 // resume lanes in reverse order (shakes out order bugs)
     int checked;                                 // memory checks and counters (needs an instrumented build)
+    int count_only;                              // skip mma arithmetic (results are zeros): counting at scale
     const Buffer* buffers;                       // the pointer arguments, for checks and counters
     int buffer_count;
 };

@@ -149,13 +149,9 @@ def translate(source: str) -> str:
             close = _matching(source, match.end() - 1)
             replacement = _rewrite_asm(source[match.end() : close])
         elif word == "__shared__":
-            begin = max(source.rfind(c, 0, start) for c in ";{}") + 1
+            qualifiers = re.search(r"(?:\b(?:extern|static)\s+)*$", source[position:start])
+            begin = position + qualifiers.start()
             close = source.index(";", start) - 1
-            prefix = source[begin:start]
-            leading = len(prefix) - len(prefix.lstrip())
-            begin += leading
-            if begin < position:
-                raise TranslationError("overlapping rewrites around a __shared__ declaration")
             serial += 1
             replacement = _rewrite_shared(source[begin : close + 1].replace("\\\n", " "), serial)
             start = begin
