@@ -18,6 +18,7 @@ from .quant.calibration import InputStats
 from .quant.config import QuantConfig
 from .quant.svdquant import relative_error, search_smoothing
 from .runtime.linear import SVDQLinear
+from .threads import single_threaded
 
 Progress = Callable[[str, int, int], None]
 
@@ -83,6 +84,11 @@ def select_targets(
     chosen: dict[str, nn.Linear] = {}
     skipped: dict[str, str] = {}
     matched_patterns: set[str] = set()
+    linear_names = [name for name, module in model.named_modules()
+                    if isinstance(module, nn.Linear) and not isinstance(module, SVDQLinear)]
+    unmatched = [pattern for pattern in skip if not any(fnmatch.fnmatchcase(name, pattern) for name in linear_names)]
+    if unmatched:  # a typo would otherwise quantize the layer the user meant to keep
+        raise BadInputError(f"skip pattern(s) {', '.join(map(repr, unmatched))} match no nn.Linear of the model")
     for name, module in model.named_modules():
         if not isinstance(module, nn.Linear) or isinstance(module, SVDQLinear):
             continue
@@ -342,29 +348,35 @@ def quantize_model(
     """
     config = config or QuantConfig()
     layers, skipped = select_targets(model, config, targets, skip)
+    for option, patterns in (("weight_only", weight_only), ("nonnegative", nonnegative)):
+        unmatched = [p for p in patterns if not any(fnmatch.fnmatchcase(name, p) for name in layers)]
+        if unmatched:
+            raise BadInputError(f"{option} pattern(s) {', '.join(map(repr, unmatched))} match no quantized layer")
     for name, module in layers.items():
         if not torch.isfinite(module.weight).all():
             raise BadInputError(f"layer {name}: weight holds NaN or Inf")
     calibration = collect_statistics(model, layers, calibrate, config, groups)
     report = QuantReport(config=config, skipped=skipped)
-    for owner, names in calibration.members.items():
-        stats = calibration.stats[owner]
-        try:
-            modules = [layers[name] for name in names]
-            plan = plan_group(names, modules, stats, config, weight_only, nonnegative)
-            for name, module in zip(names, modules, strict=True):
-                begin = time.perf_counter()
-                quantized = quantize_layer(module, config, plan, group_hessian(stats, plan, module.in_features, config))
-                seconds = time.perf_counter() - begin + plan.seconds / len(names)
-                layer_report = measure_layer(
-                    name, owner, module, quantized, plan, stats.sample(config.search_rows), config, seconds
-                )
-                replace_module(model, name, quantized)
-                report.layers.append(layer_report)
-                if progress:
-                    progress(name, len(report.layers), len(layers))
-        except ValueError as error:
-            raise BadInputError(f"layer {names[0]}: {error}") from None
+    with single_threaded():  # the weight side's numerics must not depend on the thread count
+        for owner, names in calibration.members.items():
+            stats = calibration.stats[owner]
+            try:
+                modules = [layers[name] for name in names]
+                plan = plan_group(names, modules, stats, config, weight_only, nonnegative)
+                for name, module in zip(names, modules, strict=True):
+                    begin = time.perf_counter()
+                    hessian = group_hessian(stats, plan, module.in_features, config)
+                    quantized = quantize_layer(module, config, plan, hessian)
+                    seconds = time.perf_counter() - begin + plan.seconds / len(names)
+                    layer_report = measure_layer(
+                        name, owner, module, quantized, plan, stats.sample(config.search_rows), config, seconds
+                    )
+                    replace_module(model, name, quantized)
+                    report.layers.append(layer_report)
+                    if progress:
+                        progress(name, len(report.layers), len(layers))
+            except ValueError as error:
+                raise BadInputError(f"layer {names[0]}: {error}") from None
     return report
 
 

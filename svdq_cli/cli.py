@@ -18,18 +18,52 @@ from rich.table import Table
 
 from .errors import BadInputError, QualityGateError, SvdqError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+
+class _HelpWithoutType:
+    """Flags show no ``<bool>`` type in help, the generated -h/--help included."""
+
+    def get_help_option(self, ctx):
+        option = super().get_help_option(ctx)
+        if option is not None:
+            option.metavar = ""
+        return option
+
+
+class _Group(_HelpWithoutType, typer.core.TyperGroup):
+    pass
+
+
+class _Command(_HelpWithoutType, typer.core.TyperCommand):
+    pass
+
+
+app = typer.Typer(cls=_Group, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  context_settings={"help_option_names": ["-h", "--help"]},
                   help="SVDQuant 4-bit quantization for diffusion transformers.")
 out = Console(width=None if sys.stdout.isatty() else 140)  # CI logs: wide tables, not wrapped
 
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout instead of tables.")]
+JsonOpt = Annotated[bool, typer.Option("--json", metavar="", help="Print one JSON document on stdout instead of "
+                                                                   "tables.")]
 RunDirArg = Annotated[Path, typer.Argument(help="A run directory made by `svdq quantize`.")]
 _state = {"debug": False}
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from . import __version__
+
+        print(f"svdq {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _options(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks of errors.")] = False) -> None:
-    _state["debug"] = debug
+def _options(
+    version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True, metavar="",
+                                          help="Print the version and exit.")] = False,
+    debug: Annotated[bool, typer.Option("--debug", metavar="", help="Show tracebacks of errors (accepted anywhere "
+                                                                    "on the command line).")] = False,
+) -> None:
+    _state["debug"] = _state["debug"] or debug
 
 
 def _quiet_libraries() -> None:
@@ -66,7 +100,10 @@ def resolve_model(model: str, recipe: str | None, overrides: dict[str, object]):
     try:
         from huggingface_hub import hf_hub_download
 
-        family = family_of_directory(Path(hf_hub_download(model, "model_index.json")).parent)
+        from .online import hub_reachable
+
+        index = hf_hub_download(model, "model_index.json", local_files_only=not hub_reachable())
+        family = family_of_directory(Path(index).parent)
     except BadInputError:
         raise
     except Exception as error:  # offline, gated or missing repo: huggingface_hub has many error types
@@ -79,8 +116,12 @@ def _run_dir(config, out_dir: Path | None) -> Path:
     return out_dir or Path("runs") / config.recipe.replace(":", "-")
 
 
-def _summary(run_path: Path, summary: dict, as_json: bool, extra: dict | None = None) -> None:
+def _summary(run_path: Path, summary: dict, as_json: bool, extra: dict | None = None, gate_exit: bool = True) -> None:
+    """Print what a run did (tables, or one JSON document). A failed validation gate exits 3 when
+    ``gate_exit`` (quantize, validate); elsewhere (export) it is a warning naming the gate."""
+    from .progress import warn
     from .run import Run
+    from .stages.validate import failed_gates
 
     manifest = Run.existing(run_path).manifest
     result = {"run": str(run_path), "stages": summary, **(extra or {})}
@@ -91,6 +132,7 @@ def _summary(run_path: Path, summary: dict, as_json: bool, extra: dict | None = 
     if validate.get("status") == "done":
         result["validate"] = {k: validate[k] for k in ("passed", "psnr", "ssim", "latent_error")}
         report = json.loads((run_path / "validate" / "report.json").read_text())
+        result["validate"]["failed_gates"] = failed_gates(report)
         result["validate"]["methods"] = {
             method: {k: values[k] for k in ("psnr", "ssim", "latent_error")}
             for method, values in report["methods"].items()
@@ -126,7 +168,7 @@ def _summary(run_path: Path, summary: dict, as_json: bool, extra: dict | None = 
                 out.print(f"kernels vs reference path: worst layer {check['worst_layer_snr_db']:.1f} dB SNR on the "
                           f"same inputs; end to end PSNR {check['psnr']:.2f} dB, latent relative error "
                           f"{check['latent_error']:.2e}")
-            out.print(f"gates: {'passed' if v['passed'] else 'A GATE FAILED'}")
+            out.print(f"gates: {'passed' if v['passed'] else 'FAILED: ' + v['failed_gates']}")
             out.print(f"report: {result['report']}\ncomparison: {result['comparison']}")
         if "export" in result:
             out.print(f"export: {result['export']}")
@@ -136,37 +178,72 @@ def _summary(run_path: Path, summary: dict, as_json: bool, extra: dict | None = 
                       f"rank {n['rank'] if n['uniform_rank'] else 'per layer'}; {n['w4a16_layers']} AdaLN layers "
                       f"re-quantized to W4A16, relative weight error max {n['adanorm_relative_error_max']:.4f})")
     if "validate" in result and not result["validate"]["passed"]:
-        raise QualityGateError(f"a validation gate failed; see {run_path / 'validate' / 'report.md'}")
+        message = f"validation gate failed ({result['validate']['failed_gates']}); see {result['report']}"
+        if gate_exit:
+            raise QualityGateError(message)
+        warn(message)
 
 
-@app.command()
+ValPromptsOpt = Annotated[int | None, typer.Option("--val-prompts", help="Held-out prompts validation generates "
+                                                                        "(default: the recipe's).")]
+ValStepsOpt = Annotated[int | None, typer.Option("--val-steps", help="Denoising steps per validation image "
+                                                                    "(default: the recipe's, else the model's).")]
+ValResolutionOpt = Annotated[int | None, typer.Option("--val-resolution", help="Validation image size in pixels "
+                                                                              "(default: the recipe's).")]
+BaselinesOpt = Annotated[str | None, typer.Option(help="Baselines validation also scores, comma-separated: rtn, "
+                                                       "w4a16, smoothquant.")]
+RuntimeOpt = Annotated[str | None, typer.Option(help="How validation runs the quantized layers: auto (fused CUDA "
+                                                     "kernels on a GPU, else the reference path) or emulated (the "
+                                                     "kernels on the CPU emulator, compared with the reference).")]
+
+
+def _validation_overrides(prompts, steps, resolution, baselines, runtime) -> dict[str, object]:
+    listed = [b.strip() for b in baselines.split(",") if b.strip()] if baselines is not None else None
+    return {"validation.num_prompts": prompts, "validation.steps": steps, "validation.resolution": resolution,
+            "validation.baselines": listed, "validation.runtime": runtime}
+
+
+@app.command(cls=_Command)
 def quantize(
     model: Annotated[str, typer.Argument(help="Recipe name (flux-dev), tiny model (tiny-flux), local diffusers "
                                               "directory or Hub repo id.")],
     recipe: Annotated[str | None, typer.Option(help="Recipe name or YAML file; default: MODEL's own.")] = None,
-    rank: Annotated[int | None, typer.Option(help="Low-rank branch rank, a multiple of 16 (recipe: 32).")] = None,
-    precision: Annotated[str | None, typer.Option(help="int4, nvfp4 or int8 (recipe: int4).")] = None,
+    rank: Annotated[int | None, typer.Option(help="Low-rank branch rank, a multiple of 16 (default: the "
+                                                  "recipe's; `svdq recipes MODEL` shows it).")] = None,
+    precision: Annotated[str | None, typer.Option(help="int4, nvfp4 or int8 (default: the recipe's).")] = None,
     out_dir: Annotated[Path | None, typer.Option("--out", help="Run directory (default: runs/RECIPE).")] = None,
     prompts: Annotated[str | None, typer.Option(help="Calibration prompts: builtin:calibration, a text/JSON/CSV "
                                                      "file or hf:org/name[:split[:column]].")] = None,
-    num_prompts: Annotated[int | None, typer.Option(help="Calibration prompts used (recipe: 128).")] = None,
-    steps: Annotated[int | None, typer.Option(help="Denoising steps per calibration prompt (recipe).")] = None,
-    resolution: Annotated[int | None, typer.Option(help="Calibration image size in pixels (recipe).")] = None,
-    device: Annotated[str | None, typer.Option(help="cpu, cuda or cuda:N (recipe).")] = None,
-    dtype: Annotated[str | None, typer.Option(help="float32, bfloat16 or float16 (recipe).")] = None,
-    offload: Annotated[bool | None, typer.Option(help="diffusers model CPU offload (fits FLUX in 24 GB).")] = None,
+    num_prompts: Annotated[int | None, typer.Option(help="Calibration prompts used (default: the recipe's).")] = None,
+    steps: Annotated[int | None, typer.Option(help="Denoising steps per calibration prompt (default: the "
+                                                   "recipe's, else the model's).")] = None,
+    resolution: Annotated[int | None, typer.Option(help="Calibration image size in pixels (default: the "
+                                                        "recipe's).")] = None,
+    val_prompts: ValPromptsOpt = None,
+    val_steps: ValStepsOpt = None,
+    val_resolution: ValResolutionOpt = None,
+    baselines: BaselinesOpt = None,
+    runtime: RuntimeOpt = None,
+    device: Annotated[str | None, typer.Option(help="auto (a CUDA device when there is one, else the CPU), cpu, "
+                                                    "cuda or cuda:N (default: the recipe's, auto).")] = None,
+    dtype: Annotated[str | None, typer.Option(help="float32, bfloat16 or float16 (default: the recipe's).")] = None,
+    offload: Annotated[bool | None, typer.Option("--offload/--no-offload", metavar="",
+                                                 help="diffusers model CPU offload (fits FLUX in 24 GB of "
+                                                      "GPU memory).")] = None,
     until: Annotated[str | None, typer.Option(help="Stop after this stage.")] = None,
     redo: Annotated[str | None, typer.Option(help="Recompute this stage and every later one.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Run every stage (collect, smooth, svd, quantize, validate, export), resuming what is done."""
     from .run import Run
-    from .stages import run_stages
+    from .stages import check_config, run_stages
 
     overrides = {"quant.rank": rank, "quant.precision": precision, "calibration.prompts": prompts,
                  "calibration.num_prompts": num_prompts, "calibration.steps": steps,
-                 "calibration.resolution": resolution, "device": device, "dtype": dtype, "offload": offload}
+                 "calibration.resolution": resolution, "device": device, "dtype": dtype, "offload": offload,
+                 **_validation_overrides(val_prompts, val_steps, val_resolution, baselines, runtime)}
     config = resolve_model(model, recipe, overrides)
+    check_config(config, until, redo)
     run_path = _run_dir(config, out_dir)
     _quiet_libraries()
     with Run(run_path) as run:
@@ -174,10 +251,11 @@ def quantize(
     _summary(run_path, summary, as_json)
 
 
-def _rerun(run_dir: Path, until: str, overrides: dict[str, object], as_json: bool, show: bool = True) -> dict:
+def _rerun(run_dir: Path, until: str, overrides: dict[str, object], as_json: bool, show: bool = True,
+           gate_exit: bool = True) -> dict:
     from .recipe import RunConfig, build_config
     from .run import Run
-    from .stages import run_stages
+    from .stages import check_config, run_stages
 
     stored = Run.existing(run_dir).manifest.get("config")
     if stored is None:
@@ -187,48 +265,50 @@ def _rerun(run_dir: Path, until: str, overrides: dict[str, object], as_json: boo
             section, _, leaf = key.partition(".")
             stored[section][leaf] = value
     config = build_config(RunConfig, stored, "")
+    check_config(config, until)
     _quiet_libraries()
     with Run(run_dir) as run:
         summary = run_stages(run, config, until=until)
     if show:
-        _summary(run_dir, summary, as_json)
+        _summary(run_dir, summary, as_json, gate_exit=gate_exit)
     return summary
 
 
-@app.command()
+@app.command(cls=_Command)
 def validate(
     run_dir: RunDirArg,
-    baselines: Annotated[str | None, typer.Option(help="Comma-separated: rtn, w4a16, smoothquant.")] = None,
+    val_prompts: ValPromptsOpt = None,
+    val_steps: ValStepsOpt = None,
+    val_resolution: ValResolutionOpt = None,
+    baselines: BaselinesOpt = None,
+    runtime: RuntimeOpt = None,
     min_psnr: Annotated[float | None, typer.Option(help="Gate: minimum mean PSNR in dB (exit 3 below).")] = None,
     min_ssim: Annotated[float | None, typer.Option(help="Gate: minimum mean SSIM.")] = None,
     max_latent_error: Annotated[float | None, typer.Option(help="Gate: maximum latent relative error.")] = None,
-    runtime: Annotated[str | None, typer.Option(help="auto (fused CUDA kernels on a GPU, else the reference path) "
-                                                     "or emulated (the kernels on the CPU emulator, compared "
-                                                     "with the reference path).")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """(Re)validate a run: 16-bit vs quantized images on held-out prompts, report and PNGs."""
-    listed = [b.strip() for b in baselines.split(",") if b.strip()] if baselines is not None else None
-    _rerun(run_dir, "validate", {"validation.baselines": listed, "validation.min_psnr": min_psnr,
-                                 "validation.min_ssim": min_ssim, "validation.max_latent_error": max_latent_error,
-                                 "validation.runtime": runtime}, as_json)
+    _rerun(run_dir, "validate", {**_validation_overrides(val_prompts, val_steps, val_resolution, baselines, runtime),
+                                 "validation.min_psnr": min_psnr, "validation.min_ssim": min_ssim,
+                                 "validation.max_latent_error": max_latent_error}, as_json)
 
 
-@app.command()
+@app.command(cls=_Command)
 def export(
     run_dir: RunDirArg,
     format: Annotated[str, typer.Option(help="svdq (our single file) or nunchaku (Nunchaku's Flux checkpoint, "
                                              "written next to it under export/nunchaku/).")] = "svdq",
-    per_layer_rank: Annotated[bool, typer.Option(help="nunchaku: keep each layer's rank (fused qkv: 3r) instead "
-                                                      "of padding all to the largest; smaller, but only "
-                                                      "NunchakuFluxTransformer2dModel loads it.")] = False,
+    per_layer_rank: Annotated[bool, typer.Option(metavar="", help="nunchaku: keep each layer's rank (fused qkv: "
+                                                                  "3r) instead of padding all to the largest; "
+                                                                  "smaller, but only NunchakuFluxTransformer2dModel "
+                                                                  "loads it.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Write the single-file export of a run (after validating it, if not done yet)."""
     if format not in ("svdq", "nunchaku"):
         raise BadInputError(f"--format {format!r} is unknown (available: svdq, nunchaku)")
     if format == "svdq":
-        _rerun(run_dir, "export", {}, as_json)
+        _rerun(run_dir, "export", {}, as_json, gate_exit=False)
         return
     from . import nunchaku
     from .run import Run
@@ -239,25 +319,30 @@ def export(
     summary = _rerun(run_dir, "export", {}, as_json, show=False)
     with Run(run_dir) as run:
         written = nunchaku.export_run(run, uniform_rank=not per_layer_rank)
-    _summary(run_dir, summary, as_json, {"nunchaku": {**written, "file": str(run_dir / written["file"])}})
+    _summary(run_dir, summary, as_json, {"nunchaku": {**written, "file": str(run_dir / written["file"])}},
+             gate_exit=False)
 
 
-@app.command()
+@app.command(cls=_Command)
 def status(run_dir: RunDirArg, as_json: JsonOpt = False) -> None:
-    """Show each stage of a run: status, config hash, artifacts verified, seconds."""
+    """Show each stage of a run: status, config hash, artifacts verified, seconds; earlier exports kept."""
     from .run import Run
     from .stages import ORDER
 
     run = Run.existing(run_dir)
+    interrupted = not run.in_use()  # "running" with nobody holding the lock: the process died or was stopped
     rows = []
     for name in ORDER:
         record = run.manifest["stages"].get(name, {})
         artifacts = record.get("artifacts", {})
-        broken = run.broken_artifacts(name) if artifacts else []
-        rows.append({"stage": name, "status": record.get("status", "pending"), "hash": record.get("hash"),
-                     "artifacts": len(artifacts), "broken": broken, "seconds": record.get("seconds")})
+        state = record.get("status", "pending")
+        if state == "running" and interrupted:
+            state = "interrupted"
+        rows.append({"stage": name, "status": state, "hash": record.get("hash"), "artifacts": len(artifacts),
+                     "broken": run.broken_artifacts(name) if artifacts else [], "seconds": record.get("seconds")})
+    previous = sorted(run.manifest["stages"].get("export", {}).get("previous", {}))
     if as_json:
-        print(json.dumps({"run": str(run_dir), "stages": rows}, indent=2))
+        print(json.dumps({"run": str(run_dir), "stages": rows, "previous_exports": previous}, indent=2))
         return
     table = Table(title=f"run {run_dir}")
     for column in ("stage", "status", "hash", "artifacts", "seconds"):
@@ -267,9 +352,13 @@ def status(run_dir: RunDirArg, as_json: JsonOpt = False) -> None:
         seconds = "" if row["seconds"] is None else f"{row['seconds']:.1f}"
         table.add_row(row["stage"], row["status"], row["hash"] or "", artifacts, seconds)
     out.print(table)
+    if any(row["status"] == "interrupted" for row in rows):
+        out.print("interrupted: re-run the same `svdq quantize` command to resume")
+    for relative in previous:
+        out.print(f"earlier export kept: {run_dir / relative}")
 
 
-@app.command()
+@app.command(cls=_Command)
 def recipes(
     name: Annotated[str | None, typer.Argument(help="Print this recipe resolved; omit to list them.")] = None,
     as_json: JsonOpt = False,
@@ -298,11 +387,14 @@ def recipes(
         print(yaml.safe_dump(resolved, sort_keys=False), end="")
 
 
-@app.command()
+@app.command(cls=_Command)
 def inspect(file: Annotated[Path, typer.Argument(help="An exported .safetensors file.")], as_json: JsonOpt = False):
     """What a quantized file holds: format, precision, rank, per-layer shapes and bytes, size vs bf16, validation."""
-    from .export_format import layer_inventory, read_metadata
+    from .export_format import is_nunchaku, layer_inventory, read_metadata, read_raw_metadata
 
+    if is_nunchaku(raw := read_raw_metadata(file)):
+        _inspect_nunchaku(file, raw, as_json)
+        return
     metadata = read_metadata(file)
     quant = metadata["quantization_config"]
     layers, other_bytes = layer_inventory(file, metadata["layers"])
@@ -330,17 +422,38 @@ def inspect(file: Annotated[Path, typer.Argument(help="An exported .safetensors 
     out.print(table)
 
 
-@app.command("push-to-hub")
+def _inspect_nunchaku(file: Path, raw: dict[str, str], as_json: bool) -> None:
+    from safetensors import safe_open
+
+    from .export_format import decode_metadata
+
+    metadata = decode_metadata(file, raw, plain=("model_class", "svdq_version"))
+    quant, recipe = metadata["quantization_config"], metadata["svdq_recipe"]
+    with safe_open(str(file), "pt") as handle:
+        layers = sorted(key[: -len(".qweight")] for key in handle.keys() if key.endswith(".qweight"))
+    result = {"file": str(file), "format": "nunchaku", "model_class": metadata["model_class"],
+              "model": recipe["model"], "precision": quant["weight"]["dtype"], "rank": quant["rank"],
+              "quantized_layers": len(layers), "bytes": file.stat().st_size, "svdq_version": metadata["svdq_version"]}
+    if as_json:
+        print(json.dumps(result, indent=2))
+        return
+    summary = Table(title=f"{file} (Nunchaku's Flux checkpoint, written by svdq)", show_header=False)
+    for key, value in result.items():
+        summary.add_row(key, str(value))
+    out.print(summary)
+
+
+@app.command("push-to-hub", cls=_Command)
 def push_to_hub(
     run_dir: RunDirArg,
     repo_id: Annotated[str, typer.Argument(help="namespace/name on the Hugging Face Hub.")],
-    private: Annotated[bool, typer.Option(help="Create the repo private.")] = False,
+    private: Annotated[bool, typer.Option(metavar="", help="Create the repo private.")] = False,
     revision: Annotated[str | None, typer.Option(help="Branch to commit to (default: main).")] = None,
-    create_pr: Annotated[bool, typer.Option(help="Open a pull request instead of committing.")] = False,
-    dry_run: Annotated[bool, typer.Option(help="Print the files and the card; upload nothing.")] = False,
+    create_pr: Annotated[bool, typer.Option(metavar="", help="Open a pull request instead of committing.")] = False,
+    dry_run: Annotated[bool, typer.Option(metavar="", help="Print the files and the card; upload nothing.")] = False,
     token: Annotated[str | None, typer.Option(help="Hub token (default: HF_TOKEN or the cached login); "
                                                    "never printed or stored.")] = None,
-    force: Annotated[bool, typer.Option(help="Publish even if validation failed or never ran.")] = False,
+    force: Annotated[bool, typer.Option(metavar="", help="Publish even if validation failed or never ran.")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Upload the export, a generated model card and the resolved recipe in one commit."""
@@ -361,11 +474,11 @@ def push_to_hub(
         out.print(f"uploaded: {summary['url']}")
 
 
-lora_app = typer.Typer(help="Off-the-shelf LoRAs on quantized exports, with no re-quantization.")
+lora_app = typer.Typer(cls=_Group, help="Off-the-shelf LoRAs on quantized exports, with no re-quantization.")
 app.add_typer(lora_app, name="lora")
 
 
-@lora_app.command("apply")
+@lora_app.command("apply", cls=_Command)
 def lora_apply(
     export_file: Annotated[Path, typer.Argument(metavar="EXPORT", help="An exported svdq .safetensors file.")],
     loras: Annotated[list[Path], typer.Argument(metavar="LORA...", help="LoRA .safetensors files; they stack.")],
@@ -377,6 +490,9 @@ def lora_apply(
     from .lora import apply_lora
 
     target = out_file or export_file.with_name(f"{export_file.stem}+lora.safetensors")
+    if target.resolve() == export_file.resolve():
+        raise BadInputError(f"--out {target} is the export itself: write the model with LoRAs to another file "
+                            "(the export stays the run's verified artifact)")
     source, results = export_file, []
     for lora in loras:
         results.append(apply_lora(source, lora, scale, target))
@@ -390,7 +506,7 @@ def lora_apply(
         out.print(f"wrote {target}")
 
 
-@app.command()
+@app.command(cls=_Command)
 def bench(
     run_dir: Annotated[Path | None, typer.Argument(help="A run with an export: time one transformer step of it "
                                                         "against the 16-bit model. Omit for kernel timings.")] = None,
@@ -400,8 +516,9 @@ def bench(
     dtype: Annotated[str, typer.Option(help="bfloat16 or float16.")] = "bfloat16",
     device: Annotated[str | None, typer.Option(help="cuda, cuda:N or cpu (default: cuda when present).")] = None,
     repeats: Annotated[int | None, typer.Option(help="Timed repeats; the median is reported (GPU 50, CPU 3).")] = None,
-    emulate: Annotated[bool, typer.Option(help="Run the kernels on the CPU emulator and print what they move and "
-                                               "compute, against the ideal and a roofline model (no timing).")] = False,
+    emulate: Annotated[bool, typer.Option(metavar="", help="Run the kernels on the CPU emulator and print what "
+                                                           "they move and compute, against the ideal and a "
+                                                           "roofline model (no timing).")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Time the kernels at FLUX shapes, or one transformer step of an exported model."""
@@ -445,6 +562,18 @@ def bench(
             table.add_row(name, f"{entry['step_milliseconds']:.2f}", f"{entry['weight_bytes'] / 2**20:.1f}",
                           "-" if peak is None else f"{peak / 2**20:.1f}")
         out.print(table)
+        return
+    if not any(row["fused"] for row in result["rows"]):  # reference-path timings say nothing of kernel speed
+        table = Table(title=f"reference path (torch, dequantized weights), M = {result['rows'][0]['M']} (median µs): "
+                            "not kernel timings")
+        for column in ("K×N", f"SVDQLinear r{rank}", "SVDQLinear r0", "16-bit matmul"):
+            table.add_column(column, justify="right")
+        for row in result["rows"]:
+            us = row["microseconds"]
+            table.add_row(f"{row['K']}×{row['N']}", f"{us['w4a4_lowrank']:.0f}", f"{us['w4a4']:.0f}",
+                          f"{us['matmul_16bit']:.0f}")
+        out.print(table)
+        out.print("for the kernels' traffic and a roofline model without a GPU: svdq bench --emulate")
         return
     table = Table(title=f"W4A4 r{rank} vs 16-bit matmul, M = {result['rows'][0]['M']} (median µs)")
     for column in ("K×N", "W4A4+LR", "W4A4", "naive", "16-bit", "TFLOP/s", "GB/s", "× 16-bit", "LR overhead"):
@@ -495,33 +624,47 @@ def _emulated_bench(m: int, rank: int, dtype, as_json: bool) -> None:
                       "if no byte were reused from cache)")
 
 
-def main() -> None:
-    """Console entry point: map our errors to one line and an exit code."""
-    try:
-        app(standalone_mode=False)
-    except SvdqError as error:
-        if _state["debug"]:
-            raise
-        print(f"Error: {error}", file=sys.stderr)
-        sys.exit(error.exit_code)
-    except (typer.Exit, SystemExit) as done:
-        sys.exit(getattr(done, "exit_code", getattr(done, "code", 0)))
-    except KeyboardInterrupt:
-        print("Error: interrupted; re-run the same command to resume", file=sys.stderr)
-        sys.exit(130)
-    except Exception as error:  # click usage errors and unexpected failures
-        import click
+def _fail(message: str, code: int) -> None:
+    """One line on stderr and the exit code (the traceback too with --debug)."""
+    if _state["debug"] and sys.exc_info()[0] is not None:
+        import traceback
 
-        if isinstance(error, click.ClickException):
-            error.show()
-            sys.exit(error.exit_code)
-        if isinstance(error, click.exceptions.Abort):
-            sys.exit(1)
+        traceback.print_exc()
+    print(f"Error: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+def main() -> None:
+    """Console entry point: every failure is one line on stderr and a documented exit code (DESIGN.md §5)."""
+    args = sys.argv[1:]
+    _state["debug"] = "--debug" in args  # accepted before or after the command
+    args = [arg for arg in args if arg != "--debug"]
+    from .threads import configure_threads
+
+    configure_threads()
+    try:
+        code = app(args=args, prog_name="svdq", standalone_mode=False)
+    except SvdqError as error:
+        _fail(str(error), error.exit_code)
+    except KeyboardInterrupt:
+        code = 130
+    except typer.Abort:  # standard input closed under a prompt
+        _fail("aborted", 1)
+    except typer.TyperException as error:  # click's usage errors: unknown option or command, bad value, missing
+        usage = getattr(error, "exit_code", 1) == 2
+        context = getattr(error, "ctx", None)
+        if type(error).__name__ == "NoArgsIsHelpError" and context is not None:
+            print(context.get_help())
+            sys.exit(2)
+        hint = f" (see `{context.command_path} --help`)" if usage and context is not None else ""
+        _fail(error.format_message().replace("\n", " ") + hint, 2 if usage else error.exit_code)
+    except Exception as error:  # unexpected: a bug; its type and the way to the traceback
         if _state["debug"]:
             raise
-        print(f"Error: unexpected {type(error).__name__}: {error} (re-run with --debug for the traceback)",
-              file=sys.stderr)
-        sys.exit(1)
+        _fail(f"unexpected {type(error).__name__}: {error} (re-run with --debug for the traceback)", 1)
+    if code == 130:
+        _fail("interrupted; re-run the same command to resume (finished stages and blocks are kept)", 130)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -28,22 +28,62 @@ def export_name(precision: str, rank: int, model: str) -> str:
     return f"svdq-{PRECISION_TAGS[precision]}_r{rank}-{stem}.safetensors"
 
 
-def read_metadata(path: Path) -> dict[str, object]:
-    """The decoded metadata of an svdq export.
+def read_raw_metadata(path: Path) -> dict[str, str]:
+    """The string metadata of a safetensors file.
 
     Raises:
-        BadInputError: not a safetensors file, or not one of ours.
+        BadInputError: missing, a directory, or not a safetensors file.
     """
+    if Path(path).is_dir():
+        raise BadInputError(f"{path} is a directory, not an exported .safetensors file")
     try:
         with safe_open(str(path), "pt") as handle:
-            raw = handle.metadata() or {}
+            return handle.metadata() or {}
     except FileNotFoundError:
         raise BadInputError(f"{path} does not exist") from None
     except Exception as error:  # safetensors raises its own error types for malformed headers
         raise BadInputError(f"{path} is not a safetensors file ({type(error).__name__})") from None
+
+
+def is_nunchaku(raw: dict[str, str]) -> bool:
+    """Whether metadata is that of the Nunchaku checkpoint ``svdq export --format nunchaku`` writes."""
+    return "model_class" in raw and "svdq_recipe" in raw and "format_version" not in raw
+
+
+def decode_metadata(path: Path, raw: dict[str, str], plain: tuple[str, ...] = PLAIN_KEYS) -> dict[str, object]:
+    """JSON-decode every metadata value but the ``plain`` ones.
+
+    Raises:
+        BadInputError: a value that is not valid JSON (a damaged file, or not svdq's).
+    """
+    decoded = {}
+    for key, value in raw.items():
+        try:
+            decoded[key] = value if key in plain else json.loads(value)
+        except ValueError:
+            raise BadInputError(f"{path}: metadata {key!r} is not valid JSON (the file is damaged or was not "
+                                "written by svdq)") from None
+    return decoded
+
+
+def read_metadata(path: Path) -> dict[str, object]:
+    """The decoded metadata of an svdq export.
+
+    Raises:
+        BadInputError: not a safetensors file, not one of ours, or damaged metadata.
+    """
+    raw = read_raw_metadata(path)
+    if is_nunchaku(raw):
+        raise BadInputError(f"{path} is svdq's Nunchaku checkpoint, which Nunchaku loads; svdq loads the svdq "
+                            "export it was converted from (export/ in the run directory)")
     if "format_version" not in raw or "quantization_config" not in raw:
         raise BadInputError(f"{path} is not an svdq export (no svdq metadata)")
-    return {key: (value if key in PLAIN_KEYS else json.loads(value)) for key, value in raw.items()}
+    metadata = decode_metadata(path, raw)
+    for key in ("quantization_config", "recipe", "layers", "model_config"):
+        if not isinstance(metadata.get(key), dict):
+            raise BadInputError(f"{path}: metadata {key!r} is missing or malformed (the file is damaged or was not "
+                                "written by svdq)")
+    return metadata
 
 
 def layer_inventory(path: Path, layers: dict[str, dict[str, str]]) -> tuple[list[dict[str, object]], int]:
@@ -93,12 +133,16 @@ def load_quantized(path: Path | str, pipeline=None, device: str | torch.device =
     import diffusers
 
     from .api import replace_module
+    from .device import resolve_device
     from .runtime.linear import SVDQLinear
 
     metadata = read_metadata(Path(path))
     if metadata["format_version"] != FORMAT_VERSION:
         raise BadInputError(f"{path} has export format {metadata['format_version']}, this svdq reads {FORMAT_VERSION}")
+    device = resolve_device(str(device))
     model_config = metadata["model_config"]
+    if pipeline is not None and getattr(pipeline, "transformer", None) is not None:
+        _check_same_transformer(path, model_config, pipeline.transformer)
     transformer_class = getattr(diffusers, model_config["class"])
     dtype = getattr(torch, metadata["recipe"]["dtype"])
     transformer = transformer_class.from_config(model_config["config"]).to(dtype)
@@ -114,6 +158,19 @@ def load_quantized(path: Path | str, pipeline=None, device: str | torch.device =
         return transformer
     pipeline.transformer = transformer
     return pipeline
+
+
+def _check_same_transformer(path: Path | str, model_config: dict, transformer) -> None:
+    """The pipeline's transformer must be the exported model's architecture: replacing another one silently
+    would give a pipeline whose other parts do not fit its transformer."""
+    if type(transformer).__name__ != model_config["class"]:
+        raise BadInputError(f"{path} holds a {model_config['class']}; the pipeline's transformer is a "
+                            f"{type(transformer).__name__}")
+    for key, value in model_config["config"].items():
+        theirs = transformer.config.get(key)
+        if key in transformer.config and json.dumps(theirs, default=str) != json.dumps(value, default=str):
+            raise BadInputError(f"{path} was exported from a {model_config['class']} with {key}={value!r}; the "
+                                f"pipeline's has {key}={theirs!r} (another model)")
 
 
 def load_quantized_pipeline(path: Path | str, device: str = "cpu"):

@@ -4,12 +4,13 @@ sources (``--token``, ``HF_TOKEN``, the cached login) and is never printed or wr
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
-from .errors import BadInputError
+from .errors import BadInputError, SvdqError
 from .export_format import read_metadata
 
 # Licenses of the base models we ship recipes for, so the card can inherit them.
@@ -56,7 +57,11 @@ def plan_upload(run_dir: Path, repo_id: str, force: bool = False) -> Upload:
     if not force and validate.get("status") != "done":
         raise BadInputError(f"{run_dir} was never validated; run `svdq validate {run_dir}` or pass --force")
     if not force and not validate.get("passed", False):
-        raise BadInputError(f"{run_dir} failed its validation gates; fix the run or pass --force")
+        from .stages.validate import failed_gates
+
+        report = json.loads((Path(run_dir) / "validate" / "report.json").read_text())
+        raise BadInputError(f"{run_dir} failed its validation gates ({failed_gates(report)}); fix the run or pass "
+                            "--force")
     export_path = run_dir / export["file"]
     metadata = read_metadata(export_path)
     files = {export_path.name: export_path}
@@ -117,17 +122,27 @@ def push(upload: Upload, repo_id: str, token: str | None, private: bool, revisio
     """
     from huggingface_hub import CommitOperationAdd, HfApi, get_token
 
+    from .online import hub_reachable
+
     token = token or get_token()
     if not token:
         raise BadInputError("no Hugging Face token: run `hf auth login`, set HF_TOKEN, or pass --token")
+    if not hub_reachable():
+        raise SvdqError("cannot reach the Hugging Face Hub (offline?); nothing was uploaded — `--dry-run` shows "
+                        "what would be")
     api = HfApi(token=token)
-    api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
     operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(path))
                   for name, path in upload.files.items()]
     operations.append(CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=upload.card.encode()))
     operations.append(CommitOperationAdd(path_in_repo="recipe.yaml", path_or_fileobj=upload.recipe.encode()))
-    info = api.create_commit(repo_id, operations, commit_message="Upload svdq quantized model",
-                             revision=revision, create_pr=create_pr, repo_type="model")
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        info = api.create_commit(repo_id, operations, commit_message="Upload svdq quantized model",
+                                 revision=revision, create_pr=create_pr, repo_type="model")
+    except Exception as error:  # huggingface_hub and its HTTP client raise many types: say which, in one line
+        first_line = (str(error).strip().splitlines() or [""])[0][:200]
+        raise SvdqError(f"upload to {repo_id} failed ({type(error).__name__}: {first_line}); nothing partial is "
+                        "left on the Hub: a commit is all or nothing") from None
     return getattr(info, "pr_url", None) or getattr(info, "commit_url", str(info))
 
 

@@ -15,6 +15,7 @@ pickles). Key layouts understood: PEFT/diffusers (``<layer>.lora_A.weight`` / ``
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,10 +101,17 @@ def apply_lora(export: Path, lora: Path, scale: float, out: Path) -> dict[str, o
     Raises:
         BadInputError: unreadable files, a LoRA layer the model does not have, mismatched shapes.
     """
-    from .artifacts import atomic_write_bytes, safetensors_bytes
+    from .artifacts import atomic_write_bytes, safetensors_bytes, sha256_file
     from .export_format import PLAIN_KEYS, read_metadata
 
+    if not math.isfinite(scale):
+        raise BadInputError(f"--scale {scale} is not a finite number")
     metadata = read_metadata(export)
+    digest = sha256_file(lora) if Path(lora).is_file() else None
+    for earlier in metadata.get("loras", []):
+        if digest is not None and earlier.get("sha256") == digest:
+            raise BadInputError(f"{Path(lora).name} is already applied to {Path(export).name} (applying it again "
+                                "would double its effect)")
     tensors = load_file(str(export))
     quantized = metadata["layers"]
     sixteen_bit = [key[: -len(".weight")] for key in tensors if key.endswith(".weight")
@@ -126,7 +134,7 @@ def apply_lora(export: Path, lora: Path, scale: float, out: Path) -> dict[str, o
     raw = {key: (value if key in PLAIN_KEYS else json.dumps(value, sort_keys=True))
            for key, value in metadata.items()}
     applied = json.loads(raw.get("loras", "[]"))
-    applied.append({"file": Path(lora).name, "scale": scale, "layers": len(joined) + len(merged)})
+    applied.append({"file": Path(lora).name, "sha256": digest, "scale": scale, "layers": len(joined) + len(merged)})
     raw["loras"] = json.dumps(applied, sort_keys=True)
     atomic_write_bytes(Path(out), safetensors_bytes(tensors, raw))
     return {"out": str(out), "joined": len(joined), "merged": len(merged)}

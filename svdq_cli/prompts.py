@@ -11,6 +11,7 @@ from .errors import BadInputError
 from .resources import data_dir
 
 BUILTIN = {"builtin:calibration": "calibration.txt", "builtin:validation": "validation.txt"}
+MAX_PROMPT_CHARACTERS = 4000
 
 
 def load_prompts(source: str, count: int | None = None) -> list[str]:
@@ -30,6 +31,10 @@ def load_prompts(source: str, count: int | None = None) -> list[str]:
     prompts = [p.strip() for p in prompts if p and p.strip()]
     if not prompts:
         raise BadInputError(f"prompt source {source} holds no prompts")
+    for number, prompt in enumerate(prompts, 1):
+        if len(prompt) > MAX_PROMPT_CHARACTERS:
+            raise BadInputError(f"prompt {number} of {source} is {len(prompt)} characters long (at most "
+                                f"{MAX_PROMPT_CHARACTERS}: the text encoders read a few hundred tokens)")
     if count is not None:
         if count < 1:
             raise BadInputError(f"the number of prompts must be at least 1, got {count}")
@@ -63,7 +68,10 @@ def _from_file(path: Path) -> list[str]:
         return [item["prompt"] if isinstance(item, dict) and "prompt" in item else item for item in items
                 if isinstance(item, (str, dict))]
     if path.suffix.lower() == ".csv":
-        rows = list(csv.DictReader(text.splitlines()))
+        try:
+            rows = list(csv.DictReader(text.splitlines()))
+        except csv.Error as error:
+            raise BadInputError(f"CSV prompt file {path} is malformed ({error})") from None
         if rows and "prompt" not in rows[0]:
             raise BadInputError(f"CSV prompt file {path} has no 'prompt' column")
         return [row["prompt"] for row in rows]
@@ -71,8 +79,13 @@ def _from_file(path: Path) -> list[str]:
 
 
 def _from_dataset(source: str) -> list[str]:
+    from .online import hub_reachable
+
     name, _, rest = source[3:].partition(":")
     split, _, column = rest.partition(":")
+    if not Path(name).exists() and not hub_reachable():
+        raise BadInputError(f"cannot reach the Hugging Face Hub to load dataset {name!r} (offline?); pass a local "
+                            "prompt file (.txt, .json, .csv) instead")
     try:
         import datasets
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -21,6 +22,8 @@ from pathlib import Path
 
 import yaml
 
+from .device import CHOICES as DEVICE_CHOICES
+from .device import valid_device
 from .errors import BadInputError
 from .quant.config import QuantConfig
 from .resources import data_dir
@@ -75,7 +78,7 @@ class RunConfig:
     model: str
     family: str
     dtype: str = "bfloat16"
-    device: str = "cpu"
+    device: str = "auto"
     offload: bool = False
     quant: QuantConfig = field(default_factory=QuantConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
@@ -85,8 +88,12 @@ class RunConfig:
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
             raise BadInputError(f"dtype={self.dtype!r} is invalid (allowed: {', '.join(DTYPES)})")
-        if not (self.device == "cpu" or self.device == "cuda" or self.device.startswith("cuda:")):
-            raise BadInputError(f"device={self.device!r} is invalid (allowed: cpu, cuda, cuda:N)")
+        if not valid_device(self.device):
+            raise BadInputError(f"device={self.device!r} is invalid (allowed: {DEVICE_CHOICES})")
+        for gate in ("min_psnr", "min_ssim", "max_latent_error"):
+            value = getattr(self.validation, gate)
+            if value is not None and not math.isfinite(value):
+                raise BadInputError(f"validation.{gate}={value} must be a finite number")
         if self.validation.runtime not in RUNTIMES:
             raise BadInputError(f"validation.runtime={self.validation.runtime!r} is invalid (allowed: "
                                 f"{', '.join(RUNTIMES)})")

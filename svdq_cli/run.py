@@ -12,16 +12,25 @@ import fcntl
 import os
 import platform
 import signal
+import sys
 import time
 from pathlib import Path
 
 from . import __version__
-from .artifacts import CorruptArtifactError, atomic_write_json, read_tensors, sha256_file, write_tensors
-from .errors import BadInputError, SvdqError
+from .artifacts import (
+    CorruptArtifactError,
+    atomic_write_json,
+    read_tensors,
+    sealed_sha256,
+    sha256_file,
+    write_tensors,
+)
+from .errors import BadInputError
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1
-# Test-only fault injection: "STAGE:N" SIGKILLs the process right after the N-th artifact of STAGE is recorded.
+# Test-only fault injection, right after the N-th artifact of STAGE is recorded: "STAGE:N" SIGKILLs the process;
+# "STAGE:N:pause" says so on stderr and waits for a signal (a test's Ctrl-C, at a known point).
 FAULT_VARIABLE = "SVDQ_FAULT_AFTER"
 
 
@@ -47,28 +56,43 @@ class Run:
         self.path = Path(path)
         self._lock_handle = None
         self.manifest: dict = {"format": MANIFEST_FORMAT, "stages": {}}
+        self.corrupt: str | None = None  # why the manifest on disk cannot be used, if it cannot
         if (self.path / MANIFEST).exists():
-            self.manifest = self._read_manifest()
+            self.manifest, self.corrupt = self._read_manifest()
 
     @classmethod
     def existing(cls, path: Path) -> Run:
-        """Open a run that must already exist (status, validate, export)."""
+        """Open a run that must already exist and be readable (status, validate, export).
+
+        Raises:
+            BadInputError: no run there, or a manifest that cannot be read (with how to rebuild the run).
+        """
         if not (Path(path) / MANIFEST).is_file():
             raise BadInputError(f"{path} is not an svdq run directory (no {MANIFEST}); run `svdq quantize` first")
-        return cls(path)
+        run = cls(path)
+        if run.corrupt:
+            raise BadInputError(f"{path / MANIFEST} {run.corrupt}; re-run `svdq quantize MODEL --out {path}` with the "
+                                "run's model and recipe: it sets the manifest aside and reuses every artifact that "
+                                "still verifies")
+        return run
 
-    def _read_manifest(self) -> dict:
+    def _read_manifest(self) -> tuple[dict, str | None]:
         import json
 
+        fresh = {"format": MANIFEST_FORMAT, "stages": {}}
         try:
             manifest = json.loads((self.path / MANIFEST).read_text())
         except (OSError, ValueError) as error:
-            raise SvdqError(
-                f"{self.path / MANIFEST} is unreadable ({error}); remove the run directory to start over"
-            ) from None
-        if manifest.get("format") != MANIFEST_FORMAT:
-            raise SvdqError(f"{self.path / MANIFEST} has format {manifest.get('format')}, expected {MANIFEST_FORMAT}")
-        return manifest
+            return fresh, f"is unreadable ({type(error).__name__})"
+        if not isinstance(manifest, dict) or not isinstance(manifest.get("stages"), dict):
+            return fresh, "is not an svdq manifest (valid JSON of another shape)"
+        version = manifest.get("format")
+        if isinstance(version, int) and version > MANIFEST_FORMAT:
+            raise BadInputError(f"{self.path / MANIFEST} was written by a newer svdq (manifest format {version}, "
+                                f"this one reads {MANIFEST_FORMAT}); upgrade svdq or choose another --out")
+        if version != MANIFEST_FORMAT:
+            return fresh, f"has an unknown manifest format {version!r}"
+        return manifest, None
 
     # --- locking ------------------------------------------------------------------------------------
 
@@ -95,7 +119,29 @@ class Run:
         handle.write(str(os.getpid()))
         handle.flush()
         self._lock_handle = handle
+        if self.corrupt:  # set it aside (never delete a user's file) and start a manifest the artifacts can rejoin
+            aside = self.path / f"{MANIFEST}.corrupt-{int(time.time())}"
+            os.replace(self.path / MANIFEST, aside)
+            from .progress import warn
+
+            warn(f"{self.path / MANIFEST} {self.corrupt}: set aside as {aside.name}; artifacts that still verify "
+                 "are reused")
+            self.corrupt = None
         return self
+
+    def in_use(self) -> bool:
+        """Whether a process holds this run's lock now (a stage marked running without one was interrupted)."""
+        if self._lock_handle is not None:
+            return True
+        try:
+            with open(self.path / ".lock", "a+") as handle:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(handle, fcntl.LOCK_UN)
+        except BlockingIOError:
+            return True
+        except OSError:
+            return False
+        return False
 
     def __exit__(self, *exc) -> None:
         if self._lock_handle is not None:
@@ -115,14 +161,19 @@ class Run:
         self.manifest["config"] = config
         self.manifest["versions"] = versions
 
-    def begin_stage(self, name: str, config_hash: str) -> bool:
+    def begin_stage(self, name: str, config_hash: str, keep_previous: bool = False) -> bool:
         """Mark a stage running under ``config_hash``; returns True when earlier artifacts of the same
-        hash can be kept (resume), False when the config changed and they were discarded."""
+        hash can be kept (resume), False when the config changed and they were discarded — or, with
+        ``keep_previous`` (exports: a user's deliverables), moved to the record's ``previous`` list, still on
+        disk and verifiable."""
         record = self.stage(name)
         resume = record.get("hash") == config_hash
         if not resume:
-            for relative in record.get("artifacts", {}):
-                (self.path / relative).unlink(missing_ok=True)
+            for relative, digest in record.get("artifacts", {}).items():
+                if keep_previous and (self.path / relative).is_file():
+                    record.setdefault("previous", {})[relative] = digest
+                else:
+                    (self.path / relative).unlink(missing_ok=True)
             record["artifacts"] = {}
         record.update(hash=config_hash, status="running", started=time.time())
         record.pop("finished", None)
@@ -150,8 +201,27 @@ class Run:
         return [relative for relative in self.stage(stage)["artifacts"] if not self.artifact_ok(stage, relative)]
 
     def write(self, stage: str, relative: str, tensors: dict, metadata: dict[str, str] | None = None) -> None:
-        """Write a safetensors artifact atomically, then record its checksum (manifest last)."""
-        self._record(stage, relative, write_tensors(self.path / relative, tensors, metadata))
+        """Write a safetensors artifact atomically, sealed with its stage's config hash, then record its
+        checksum (manifest last)."""
+        seal = f"{stage}:{self.stage(stage)['hash']}"
+        self._record(stage, relative, write_tensors(self.path / relative, tensors, metadata, seal))
+
+    def adopt(self, stage: str) -> int:
+        """Record the stage's files that are on disk but not in the manifest (a manifest set aside as corrupt,
+        a crash between a write and its record) when they carry the stage's current seal and their data
+        verifies; returns how many were adopted."""
+        record, adopted = self.stage(stage), 0
+        for path in sorted((self.path / stage).glob("*.safetensors")):
+            relative = f"{stage}/{path.name}"
+            if relative in record["artifacts"]:
+                continue
+            digest = sealed_sha256(path, f"{stage}:{record['hash']}")
+            if digest is not None:
+                record["artifacts"][relative] = digest
+                adopted += 1
+        if adopted:
+            self.save()
+        return adopted
 
     def write_file(self, stage: str, relative: str, data: bytes) -> None:
         from .artifacts import atomic_write_bytes, sha256_bytes
@@ -161,10 +231,15 @@ class Run:
 
     def _record(self, stage: str, relative: str, digest: str) -> None:
         self.stage(stage)["artifacts"][relative] = digest
+        self.stage(stage).get("previous", {}).pop(relative, None)  # rewritten: no longer a previous file
         self.save()
-        fault = os.environ.get(FAULT_VARIABLE, "").partition(":")
-        if fault[0] == stage and len(self.stage(stage)["artifacts"]) >= int(fault[2]):
-            os.kill(os.getpid(), signal.SIGKILL)
+        fault = os.environ.get(FAULT_VARIABLE, "").split(":")
+        if fault[0] == stage and len(self.stage(stage)["artifacts"]) >= int(fault[1]):
+            if fault[2:] == ["pause"]:
+                print(f"fault hook: paused after {stage} artifact {fault[1]}", file=sys.stderr, flush=True)
+                signal.pause()
+            else:
+                os.kill(os.getpid(), signal.SIGKILL)
 
     def read(self, stage: str, relative: str):
         """Tensors and metadata of an artifact, verified against the manifest."""

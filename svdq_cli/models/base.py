@@ -60,6 +60,12 @@ class Adapter:
     nonnegative: tuple[str, ...]
     protocol: Protocol
     build_tiny: Callable[..., object]
+    latent_patch: int | None = None  # latent pixels per token side; None: the transformer's patch_size
+
+    def resolution_multiple(self, pipeline) -> int:
+        """Image sizes the pipeline can take are multiples of this: VAE downsampling × latent patch."""
+        patch = self.latent_patch or pipeline.transformer.config.get("patch_size", 1) or 1
+        return getattr(pipeline, "vae_scale_factor", 8) * patch
 
     def block_groups(self, transformer: nn.Module) -> list[tuple[str, list[list[str]]]]:
         """``[(block_name, [[linear path, …] per group])]`` in execution order, with full module paths.

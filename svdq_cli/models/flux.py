@@ -63,6 +63,7 @@ def _adapter(family: str, protocol: Protocol, build=build_tiny) -> Adapter:
         nonnegative=("ff.net.2", "ff_context.net.2"),
         protocol=protocol,
         build_tiny=build,
+        latent_patch=2,  # Flux packs 2×2 latent pixels into a token
     )
 
 

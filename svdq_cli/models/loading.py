@@ -44,16 +44,24 @@ def load_pipeline(model: str, adapter: Adapter, dtype: torch.dtype, device: str 
     else:
         import diffusers
 
+        from ..online import hub_reachable
+
         pipeline_class = getattr(diffusers, adapter.pipeline_class)
+        local = Path(model).exists()
         try:
-            pipeline = pipeline_class.from_pretrained(model, torch_dtype=dtype)
-        except (OSError, ValueError) as error:
-            if Path(model).exists():
-                raise BadInputError(f"cannot load {model} as a {adapter.pipeline_class}: {error}") from None
+            pipeline = pipeline_class.from_pretrained(model, torch_dtype=dtype,
+                                                      local_files_only=local or not hub_reachable())
+        except Exception as error:  # diffusers, transformers and safetensors raise many types for bad files
+            if local:
+                first_line = (str(error).strip().splitlines() or [""])[0][:300]
+                raise BadInputError(f"cannot load {model} as a {adapter.pipeline_class} ({type(error).__name__}: "
+                                    f"{first_line})") from None
             raise ModelFetchError(
                 f"could not fetch {model} from the Hugging Face Hub ({type(error).__name__}); download it with "
                 f"`hf download {model} --local-dir DIR` and pass DIR as the model"
             ) from None
+        if local:
+            check_weights_match_config(Path(model), pipeline.transformer)
     for component in pipeline.components.values():
         if isinstance(component, torch.nn.Module):
             component.eval()
@@ -63,3 +71,29 @@ def load_pipeline(model: str, adapter: Adapter, dtype: torch.dtype, device: str 
     else:
         pipeline.to(device)
     return pipeline
+
+
+def check_weights_match_config(model_dir: Path, transformer: torch.nn.Module) -> None:
+    """The transformer's weight files hold exactly the tensors its config describes.
+
+    diffusers only warns about tensors the config expects but the files lack (and initializes them randomly):
+    a directory whose config.json disagrees with its weights would be quantized as a random model.
+
+    Raises:
+        BadInputError: missing or unused tensors, naming one of each.
+    """
+    from safetensors import safe_open
+
+    files = sorted((model_dir / "transformer").glob("*.safetensors"))
+    if not files:
+        return
+    stored: set[str] = set()
+    for file in files:
+        with safe_open(str(file), "pt") as handle:
+            stored.update(handle.keys())
+    expected = set(transformer.state_dict())
+    missing, unused = sorted(expected - stored), sorted(stored - expected)
+    if missing or unused:
+        raise BadInputError(f"{model_dir / 'transformer'}: its config and weights disagree ({len(missing)} tensors "
+                            f"the config expects are missing{', e.g. ' + missing[0] if missing else ''}; "
+                            f"{len(unused)} in the files are unused{', e.g. ' + unused[0] if unused else ''})")

@@ -18,11 +18,13 @@ from functools import cached_property
 import torch
 from torch import nn
 
+from ..device import resolve_device
 from ..errors import BadInputError
 from ..models import Adapter, get_adapter
 from ..progress import say, task, warn
 from ..recipe import RunConfig
 from ..run import FAULT_VARIABLE, Run, library_versions  # noqa: F401 (FAULT_VARIABLE: for tests)
+from ..threads import single_threaded
 
 ORDER = ("collect", "smooth", "svd", "quantize", "validate", "export")
 
@@ -34,13 +36,14 @@ class Workspace:
         self.config = config
         self.adapter: Adapter = get_adapter(config.family)
         self.dtype = getattr(torch, config.dtype)
+        self.device = resolve_device(config.device)
 
     @cached_property
     def pipeline(self):
         from ..models.loading import load_pipeline
 
-        say(f"loading {self.config.model} ({self.config.dtype}, {self.config.device})")
-        return load_pipeline(self.config.model, self.adapter, self.dtype, self.config.device, self.config.offload)
+        say(f"loading {self.config.model} ({self.config.dtype}, {self.device})")
+        return load_pipeline(self.config.model, self.adapter, self.dtype, self.device, self.config.offload)
 
     @property
     def transformer(self) -> nn.Module:
@@ -57,25 +60,41 @@ class Workspace:
         modules = dict(self.transformer.named_modules())
         return {name: modules[name] for _, groups in self.blocks for group in groups for name in group}
 
-    def check_group_size(self) -> None:
-        group = self.config.quant.group_size
+    def preflight(self, todo: list[str]) -> None:
+        """Check the loaded model against the config before any stage runs (a long collect is not wasted on
+        a rank or a resolution that could never work).
+
+        Raises:
+            BadInputError: a layer the group size does not divide, a rank larger than a layer, a resolution
+                the model cannot take, the emulated runtime on a GPU device.
+        """
+        group, rank = self.config.quant.group_size, self.config.quant.effective_rank
         for name, module in self.originals.items():
             if module.in_features % group:
                 raise BadInputError(f"layer {name}: in_features {module.in_features} is not divisible by {group}")
-            rank = self.config.quant.effective_rank
             if rank > min(module.in_features, module.out_features):
                 raise BadInputError(f"--rank {rank} exceeds layer {name} "
                                     f"(min(in, out) = {min(module.in_features, module.out_features)})")
+        multiple = self.adapter.resolution_multiple(self.pipeline)
+        for section, flag in ((self.config.calibration, "--resolution"), (self.config.validation, "--val-resolution")):
+            resolution = section.resolution or self.adapter.protocol.resolution
+            if resolution % multiple:
+                raise BadInputError(f"{flag} {resolution} is not a multiple of {multiple} (the model's VAE and "
+                                    f"patch size); try {max(multiple, resolution // multiple * multiple)}")
+        if "validate" in todo and self.config.validation.runtime == "emulated" and self.device != "cpu":
+            raise BadInputError("--runtime emulated runs the kernels on the CPU emulator: add --device cpu")
 
 
 @dataclass
 class Stage:
-    """One stage: the config fields it reads, the stages it reads from, and its body."""
+    """One stage: the config fields it reads, the stages it reads from, and its body. A stage that
+    ``keeps_previous`` artifacts (the export) leaves a changed config's earlier files in place."""
 
     name: str
     inputs: tuple[str, ...]
     reads: Callable[[RunConfig], dict]
     body: Callable[[Run, Workspace], dict | None]
+    keeps_previous: bool = False
 
 
 def registry() -> dict[str, Stage]:
@@ -90,45 +109,93 @@ def stage_hash(stage: Stage, config: RunConfig, hashes: dict[str, str]) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def run_stages(run: Run, config: RunConfig, until: str | None = None, redo: str | None = None) -> dict:
-    """Run (or resume, or skip) every stage up to ``until``; returns a summary per stage.
+def check_stage_range(until: str | None, redo: str | None) -> None:
+    """``--until``/``--redo`` name stages, and ``--redo`` does not lie past ``--until``.
 
     Raises:
-        BadInputError: unknown stage names; and whatever the stages raise.
+        BadInputError: an unknown stage, or a redo that would be skipped.
     """
     for name in (until, redo):
         if name is not None and name not in ORDER:
             raise BadInputError(f"unknown stage {name!r} (stages: {', '.join(ORDER)})")
+    if until is not None and redo is not None and ORDER.index(redo) > ORDER.index(until):
+        raise BadInputError(f"--redo {redo} comes after --until {until}: it would never run")
+
+
+def check_config(config: RunConfig, until: str | None = None, redo: str | None = None) -> str:
+    """What can be checked of a config before a run directory is touched; returns the device to use.
+
+    Stage names, the device (an explicit CUDA device that is not there is an error; ``auto`` without one says
+    it runs on the CPU), and both prompt sets (unreadable or empty sets are errors; asking for more prompts
+    than a set holds is said, not silently capped).
+
+    Raises:
+        BadInputError: any of the above.
+    """
+    from ..prompts import load_prompts
+
+    check_stage_range(until, redo)
+    device = resolve_device(config.device)
+    if config.device == "auto" and device == "cpu":
+        say("device: cpu (no CUDA device; pass --device cuda on a GPU machine)")
+    for label, section in (("calibration", config.calibration), ("validation", config.validation)):
+        available = len(load_prompts(section.prompts))
+        if section.num_prompts > available:
+            warn(f"{label} prompts: {section.prompts} holds {available}; using all {available}, "
+                 f"not {section.num_prompts}")
+    return device
+
+
+def check_same_model(run: Run, config: RunConfig) -> None:
+    """A run directory holds one model: another one there would discard its artifacts."""
+    stored = run.manifest.get("config")
+    if stored and (stored.get("model"), stored.get("family")) != (config.model, config.family):
+        raise BadInputError(f"{run.path} holds a run of {stored.get('model')} ({stored.get('family')}), not "
+                            f"{config.model}; choose another --out")
+
+
+def run_stages(run: Run, config: RunConfig, until: str | None = None, redo: str | None = None) -> dict:
+    """Run (or resume, or skip) every stage up to ``until``; returns a summary per stage.
+
+    Everything that can be checked is checked before the first stage runs: stage names, the model in the
+    run directory, and — once the model is loaded — the layers against the rank and group size and the
+    resolutions against the model's patch size.
+
+    Raises:
+        BadInputError: unknown stage names, another model's run; and whatever the stages raise.
+    """
+    check_stage_range(until, redo)
+    check_same_model(run, config)
     stages = registry()
     workspace = Workspace(config)
-    run.set_config(config.to_dict(), library_versions())
-    run.save()
     hashes: dict[str, str] = {}
-    summary: dict[str, dict] = {}
+    todo: list[str] = []
     last = ORDER.index(until) if until else len(ORDER) - 1
     for index, name in enumerate(ORDER[: last + 1]):
-        stage = stages[name]
-        hashes[name] = stage_hash(stage, config, hashes)
+        hashes[name] = stage_hash(stages[name], config, hashes)
         forced = redo is not None and index >= ORDER.index(redo)
-        if forced:
+        if forced or todo or not run.is_current(name, hashes[name]) or run.broken_artifacts(name):
+            todo.append(name)
+    if todo:
+        workspace.preflight(todo)
+    run.set_config(config.to_dict(), library_versions())
+    run.save()
+    summary: dict[str, dict] = {name: {"status": "up to date", "seconds": 0.0} for name in hashes if name not in todo}
+    for name in todo:
+        if redo is not None and ORDER.index(name) >= ORDER.index(redo):
             run.stage(name)["hash"] = None
-        broken = run.broken_artifacts(name) if run.is_current(name, hashes[name]) else []
-        if run.is_current(name, hashes[name]) and not broken:
-            summary[name] = {"status": "up to date", "seconds": 0.0}
-            continue
-        for relative in broken:
+        for relative in run.broken_artifacts(name) if run.is_current(name, hashes[name]) else []:
             warn(f"{relative} is missing or does not match its checksum; recomputing it")
-        if name != "collect" and name != "export":
-            workspace.check_group_size()
         start = time.perf_counter()
-        resumed = run.begin_stage(name, hashes[name])
+        resumed = run.begin_stage(name, hashes[name], keep_previous=stages[name].keeps_previous)
+        resumed = run.adopt(name) > 0 or resumed  # sealed files of this config the manifest did not list
         done_before = sum(run.artifact_ok(name, r) for r in run.stage(name)["artifacts"]) if resumed else 0
         say(f"{name}: {'resuming' if done_before else 'running'}")
-        extra = stage.body(run, workspace) or {}
+        extra = stages[name].body(run, workspace) or {}
         seconds = time.perf_counter() - start
         run.finish_stage(name, seconds, **extra)
         summary[name] = {"status": "resumed" if done_before else "done", "seconds": round(seconds, 3), **extra}
-    return summary
+    return {name: summary[name] for name in hashes}
 
 
 def block_artifact(stage: str, index: int) -> str:
@@ -143,7 +210,8 @@ def for_each_block(run: Run, workspace: Workspace, stage: str,
         for index, (block, groups) in enumerate(blocks):
             relative = block_artifact(stage, index)
             if not run.artifact_ok(stage, relative):
-                tensors, metadata = compute(index, block, groups)
+                with single_threaded():  # the weight side's numerics must not depend on the thread count
+                    tensors, metadata = compute(index, block, groups)
                 run.write(stage, relative, tensors, metadata)
             advance(block)
 

@@ -32,6 +32,9 @@ def run(run, workspace) -> dict:
     guidance = protocol.guidance if calibration.guidance is None else calibration.guidance
     resolution = calibration.resolution or protocol.resolution
     groups = [group for _, block_groups in workspace.blocks for group in block_groups]
+    missing = [i for i in range(len(workspace.blocks)) if not run.artifact_ok("collect", block_artifact("collect", i))]
+    if not missing:  # every block's statistics verify (adopted after a lost manifest): no calibration pass
+        return {"prompts": len(prompts), "steps": steps, "resolution": resolution}
 
     def calibrate(_transformer) -> None:
         with task("collect", len(prompts)) as advance:
@@ -41,16 +44,14 @@ def run(run, workspace) -> dict:
                 advance(prompt[:40])
 
     result = collect_statistics(workspace.transformer, workspace.originals, calibrate, config.quant, groups)
-    for index, (_, block_groups) in enumerate(workspace.blocks):
-        relative = block_artifact("collect", index)
-        if run.artifact_ok("collect", relative):
-            continue
+    for index in missing:
+        block_groups = workspace.blocks[index][1]
         tensors, members = {}, {}
         for group in block_groups:
             owner = group[0]
             members[owner] = group
             tensors.update({f"{owner}.{key}": value for key, value in result.stats[owner].state().items()})
-        run.write("collect", relative, tensors, json_meta({"members": members}))
+        run.write("collect", block_artifact("collect", index), tensors, json_meta({"members": members}))
     return {"prompts": len(prompts), "steps": steps, "resolution": resolution}
 
 

@@ -61,4 +61,4 @@ def run(run, workspace) -> dict:
     return {"file": f"export/{name}", "bytes": len(data)}
 
 
-STAGE = Stage("export", ("validate", "quantize"), reads, run)
+STAGE = Stage("export", ("validate", "quantize"), reads, run, keeps_previous=True)

@@ -22,6 +22,7 @@ from ..progress import warn
 from ..prompts import load_prompts, prompt_seed
 from ..quant.config import QuantConfig
 from ..runtime.kernels import describe
+from ..threads import single_threaded
 from . import Stage, block_artifact
 from .quantize import load_block_layers
 from .report_images import comparison_png, layers_png
@@ -54,7 +55,7 @@ def quantized_layers(run, workspace) -> tuple[dict[str, nn.Module], list[dict]]:
     layers, reports = {}, []
     for index in range(len(workspace.blocks)):
         for name, (layer, report) in load_block_layers(run, index).items():
-            layers[name] = layer.to(workspace.config.device)
+            layers[name] = layer.to(workspace.device)
             reports.append(report)
     return layers, reports
 
@@ -69,11 +70,12 @@ def baseline_layers(run, workspace, method: str) -> dict[str, nn.Module]:
         collected, _ = run.read("collect", block_artifact("collect", index))
         for group in groups:
             modules = [workspace.originals[name] for name in group]
-            plan = plan_group(group, modules, group_stats(collected, group[0]), config,
-                              weight_only=[group[0]] if adapter.is_weight_only(group[0]) else (),
-                              nonnegative=[group[0]] if adapter.is_nonnegative(group[0]) else ())
-            for name, module in zip(group, modules, strict=True):
-                layers[name] = quantize_layer(module, config, plan)
+            with single_threaded():  # the weight side's numerics must not depend on the thread count
+                plan = plan_group(group, modules, group_stats(collected, group[0]), config,
+                                  weight_only=[group[0]] if adapter.is_weight_only(group[0]) else (),
+                                  nonnegative=[group[0]] if adapter.is_nonnegative(group[0]) else ())
+                for name, module in zip(group, modules, strict=True):
+                    layers[name] = quantize_layer(module, config, plan)
     return layers
 
 
@@ -111,6 +113,14 @@ def generate(workspace, prompts: list[str], seeds: list[int]) -> tuple[torch.Ten
 
 def metrics(images: torch.Tensor, latents: torch.Tensor, reference_images: torch.Tensor,
             reference_latents: torch.Tensor) -> dict:
+    """Per prompt and mean: PSNR, SSIM, latent relative error. Single-threaded: the figures go into the
+    export's metadata, which must not depend on the thread count (SSIM's convolutions would)."""
+    with single_threaded():
+        return _metrics(images, latents, reference_images, reference_latents)
+
+
+def _metrics(images: torch.Tensor, latents: torch.Tensor, reference_images: torch.Tensor,
+             reference_latents: torch.Tensor) -> dict:
     from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
     per_prompt = []
@@ -195,6 +205,15 @@ def check_gates(config, summary: dict) -> dict:
     return gates
 
 
+def failed_gates(report: dict) -> str:
+    """``min_psnr: 46.7 < 99`` for each gate of a report that failed, joined ("" when none did)."""
+    failed = []
+    for name, gate in report["gates"].items():
+        if not gate["passed"]:
+            failed.append(f"{name}: {gate['value']:.4g} {'>' if name.startswith('max') else '<'} {gate['threshold']}")
+    return "; ".join(failed)
+
+
 def run(run, workspace) -> dict:
     config = workspace.config
     validation = config.validation
@@ -208,7 +227,7 @@ def run(run, workspace) -> dict:
             images, latents, runtime, kernels_check = through_emulated_kernels(workspace, prompts, seeds)
         else:
             images, latents = generate(workspace, prompts, seeds)
-            runtime, kernels_check = describe(config.device), None
+            runtime, kernels_check = describe(workspace.device), None
     methods = {"svdquant" if config.quant.method == "svdquant" else config.quant.method:
                metrics(images, latents, reference_images, reference_latents)}
     baseline_images = {}
@@ -221,7 +240,7 @@ def run(run, workspace) -> dict:
     gates = check_gates(validation, main)
     report = {
         "model": config.model, "prompts": prompts, "seeds": seeds,
-        "runtime": runtime, "device": config.device, "kernels_vs_reference_path": kernels_check,
+        "runtime": runtime, "device": workspace.device, "kernels_vs_reference_path": kernels_check,
         "methods": methods, "gates": gates, "passed": all(g["passed"] for g in gates.values()),
         "lpips": lpips_status(), "layers": layer_reports,
     }

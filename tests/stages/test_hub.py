@@ -26,6 +26,7 @@ def fake_hub(monkeypatch):
 
     monkeypatch.setattr("huggingface_hub.HfApi.create_repo", create_repo)
     monkeypatch.setattr("huggingface_hub.HfApi.create_commit", create_commit)
+    monkeypatch.setattr("svdq_cli.online.hub_reachable", lambda: True)  # the fake Hub is always there
     return calls
 
 
