@@ -71,11 +71,14 @@ def _quiet_libraries() -> None:
 
     warnings.filterwarnings("ignore")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # read at import: before diffusers imports it
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
     diffusers_logging.set_verbosity_error()
     transformers_logging.set_verbosity_error()
+    diffusers_logging.disable_progress_bar()  # svdq draws its own progress; loading bars are noise in CI logs
+    transformers_logging.disable_progress_bar()
 
 
 def resolve_model(model: str, recipe: str | None, overrides: dict[str, object]):

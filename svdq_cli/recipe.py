@@ -31,6 +31,7 @@ from .resources import data_dir
 DTYPES = ("float32", "bfloat16", "float16")
 BASELINES = ("rtn", "w4a16", "smoothquant")
 RUNTIMES = ("auto", "emulated")
+RECIPE_VERSION = 1
 
 
 @dataclass(frozen=True)
@@ -83,9 +84,12 @@ class RunConfig:
     quant: QuantConfig = field(default_factory=QuantConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
-    version: int = 1
+    version: int = RECIPE_VERSION
 
     def __post_init__(self) -> None:
+        if self.version > RECIPE_VERSION:
+            raise BadInputError(f"recipe version {self.version} is newer than this svdq's ({RECIPE_VERSION}); "
+                                "upgrade svdq")
         if self.dtype not in DTYPES:
             raise BadInputError(f"dtype={self.dtype!r} is invalid (allowed: {', '.join(DTYPES)})")
         if not valid_device(self.device):
@@ -164,6 +168,8 @@ def build_config(cls, data: dict, prefix: str):
         raise BadInputError(f"{prefix.rstrip('.') or 'recipe'} must be a mapping")
     known = {f.name: f for f in fields(cls)}
     for key in data:
+        if not isinstance(key, str):
+            raise BadInputError(f"{prefix}{key!r}: a key must be a field name (allowed: {', '.join(known)})")
         if key not in known:
             close = difflib.get_close_matches(key, known, n=1)
             hint = f"did you mean {close[0]}?" if close else f"allowed: {', '.join(known)}"

@@ -61,6 +61,11 @@ class Adapter:
     protocol: Protocol
     build_tiny: Callable[..., object]
     latent_patch: int | None = None  # latent pixels per token side; None: the transformer's patch_size
+    guidance_distilled: bool = False  # guidance is an input (Flux): one transformer pass a step, not two
+
+    def passes_per_step(self, guidance: float) -> int:
+        """Transformer passes a denoising step makes: two with classifier-free guidance."""
+        return 1 if self.guidance_distilled or guidance <= 1.0 else 2
 
     def resolution_multiple(self, pipeline) -> int:
         """Image sizes the pipeline can take are multiples of this: VAE downsampling × latent patch."""

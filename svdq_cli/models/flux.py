@@ -64,6 +64,7 @@ def _adapter(family: str, protocol: Protocol, build=build_tiny) -> Adapter:
         protocol=protocol,
         build_tiny=build,
         latent_patch=2,  # Flux packs 2×2 latent pixels into a token
+        guidance_distilled=True,
     )
 
 

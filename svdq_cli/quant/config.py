@@ -17,6 +17,7 @@ from .formats import FORMATS, Format, get_format
 
 METHODS = ("svdquant", "smoothquant", "rtn")
 SCALE_DTYPES = ("model", "float32")
+CONFIG_VERSION = 1
 
 
 def alpha_grid(points: int) -> tuple[float, ...]:
@@ -68,12 +69,14 @@ class QuantConfig:
     search_channels: int = 256
     scale_dtype: str = "model"
     seed: int = 0
-    version: int = 1
+    version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
         def bad(name: str, value: object, allowed: str) -> ValueError:
             return ValueError(f"QuantConfig.{name}={value!r} is invalid (allowed: {allowed})")
 
+        if self.version > CONFIG_VERSION:
+            raise bad("version", self.version, f"{CONFIG_VERSION} or older: upgrade svdq to read newer configs")
         if self.method not in METHODS:
             raise bad("method", self.method, ", ".join(METHODS))
         if self.precision not in FORMATS:

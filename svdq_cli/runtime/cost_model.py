@@ -57,7 +57,7 @@ def kernel_figures(record, ideal: dict[str, int], gpu: Gpu, branch_flops: int = 
     """Traffic ratios and the roofline estimate of one counted launch on ``gpu``."""
     requested = record.load_bytes + record.store_bytes
     unique = sum(a["unique_load"] + a["unique_store"] for a in record.arguments.values())
-    footprint = sum(a["bytes"] for a in record.arguments.values())
+    footprint = sum(a["bytes"] for a in record.arguments.values() if a["load"])  # what re-reads could hit
     branch = sum(a["load"] + a["store"] for name, a in record.arguments.items() if name in BRANCH_ARGUMENTS)
     ideal_total = sum(ideal.values())
     compute = sum(count * _flops(kind) / gpu.tensor_ops[kind] for kind, count in record.mma.items()

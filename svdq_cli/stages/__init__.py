@@ -83,6 +83,35 @@ class Workspace:
                                     f"patch size); try {max(multiple, resolution // multiple * multiple)}")
         if "validate" in todo and self.config.validation.runtime == "emulated" and self.device != "cpu":
             raise BadInputError("--runtime emulated runs the kernels on the CPU emulator: add --device cpu")
+        if self.device == "cpu":
+            self.say_cpu_cost(todo, multiple)
+
+    def say_cpu_cost(self, todo: list[str], multiple: int) -> None:
+        """On a CPU, one line per generating stage whose estimated cost exceeds a minute, with the flags that
+        size it (a full-size protocol on a CPU would otherwise run for hours without a word)."""
+        transformer = self.transformer
+        params = sum(p.numel() for p in transformer.parameters())
+        config = transformer.config
+        width = config.get("num_attention_heads", 1) * config.get("attention_head_dim", 64)
+        text_tokens = int(self.adapter.protocol.extra.get("max_sequence_length", 120))
+        rate = _cpu_flop_rate()
+        for name, section, flags in (("collect", self.config.calibration, "--num-prompts/--steps/--resolution"),
+                                     ("validate", self.config.validation,
+                                      "--val-prompts/--val-steps/--val-resolution")):
+            if name not in todo:
+                continue
+            protocol = self.adapter.protocol
+            steps, resolution = section.steps or protocol.steps, section.resolution or protocol.resolution
+            guidance = protocol.guidance if section.guidance is None else section.guidance
+            tokens = (resolution // multiple) ** 2 + text_tokens
+            per_pass = 2 * params * tokens + 4 * tokens**2 * width * len(self.blocks)  # linears + attention
+            generations = section.num_prompts * (1 + len(getattr(section, "baselines", ())) + 1) \
+                if name == "validate" else section.num_prompts  # validate: 16-bit, quantized, baselines
+            seconds = per_pass * steps * self.adapter.passes_per_step(guidance) * generations / rate
+            if seconds > 60:
+                span = f"{seconds / 3600:.1f} h" if seconds > 7200 else f"{seconds / 60:.0f} min"
+                say(f"{name}: about {span} on this CPU (estimated: {section.num_prompts} prompts × {steps} steps at "
+                    f"{resolution} px); size it with {flags}")
 
 
 @dataclass
@@ -95,6 +124,15 @@ class Stage:
     reads: Callable[[RunConfig], dict]
     body: Callable[[Run, Workspace], dict | None]
     keeps_previous: bool = False
+
+
+def _cpu_flop_rate() -> float:
+    """This CPU's float32 matmul rate now, from a quick measurement (for cost notices only)."""
+    a = torch.randn(384, 384)
+    start = time.perf_counter()
+    for _ in range(8):
+        a @ a
+    return 8 * 2 * 384**3 / max(time.perf_counter() - start, 1e-6)
 
 
 def registry() -> dict[str, Stage]:

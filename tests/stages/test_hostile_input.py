@@ -413,3 +413,17 @@ def test_exports_do_not_depend_on_the_thread_count(tmp_path, recipe_file):
         assert result.returncode == 0, result.stderr[-2000:]
         exports.append(export_file(run).read_bytes())
     assert exports[0] == exports[1]
+
+
+def test_a_full_size_protocol_on_a_cpu_says_what_it_will_cost(flux_dir, capsys):
+    from svdq_cli.cli import resolve_model
+    from svdq_cli.stages import Workspace
+
+    config = resolve_model(str(flux_dir), None, {"device": "cpu"})  # a local Flux directory: flux-dev's protocol
+    assert config.calibration.steps == 50 and config.validation.resolution == 1024
+    workspace = Workspace(config)
+    workspace.say_cpu_cost(["collect", "validate"], workspace.adapter.resolution_multiple(workspace.pipeline))
+    notices = [line for line in capsys.readouterr().err.splitlines() if "on this CPU (estimated" in line]
+    assert len(notices) == 2
+    assert notices[0].startswith("collect: about") and "size it with --num-prompts/--steps/--resolution" in notices[0]
+    assert notices[1].startswith("validate: about") and "--val-prompts/--val-steps/--val-resolution" in notices[1]
