@@ -68,6 +68,10 @@ def test_a_tampered_artifact_is_detected_and_recomputed(run_copy, recipe_file):
     code, _, stderr = svdq("quantize", "tiny-flux", "--recipe", recipe_file, "--out", run_copy)
     assert code == 0 and "quantize/block-001.safetensors" in stderr
     assert export_file(run_copy).read_bytes() == expected
+    (run_copy / "smooth" / "block-004.safetensors").unlink()
+    code, _, stderr = svdq("quantize", "tiny-flux", "--recipe", recipe_file, "--out", run_copy)
+    assert code == 0 and "smooth/block-004.safetensors is missing or does not match its checksum" in stderr
+    assert export_file(run_copy).read_bytes() == expected
 
 
 def _cli(args, env_extra=None):
@@ -145,9 +149,15 @@ def test_inspect_and_status(finished_run):
     assert code == 0 and [s["status"] for s in json.loads(stdout)["stages"]] == ["done"] * 6
 
 
+def _default_sigint() -> None:
+    # A runner that started us in the background (nohup, `cmd &`) leaves SIGINT ignored, and children inherit
+    # that; svdq under test must see Ctrl-C as a user's shell delivers it.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _interrupt_through_a_pipe(args, env):
     process = subprocess.Popen([sys.executable, "-m", "svdq_cli.cli", *map(str, args)], stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, env=env)
+                               stderr=subprocess.PIPE, text=True, env=env, preexec_fn=_default_sigint)
     for line in process.stderr:  # the fault hook says when it waits: a known point, no sleeping
         if line.startswith("fault hook: paused"):
             process.send_signal(signal.SIGINT)
@@ -162,6 +172,7 @@ def _interrupt_in_a_terminal(args, env):
 
     pid, terminal = pty.fork()
     if pid == 0:  # the child: svdq on a terminal, as a user runs it
+        _default_sigint()
         os.execve(sys.executable, [sys.executable, "-m", "svdq_cli.cli", *map(str, args)], env)
     output = b""
     while b"fault hook: paused" not in output:
