@@ -11,7 +11,10 @@ quantization; calibration forward passes excluded) and bytes against bf16.
 
     python benchmarks/layer_quality.py            # FLUX shapes, all methods (minutes on 2 cores)
     python benchmarks/layer_quality.py --quick    # one small shape (the demo)
+    python benchmarks/layer_quality.py --search   # the default (local) α/β search against the exhaustive one
     python benchmarks/layer_quality.py --json     # one JSON document on stdout
+
+Weight-side seconds are single-threaded, svdq's policy (svdq_cli/threads.py).
 """
 
 from __future__ import annotations
@@ -32,6 +35,9 @@ from svdq_cli.synthetic import planted_outlier_layer
 
 FLUX_SHAPES = ((3072, 3072), (3072, 12288), (12288, 3072))  # (in_features K, out_features N)
 QUICK_SHAPES = ((1024, 1024),)
+# Every FLUX.1-dev layer shape (K, N, weight-only): attention and MLP in and out, and the AdaLN projections.
+SEARCH_SHAPES = ((3072, 3072, False), (12288, 3072, False), (3072, 12288, False), (15360, 3072, False),
+                 (3072, 18432, True))
 
 METHODS: dict[str, QuantConfig] = {
     "W4A16 RTN": QuantConfig(method="rtn", weight_only=True),
@@ -88,13 +94,50 @@ def render(results: list[dict[str, object]], console: Console) -> None:
     console.print(table)
 
 
+def search_rows(seed: int, talk: Console) -> list[dict[str, object]]:
+    """The default SVDQuant r32 config with the local α/β search against the same with the exhaustive one."""
+    rows = []
+    for k, n, weight_only in SEARCH_SHAPES:
+        row = {"shape": f"{k}x{n}", "weight_only": weight_only}
+        for search in ("exhaustive", "local"):
+            talk.print(f"[dim]{k}x{n} {search} search …[/dim]")
+            config = QuantConfig(rank=32, weight_only=weight_only, search=search)
+            result = evaluate((k, n), search, config, seed, structured=True)
+            row[search] = {"error": result["relative_error"], "seconds": result["weight_side_seconds"],
+                           "alpha": result["alpha"], "beta": result["beta"]}
+        rows.append(row)
+    return rows
+
+
+def render_search(rows: list[dict[str, object]], console: Console) -> None:
+    table = Table(title="α/β search, SVDQuant r32: local (default) vs exhaustive, one thread")
+    for column in ("shape K×N", "exhaustive error", "local error", "local ÷ exhaustive", "α/β exhaustive → local",
+                   "weight side s exhaustive → local"):
+        table.add_column(column, justify="left" if column == "shape K×N" else "right")
+    for r in rows:
+        e, lo = r["exhaustive"], r["local"]
+        table.add_row(r["shape"] + (" W4A16" if r["weight_only"] else ""), f"{e['error']:.4f}", f"{lo['error']:.4f}",
+                      f"{lo['error'] / e['error']:.3f}", f"{e['alpha']:.2f}/{e['beta']:.2f} → {lo['alpha']:.2f}/"
+                      f"{lo['beta']:.2f}", f"{e['seconds']:.2f} → {lo['seconds']:.2f}")
+    console.print(table)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="one small shape and four methods (the demo)")
     parser.add_argument("--json", action="store_true", help="print one JSON document on stdout instead of a table")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--iid", action="store_true", help="i.i.d. Gaussian weights and inputs (no structure)")
+    parser.add_argument("--search", action="store_true", help="the local α/β search against the exhaustive one")
     args = parser.parse_args()
+    torch.set_num_threads(1)  # svdq's thread policy
+    if args.search:
+        rows = search_rows(args.seed, Console(stderr=True))
+        if args.json:
+            print(json.dumps(rows, indent=2))
+        else:
+            render_search(rows, Console(width=None if sys.stdout.isatty() else 140))
+        return 0
     shapes = QUICK_SHAPES if args.quick else FLUX_SHAPES
     names = QUICK_METHODS if args.quick else tuple(METHODS)
     talk = Console(stderr=True)

@@ -1,7 +1,8 @@
 // Fused activation quantization + low-rank down-projection: x is read once (DESIGN.md §1 step 4).
 //
-//   x̂[k]   = (x[m,k] + shift) / λ[k]                     (__fadd_rn, __fdiv_rn: IEEE, like torch)
-//   scale  = max|x̂| over the group / 7   (signed)  or  max(x̂) / 15 (unsigned, after the shift)
+//   x̂[k]   = (x[m,k] + shift) / λ[k]                     (__fdiv_rn, __fadd_rn: IEEE, like torch)
+//   scale  = max(max x̂ / 7, −min x̂ / negative_divisor) over the group (signed: negative_divisor 8 uses the
+//            whole code range, 7 is the symmetric max|x̂|/7)   or  max(x̂) / 15 (unsigned, after the shift)
 //   code   = clamp(__float2int_rn(x̂ / scale), -8, 7)  or  clamp(…, 0, 15);  scale 0 → code 0
 //   packed[m, k/2] = code[k] & 0xF | (code[k+1] & 0xF) << 4        (canonical: low nibble = even k)
 //   down[m, r] = Σ_k x̂[k] · lora_down[r, k]                         (fp32, k in order)
@@ -37,7 +38,7 @@ __global__ void __launch_bounds__(kThreads) quantize_lora_down(
     uint8_t* __restrict__ packed,      // [Mpad, K/2]
     float* __restrict__ scales,        // [K/64, Mpad]
     float* __restrict__ down,          // [Mpad, RANK]
-    int M, int Mpad, int K, float shift)
+    int M, int Mpad, int K, float shift, float negative_divisor)
 {
     constexpr int kRanks = RANK > 0 ? RANK : 1;
     constexpr int kPerThread = (RANK + 3) / 4 > 0 ? (RANK + 3) / 4 : 1;  // ranks warp/2, warp/2 + 4, …
@@ -66,11 +67,14 @@ __global__ void __launch_bounds__(kThreads) quantize_lora_down(
                 x0 = __fdiv_rn(__fadd_rn(to_float(x[(size_t)m * K + k0 + k]), shift), smooth_s[k]);
                 x1 = __fdiv_rn(__fadd_rn(to_float(x[(size_t)m * K + k0 + k + 1]), shift), smooth_s[k + 1]);
             }
-            float peak = UNSIGNED ? fmaxf(fmaxf(x0, x1), 0.f) : fmaxf(fabsf(x0), fabsf(x1));
+            float high = fmaxf(fmaxf(x0, x1), 0.f), low = fmaxf(-fminf(x0, x1), 0.f);  // the group's extremes
 #pragma unroll
-            for (int offset = 16; offset > 0; offset >>= 1)
-                peak = fmaxf(peak, __shfl_xor_sync(0xffffffffu, peak, offset));
-            const float scale = __fdiv_rn(peak, UNSIGNED ? 15.f : 7.f);
+            for (int offset = 16; offset > 0; offset >>= 1) {
+                high = fmaxf(high, __shfl_xor_sync(0xffffffffu, high, offset));
+                low = fmaxf(low, __shfl_xor_sync(0xffffffffu, low, offset));
+            }
+            const float scale = UNSIGNED ? __fdiv_rn(high, 15.f)
+                                         : fmaxf(__fdiv_rn(high, 7.f), __fdiv_rn(low, negative_divisor));
             int q0 = 0, q1 = 0;
             if (scale > 0.f) {
                 q0 = __float2int_rn(__fdiv_rn(x0, scale));
@@ -108,7 +112,8 @@ __global__ void __launch_bounds__(kThreads) quantize_lora_down(
 #ifdef SVDQ_INSTANTIATE
 // nvcc compile checks instantiate the hot variants; at run time NVRTC instantiates by name.
 template __global__ void svdq::quantize_lora_down<__nv_bfloat16, 32, false>(
-    const __nv_bfloat16*, const __nv_bfloat16*, const __nv_bfloat16*, uint8_t*, float*, float*, int, int, int, float);
+    const __nv_bfloat16*, const __nv_bfloat16*, const __nv_bfloat16*, uint8_t*, float*, float*, int, int, int, float,
+    float);
 template __global__ void svdq::quantize_lora_down<__half, 128, true>(
-    const __half*, const __half*, const __half*, uint8_t*, float*, float*, int, int, int, float);
+    const __half*, const __half*, const __half*, uint8_t*, float*, float*, int, int, int, float, float);
 #endif

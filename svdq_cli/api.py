@@ -261,17 +261,31 @@ def group_hessian(stats: InputStats, plan: GroupPlan, in_features: int, config: 
     return stats.hessian(smooth, plan.shift)
 
 
+def input_gram(stats: InputStats, plan: GroupPlan, config: QuantConfig) -> torch.Tensor | None:
+    """The group's smoothed (and shifted) calibration rows' mean ``x̂ᵀx̂`` within each group of the format,
+    ``[K/group, group, group]``: what a weight error costs at the output, for the weight-scale search. None
+    when the search is off."""
+    if not config.scale_search:
+        return None
+    rows = stats.sample(config.calib_rows) + plan.shift
+    if plan.smooth is not None:
+        rows = rows / plan.smooth.float()
+    grouped = rows.reshape(rows.shape[0], -1, config.group_size).transpose(0, 1)  # [G, rows, group]
+    return torch.bmm(grouped.transpose(1, 2), grouped) / rows.shape[0]
+
+
 def quantize_layer(
     module: nn.Linear,
     config: QuantConfig,
     plan: GroupPlan,
     hessian: torch.Tensor | None = None,
     factors: tuple[torch.Tensor, torch.Tensor] | None = None,
+    gram: torch.Tensor | None = None,
 ) -> SVDQLinear:
-    """Quantize one layer of a planned group; ``factors`` reuses an already computed low-rank branch."""
-    return SVDQLinear.from_linear(
-        module, config, smooth=plan.smooth, act=plan.act, shift=plan.shift, hessian=hessian, factors=factors
-    )
+    """Quantize one layer of a planned group; ``factors`` reuses an already computed low-rank branch,
+    ``gram`` (:func:`input_gram`) makes the weight-scale search minimise output error."""
+    return SVDQLinear.from_linear(module, config, smooth=plan.smooth, act=plan.act, shift=plan.shift,
+                                  hessian=hessian, factors=factors, gram=gram)
 
 
 def measure_layer(
@@ -285,8 +299,9 @@ def measure_layer(
     seconds: float,
 ) -> LayerReport:
     """Output error of ``quantized`` (and of naive RTN at the same precision) against ``module`` on ``rows``."""
-    naive_config = QuantConfig(
-        method="rtn", precision=config.precision, weight_only=config.weight_only, scale_dtype=config.scale_dtype
+    naive_config = QuantConfig(  # the same number formats (version, range, search) without smoothing or branch
+        method="rtn", precision=config.precision, weight_only=config.weight_only, scale_dtype=config.scale_dtype,
+        version=config.version, full_range=config.full_range, scale_search=False,
     )
     naive = SVDQLinear.from_linear(module, naive_config, act="none" if plan.act == "none" else "signed")
     x = rows.to(module.weight.device, module.weight.dtype)
@@ -366,7 +381,7 @@ def quantize_model(
                 for name, module in zip(names, modules, strict=True):
                     begin = time.perf_counter()
                     hessian = group_hessian(stats, plan, module.in_features, config)
-                    quantized = quantize_layer(module, config, plan, hessian)
+                    quantized = quantize_layer(module, config, plan, hessian, gram=input_gram(stats, plan, config))
                     seconds = time.perf_counter() - begin + plan.seconds / len(names)
                     layer_report = measure_layer(
                         name, owner, module, quantized, plan, stats.sample(config.search_rows), config, seconds

@@ -18,7 +18,10 @@ from safetensors.torch import load_file
 
 from .errors import BadInputError
 
-FORMAT_VERSION = "1"
+# 2: layers record how their activations are quantized (``act_range``: full-range scales from QuantConfig
+# version 2); a version-1 file's layers all quantize activations with max|x|/7. Both are read.
+FORMAT_VERSION = "2"
+READABLE_FORMATS = ("1", "2")
 PLAIN_KEYS = ("format_version", "svdq_version")  # plain strings; every other metadata value is JSON
 PRECISION_TAGS = {"int4": "int4", "nvfp4": "fp4", "int8": "int8"}
 
@@ -137,8 +140,9 @@ def load_quantized(path: Path | str, pipeline=None, device: str | torch.device =
     from .runtime.linear import SVDQLinear
 
     metadata = read_metadata(Path(path))
-    if metadata["format_version"] != FORMAT_VERSION:
-        raise BadInputError(f"{path} has export format {metadata['format_version']}, this svdq reads {FORMAT_VERSION}")
+    if metadata["format_version"] not in READABLE_FORMATS:
+        raise BadInputError(f"{path} has export format {metadata['format_version']}; this svdq reads "
+                            f"{', '.join(READABLE_FORMATS)} (a newer svdq wrote it: upgrade)")
     device = resolve_device(str(device))
     model_config = metadata["model_config"]
     if pipeline is not None and getattr(pipeline, "transformer", None) is not None:

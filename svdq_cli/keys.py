@@ -17,3 +17,4 @@ META_ACT = "act"
 META_IN = "in_features"
 META_OUT = "out_features"
 META_DTYPE = "dtype"
+META_ACT_RANGE = "act_range"  # "full": signed activation groups reach code −8; absent or "symmetric": max|x|/7

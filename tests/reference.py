@@ -25,10 +25,37 @@ def int_reference(x: np.ndarray, group: int, qmax: int, signed: bool, stored_sca
     return codes.reshape(x.shape), near_tie.reshape(x.shape)
 
 
-def int_scales_reference(x: np.ndarray, group: int, qmax: int, signed: bool) -> np.ndarray:
+def int_scales_reference(x: np.ndarray, group: int, qmax: int, signed: bool, full_range: bool = False) -> np.ndarray:
+    """``max|x|/qmax`` per group (``max(x)/qmax`` unsigned); with ``full_range``, the scale that maps the
+    group's largest value to at most ``qmax`` and its most negative to at least ``-(qmax+1)``."""
     g = x.reshape(*x.shape[:-1], -1, group).astype(np.float64)
-    amax = np.abs(g).max(-1) if signed else np.clip(g, 0, None).max(-1)
-    return amax / qmax
+    if not signed:
+        return np.clip(g, 0, None).max(-1) / qmax
+    if full_range:
+        return np.maximum(np.clip(g.max(-1), 0, None) / qmax, np.clip(-g.min(-1), 0, None) / (qmax + 1))
+    return np.abs(g).max(-1) / qmax
+
+
+def weighted_error_reference(x: np.ndarray, group: int, qmax: int, scales: np.ndarray, gram: np.ndarray | None):
+    """Per group, ``ΔᵀGΔ`` for ``Δ = x − scale·clip(rint(x/scale), −qmax−1, qmax)`` in float64 (``ΔᵀΔ`` when
+    ``gram`` is None): the output error on rows whose mean ``x̂ᵀx̂`` within group g is ``gram[g]``."""
+    g = x.reshape(*x.shape[:-1], -1, group).astype(np.float64)
+    s = scales.astype(np.float64)[..., None]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        codes = np.where(s > 0, np.clip(np.rint(g / np.where(s > 0, s, 1)), -qmax - 1, qmax), 0)
+    delta = g - codes * s
+    if gram is None:
+        return (delta**2).sum(-1)
+    return np.einsum("ngi,gij,ngj->ng", delta, gram.astype(np.float64), delta)
+
+
+def low_rank_gram_reference(gram: np.ndarray, rank: int) -> np.ndarray:
+    """Each group's Gram matrix as its ``rank`` leading eigenpairs plus the diagonal of the remainder."""
+    values, vectors = np.linalg.eigh(gram.astype(np.float64))
+    lead = (vectors[..., -rank:] * np.clip(values[..., -rank:], 0, None)[..., None, :]) @ np.swapaxes(
+        vectors[..., -rank:], -1, -2)
+    rest = np.clip(np.diagonal(gram, axis1=-2, axis2=-1) - np.diagonal(lead, axis1=-2, axis2=-1), 0, None)
+    return lead + rest[..., None] * np.eye(gram.shape[-1])
 
 
 def e2m1_reference(ratio: np.ndarray):

@@ -17,7 +17,8 @@ from .formats import FORMATS, Format, get_format
 
 METHODS = ("svdquant", "smoothquant", "rtn")
 SCALE_DTYPES = ("model", "float32")
-CONFIG_VERSION = 1
+SEARCHES = ("local", "exhaustive")
+CONFIG_VERSION = 2
 
 
 def alpha_grid(points: int) -> tuple[float, ...]:
@@ -38,6 +39,8 @@ class QuantConfig:
         group_size: elements per scale along K; None takes the precision's (64, or 16 for nvfp4).
         alphas: smoothing migration strengths searched, each with β = 0 and β = 1−α, plus "no smoothing"
             (α = β = 0). Default 0.05 … 0.95 (39 candidates); :meth:`fast` uses 0.25, 0.5, 0.75 (7).
+        search: how the α/β candidates are visited: ``local`` (coarse to fine along α, about a third of
+            them; default from config version 2) or ``exhaustive`` (every one).
         gptq: quantize the residual with GPTQ instead of round-to-nearest.
         gptq_damp: GPTQ dampening, as a fraction of the mean Hessian diagonal.
         gptq_block: GPTQ lazy-update block width (a multiple of the group size).
@@ -49,8 +52,14 @@ class QuantConfig:
         search_channels: output channels sampled per layer for the search (0 = all); the chosen candidate is
             then decomposed on the full weight.
         scale_dtype: ``model`` stores INT scales in the layer's dtype, ``float32`` in float32.
+        full_range: signed INT scales of weights and activations use the whole code range (−8…7): a group
+            whose extreme is negative reaches −8 and gets a finer step. Default: on from config version 2.
+        scale_search: each weight group's scale is chosen among the symmetric, the full-range and shrunk
+            (clipping) scales by the calibration-weighted output error (weight error without calibration
+            rows). Default: on from config version 2.
         seed: seeds every random choice (row sampling, randomized SVD), so runs are reproducible.
-        version: config schema version, so old serialized configs still load.
+        version: config schema version, so old serialized configs still load and mean what they meant: a
+            version-1 config quantizes as svdq did then (symmetric scales, no search).
     """
 
     method: str = "svdquant"
@@ -68,6 +77,9 @@ class QuantConfig:
     search_rows: int = 256
     search_channels: int = 256
     scale_dtype: str = "model"
+    full_range: bool | None = None
+    scale_search: bool | None = None
+    search: str | None = None
     seed: int = 0
     version: int = CONFIG_VERSION
 
@@ -77,6 +89,15 @@ class QuantConfig:
 
         if self.version > CONFIG_VERSION:
             raise bad("version", self.version, f"{CONFIG_VERSION} or older: upgrade svdq to read newer configs")
+        if self.version < 1:
+            raise bad("version", self.version, f"1 to {CONFIG_VERSION}")
+        for name in ("full_range", "scale_search"):  # unset: what this config's version meant
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, self.version >= 2)
+        if self.search is None:
+            object.__setattr__(self, "search", "local" if self.version >= 2 else "exhaustive")
+        if self.search not in SEARCHES:
+            raise bad("search", self.search, ", ".join(SEARCHES))
         if self.method not in METHODS:
             raise bad("method", self.method, ", ".join(METHODS))
         if self.precision not in FORMATS:

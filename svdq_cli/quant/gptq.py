@@ -19,6 +19,7 @@ from .formats import (
     effective_step,
     group_scales,
     nvfp4_tensor_scale,
+    searched_scales,
 )
 
 
@@ -40,6 +41,8 @@ def gptq_quantize(
     scale_dtype: torch.dtype = torch.float32,
     block_size: int = 128,
     damp: float = 0.01,
+    full_range: bool = True,
+    scale_search: bool = False,
 ) -> QTensor:
     """Quantize ``weight`` [N, K] with GPTQ.
 
@@ -50,6 +53,9 @@ def gptq_quantize(
         scale_dtype: storage dtype of INT scales.
         block_size: lazy-batch width, a multiple of the group size.
         damp: dampening as a fraction of the mean Hessian diagonal.
+        full_range: signed INT scales over the whole code range (see :func:`formats.group_scales`).
+        scale_search: each group's scale searched on entry (:func:`formats.searched_scales`), weighing its
+            error by the group's block of the Hessian.
 
     Returns:
         A :class:`QTensor` in the same canonical form as round-to-nearest produces.
@@ -80,7 +86,12 @@ def gptq_quantize(
             column = start + i
             if column % group == 0:
                 g = column // group
-                scales[:, g : g + 1] = group_scales(block[:, i : i + group], fmt, True, scale_dtype, tensor_scale)
+                if scale_search and not fmt.is_float:
+                    gram = h[column : column + group, column : column + group].float()[None]
+                    scales[:, g : g + 1] = searched_scales(block[:, i : i + group], fmt, gram, scale_dtype)
+                else:
+                    scales[:, g : g + 1] = group_scales(block[:, i : i + group], fmt, True, scale_dtype,
+                                                        tensor_scale, full_range)
             step = effective_step(scales[:, column // group], fmt, tensor_scale).double()
             q = codes_for(divide_by_step(block[:, i], step), fmt)
             codes[:, column] = q

@@ -240,7 +240,8 @@ def launch_quantize(layer, rows: torch.Tensor, backend, packed=None, scales=None
         kernels["quantize_lora_down"](
             (mpad // 64,), (256,),
             (array(rows), array(layer.smooth), array(lora_down), array(packed), array(scales), array(down),
-             np.int32(m), np.int32(mpad), np.int32(k), np.float32(shift)),
+             np.int32(m), np.int32(mpad), np.int32(k), np.float32(shift),
+             np.float32(8.0 if layer.act_range == "full" else 7.0)),
         )
     return packed, scales, down
 

@@ -42,6 +42,8 @@ class SVDQLinear(nn.Module):
         precision: ``int4``, ``nvfp4`` or ``int8``.
         rank: low-rank branch rank (0: no branch).
         act: activation quantization, ``signed``, ``unsigned`` (non-negative inputs, shifted) or ``none``.
+        act_range: signed activation scales over the whole code range (``full``, from config version 2) or
+            ``symmetric`` (``max|x|/7``: exports of version-1 configs).
         bias: whether there is a bias.
         dtype: the model dtype (branch, λ, bias and output).
         scale_dtype: storage dtype of INT weight scales (defaults to ``dtype``).
@@ -55,6 +57,7 @@ class SVDQLinear(nn.Module):
         precision: str = "int4",
         rank: int = 0,
         act: str = "signed",
+        act_range: str = "full",
         bias: bool = True,
         dtype: torch.dtype = torch.bfloat16,
         scale_dtype: torch.dtype | None = None,
@@ -72,7 +75,9 @@ class SVDQLinear(nn.Module):
                 f"rank {rank} must lie in 0..min(in_features, out_features) = {min(in_features, out_features)}"
             )
         self.in_features, self.out_features = in_features, out_features
-        self.precision, self.act, self.dtype = precision, act, dtype
+        if act_range not in ("full", "symmetric"):
+            raise ValueError(f"unknown activation range {act_range!r} (allowed: full, symmetric)")
+        self.precision, self.act, self.act_range, self.dtype = precision, act, act_range, dtype
         self.fmt = fmt
         code_shape = (out_features, in_features // 2) if fmt.packs_nibbles else (out_features, in_features)
         code_dtype = torch.uint8 if fmt.packs_nibbles else torch.int8
@@ -108,6 +113,7 @@ class SVDQLinear(nn.Module):
         shift: float = 0.0,
         hessian: torch.Tensor | None = None,
         factors: tuple[torch.Tensor, torch.Tensor] | None = None,
+        gram: torch.Tensor | None = None,
     ) -> SVDQLinear:
         """Quantize an ``nn.Linear``.
 
@@ -120,6 +126,8 @@ class SVDQLinear(nn.Module):
                 corrected so the layer still computes ``x Wᵀ + b``.
             hessian: ``Σ x̂ᵀx̂`` of smoothed calibration inputs, required for GPTQ.
             factors: an already computed low-rank branch ``(lora_down, lora_up)`` to reuse.
+            gram: the smoothed calibration inputs' mean ``x̂ᵀx̂`` within each group ``[K/group, group, group]``,
+                so the weight-scale search minimises output error (``config.scale_search``).
 
         Raises:
             ValueError: bad shapes, non-finite weights, rank too large, GPTQ without a Hessian.
@@ -140,6 +148,7 @@ class SVDQLinear(nn.Module):
             precision=config.precision,
             rank=rank,
             act=act,
+            act_range="full" if config.full_range else "symmetric",
             bias=linear.bias is not None,
             dtype=dtype,
             scale_dtype=scale_dtype_for(config, dtype),
@@ -149,7 +158,7 @@ class SVDQLinear(nn.Module):
         down, up = factors if factors is not None else branch_factors(weight, smooth, config, dtype)
         if down.shape != (rank, k) or up.shape != (n, rank):
             raise ValueError(f"low-rank factors {tuple(down.shape)}, {tuple(up.shape)} do not fit rank {rank}")
-        residual = quantize_residual(weight, smooth, down, up, config, dtype, hessian)
+        residual = quantize_residual(weight, smooth, down, up, config, dtype, hessian, gram)
         layer.load_parts(residual, smooth, down, up, linear.bias, shift)
         return layer
 
@@ -205,7 +214,7 @@ class SVDQLinear(nn.Module):
         if self.shift is not None:
             rows = rows + self.shift
         smoothed = rows / self.smooth.float()
-        y = fake_quantize_activations(smoothed, self.fmt, self.act) @ self.residual_weight().T
+        y = fake_quantize_activations(smoothed, self.fmt, self.act, self.act_range == "full") @ self.residual_weight().T
         if self.rank:
             y = y + (smoothed @ self.lora_down.float().T) @ self.lora_up.float().T
         if self.bias is not None:
@@ -219,6 +228,7 @@ class SVDQLinear(nn.Module):
         return {
             keys.META_PRECISION: self.precision,
             keys.META_ACT: self.act,
+            keys.META_ACT_RANGE: self.act_range,
             keys.META_IN: str(self.in_features),
             keys.META_OUT: str(self.out_features),
             keys.META_DTYPE: str(self.dtype).removeprefix("torch."),
@@ -239,6 +249,7 @@ class SVDQLinear(nn.Module):
                 precision=metadata[keys.META_PRECISION],
                 rank=tensors[keys.LORA_DOWN].shape[0],
                 act=metadata[keys.META_ACT],
+                act_range=metadata.get(keys.META_ACT_RANGE, "symmetric"),  # exports before full range: /7
                 bias=keys.BIAS in tensors,
                 dtype=dtype,
                 scale_dtype=tensors[keys.WSCALES].dtype,
@@ -264,5 +275,6 @@ class SVDQLinear(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, precision={self.precision}, "
-            f"rank={self.rank}, act={self.act}, dtype={str(self.dtype).removeprefix('torch.')}"
+            f"rank={self.rank}, act={self.act}, act_range={self.act_range}, "
+            f"dtype={str(self.dtype).removeprefix('torch.')}"
         )

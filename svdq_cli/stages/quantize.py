@@ -7,14 +7,15 @@ import dataclasses
 import json
 import time
 
-from ..api import group_hessian, measure_layer, quantize_layer
+from ..api import group_hessian, input_gram, measure_layer, quantize_layer
 from ..runtime.linear import SVDQLinear
 from . import Stage, block_artifact, for_each_block, json_meta, quant_fields
 from .smooth import group_stats, load_plans
 
 
 def reads(config) -> dict:
-    return quant_fields(config, "precision", "gptq", "gptq_damp", "gptq_block", "scale_dtype", "search_rows")
+    return quant_fields(config, "precision", "gptq", "gptq_damp", "gptq_block", "scale_dtype", "search_rows",
+                        "calib_rows", "full_range", "scale_search")
 
 
 def load_block_layers(run, index: int) -> dict[str, tuple[SVDQLinear, dict]]:
@@ -43,9 +44,10 @@ def run(run, workspace) -> dict:
             for name in group:
                 module = workspace.originals[name]
                 begin = time.perf_counter()
-                layer = quantize_layer(module, config.quant, plan, group_hessian(stats, plan, module.in_features,
-                                                                                 config.quant),
-                                       (factors[f"{name}.lora_down"], factors[f"{name}.lora_up"]))
+                layer = quantize_layer(module, config.quant, plan,
+                                       group_hessian(stats, plan, module.in_features, config.quant),
+                                       (factors[f"{name}.lora_down"], factors[f"{name}.lora_up"]),
+                                       input_gram(stats, plan, config.quant))
                 report = measure_layer(name, owner, module, layer, plan, stats.sample(config.quant.search_rows),
                                        config.quant, time.perf_counter() - begin)
                 tensors.update({f"{name}.{key}": value for key, value in layer.state_dict().items()})

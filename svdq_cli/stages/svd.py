@@ -11,7 +11,7 @@ from .smooth import load_plans
 
 def reads(config) -> dict:
     return quant_fields(config, "method", "rank", "lowrank_iters", "exact_svd_max_elements", "precision",
-                        "scale_dtype", "seed")
+                        "scale_dtype", "seed", "full_range")
 
 
 def run(run, workspace) -> None:

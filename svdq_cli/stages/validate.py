@@ -17,7 +17,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from ..api import plan_group, quantize_layer, replace_module
+from ..api import input_gram, plan_group, quantize_layer, replace_module
 from ..progress import warn
 from ..prompts import load_prompts, prompt_seed
 from ..quant.config import QuantConfig
@@ -64,7 +64,9 @@ def baseline_layers(run, workspace, method: str) -> dict[str, nn.Module]:
     """A baseline quantized in memory from the collected statistics (same precision as the run)."""
     base = workspace.config.quant
     config = QuantConfig(precision=base.precision, scale_dtype=base.scale_dtype, seed=base.seed,
-                         search_rows=base.search_rows, **BASELINE_CONFIGS[method])
+                         search_rows=base.search_rows, calib_rows=base.calib_rows, version=base.version,
+                         full_range=base.full_range, scale_search=base.scale_search, search=base.search,
+                         **BASELINE_CONFIGS[method])
     adapter, layers = workspace.adapter, {}
     for index, (_, groups) in enumerate(workspace.blocks):
         collected, _ = run.read("collect", block_artifact("collect", index))
@@ -74,8 +76,10 @@ def baseline_layers(run, workspace, method: str) -> dict[str, nn.Module]:
                 plan = plan_group(group, modules, group_stats(collected, group[0]), config,
                                   weight_only=[group[0]] if adapter.is_weight_only(group[0]) else (),
                                   nonnegative=[group[0]] if adapter.is_nonnegative(group[0]) else ())
+                stats = group_stats(collected, group[0])
                 for name, module in zip(group, modules, strict=True):
-                    layers[name] = quantize_layer(module, config, plan)
+                    layers[name] = quantize_layer(module, config, plan,
+                                                  gram=input_gram(stats, plan, config))
     return layers
 
 

@@ -5,8 +5,22 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
-from svdq_cli.quant.formats import FORMATS, dequantize, get_format, quantize
-from tests.reference import e2m1_reference, int_reference, int_scales_reference
+from svdq_cli.quant.formats import (
+    FORMATS,
+    GRAM_RANK,
+    SHRINK_FACTORS,
+    dequantize,
+    get_format,
+    quantize,
+    searched_scales,
+)
+from tests.reference import (
+    e2m1_reference,
+    int_reference,
+    int_scales_reference,
+    low_rank_gram_reference,
+    weighted_error_reference,
+)
 
 INT_CASES = [("int4", True, 7), ("int4", False, 15), ("int8", True, 127)]
 
@@ -21,14 +35,15 @@ def heavy_tailed(gen, rows, cols):
 
 @pytest.mark.parametrize("name,signed,qmax", INT_CASES)
 @pytest.mark.parametrize("scale_dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_int_matches_float64_reference(gen, name, signed, qmax, scale_dtype):
+@pytest.mark.parametrize("full_range", [True, False])
+def test_int_matches_float64_reference(gen, name, signed, qmax, scale_dtype, full_range):
     fmt = FORMATS[name]
     x = heavy_tailed(gen, 9, 256)
     if not signed:
         x = x.abs() - 0.01  # a few slightly negative values clamp to code 0
-    q = quantize(x, fmt, signed=signed, scale_dtype=scale_dtype)
+    q = quantize(x, fmt, signed=signed, scale_dtype=scale_dtype, full_range=full_range)
     assert q.scales.dtype == scale_dtype and q.scales.shape == (9, 256 // fmt.group_size)
-    reference_scales = int_scales_reference(x.numpy(), fmt.group_size, qmax, signed)
+    reference_scales = int_scales_reference(x.numpy(), fmt.group_size, qmax, signed, full_range and signed)
     expected_stored = torch.from_numpy(reference_scales).to(scale_dtype)
     # The float64 and float32 divisions by qmax may round to neighbouring storage values.
     np.testing.assert_allclose(
@@ -148,3 +163,56 @@ def test_dequantize_accepts_any_leading_shape(gen):
     x = torch.randn(2, 3, 128, generator=gen)
     q = quantize(x, FORMATS["int4"])
     assert dequantize(q.codes, q.scales, q.fmt).shape == x.shape
+
+
+def test_full_range_reaches_code_minus_8_and_never_clips(gen):
+    x = torch.randn(64, 128, generator=gen)
+    x[0, 5] = -50.0  # a group whose extreme is negative: its step is 50/8, not 50/7
+    q = quantize(x, FORMATS["int4"])
+    assert q.codes[0, 5] == -8 and q.scales[0, 0] == torch.tensor(50.0 / 8)
+    assert (q.codes.min(dim=-1).values == -8).any() and q.codes.max() <= 7
+    assert ((x - q.dequantize()).abs() <= q.scales.repeat_interleave(64, dim=-1) / 2 + 1e-6).all()
+
+
+@pytest.mark.parametrize("scale_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("weighted", [True, False])
+def test_scale_search_picks_the_least_output_error_of_its_candidates(gen, scale_dtype, weighted):
+    fmt = FORMATS["int4"]
+    x = torch.randn(48, 256, generator=gen) * (1 + 5 * (torch.rand(48, 256, generator=gen) > 0.98))
+    gram = None
+    if weighted:  # inputs with a shared positive mean, like those after a GELU
+        rows = torch.randn(300, 256, generator=gen).abs() + torch.rand(256, generator=gen)
+        grouped = rows.reshape(300, 4, 64).transpose(0, 1)
+        gram = torch.bmm(grouped.transpose(1, 2), grouped) / 300
+    chosen = searched_scales(x, fmt, gram, scale_dtype)
+    assert chosen.dtype == scale_dtype and chosen.shape == (48, 4)
+    xs = x.numpy()
+    gs = None if gram is None else low_rank_gram_reference(gram.double().numpy(), GRAM_RANK)  # what it minimises
+
+    def store(values):  # a scale as its storage dtype holds it
+        return torch.from_numpy(values).float().to(scale_dtype).double().numpy()
+
+    # The candidates, from DESIGN.md §2's definitions: symmetric, full range, full range shrunk.
+    symmetric = store(int_scales_reference(xs, 64, 7, True, False))
+    full = store(int_scales_reference(xs, 64, 7, True, True))
+    stored = [symmetric, full] + [store(full * f) for f in SHRINK_FACTORS[1:]]  # shrinking the stored scale
+    errors = np.stack([weighted_error_reference(xs, 64, 7, c, gs) for c in stored])  # [candidate, N, G]
+    got = weighted_error_reference(xs, 64, 7, chosen.double().numpy(), gs)
+    assert (got <= errors.min(0) * (1 + 1e-4) + 1e-9).all(), "a group did not get its least-error candidate"
+    assert got.sum() < errors[0].sum() and got.sum() <= errors[1].sum(), "the search gained nothing"
+
+
+def test_the_low_rank_gram_keeps_a_shared_mean(gen):
+    # After a GELU a group's inputs share a large mean: G = diag(v) + μμᵀ. The search's form of G must keep
+    # the error of same-signed deviations (which the mean adds up) and of zero-mean ones.
+    from svdq_cli.quant.formats import gram_factors
+
+    mean, variance = torch.rand(3, 64, generator=gen) + 1, torch.rand(3, 64, generator=gen)
+    gram = torch.diag_embed(variance) + mean.unsqueeze(-1) * mean.unsqueeze(-2)
+    diagonal, factors = gram_factors(gram)
+    approximate = torch.diag_embed(diagonal) + factors @ factors.transpose(-1, -2)
+    for delta in (torch.rand(200, 3, 64, generator=gen), torch.randn(200, 3, 64, generator=gen)):
+        exact = torch.einsum("ngi,gij,ngj->ng", delta, gram, delta)
+        kept = torch.einsum("ngi,gij,ngj->ng", delta, approximate, delta)
+        assert ((kept - exact).abs() / exact).max() < 0.25
+        assert ((kept - exact).abs() / exact).mean() < 0.08

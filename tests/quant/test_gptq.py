@@ -6,7 +6,7 @@ from svdq_cli.quant.formats import FORMATS, quantize
 from svdq_cli.quant.gptq import gptq_quantize
 
 
-def gptq_reference(w: np.ndarray, h: np.ndarray, group: int, qmax: int, damp: float):
+def gptq_reference(w: np.ndarray, h: np.ndarray, group: int, qmax: int, damp: float, full_range: bool):
     """Unblocked float64 GPTQ straight from the paper: quantize column j, then push its error onto the
     later columns with row j of the upper Cholesky factor of H⁻¹. Scales are fixed per group on entry.
     Returns codes, scales and the near-tie mask."""
@@ -19,7 +19,12 @@ def gptq_reference(w: np.ndarray, h: np.ndarray, group: int, qmax: int, damp: fl
     ties = np.zeros((n, k), dtype=bool)
     for j in range(k):
         if j % group == 0:
-            scales[:, j // group] = np.abs(w[:, j : j + group]).max(1) / qmax
+            block = w[:, j : j + group]
+            if full_range:  # the most negative value may reach -(qmax+1)
+                scales[:, j // group] = np.maximum(np.clip(block.max(1), 0, None) / qmax,
+                                                   np.clip(-block.min(1), 0, None) / (qmax + 1))
+            else:
+                scales[:, j // group] = np.abs(block).max(1) / qmax
         s = scales[:, j // group]
         ratio = np.where(s > 0, w[:, j] / np.where(s > 0, s, 1), 0)
         ties[:, j] = np.abs(np.abs(ratio - np.floor(ratio)) - 0.5) < 1e-6
@@ -29,13 +34,14 @@ def gptq_reference(w: np.ndarray, h: np.ndarray, group: int, qmax: int, damp: fl
     return codes, scales, ties
 
 
-def test_blocked_gptq_matches_unblocked_float64_reference(gen):
+@pytest.mark.parametrize("full_range", [True, False])
+def test_blocked_gptq_matches_unblocked_float64_reference(gen, full_range):
     n, k = 24, 256
     w = torch.randn(n, k, generator=gen)
     x = torch.randn(512, k, generator=gen) * (1 + 5 * torch.rand(k, generator=gen))
     h = x.T @ x
-    q = gptq_quantize(w, h, FORMATS["int4"], torch.float32, block_size=128, damp=0.01)
-    codes, scales, ties = gptq_reference(w.numpy(), h.double().numpy(), 64, 7, 0.01)
+    q = gptq_quantize(w, h, FORMATS["int4"], torch.float32, block_size=128, damp=0.01, full_range=full_range)
+    codes, scales, ties = gptq_reference(w.numpy(), h.double().numpy(), 64, 7, 0.01, full_range)
     np.testing.assert_allclose(q.scales.double().numpy(), scales, rtol=1e-5)
     # A near-tie rounded differently changes every later column of that row, so compare up to the first one.
     for row in range(n):

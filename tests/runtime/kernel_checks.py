@@ -39,7 +39,8 @@ def check_activations(layer, x, backend):
     down = poisoned(mpad, max(layer.rank, 1), dtype=torch.float32, device=x.device)
     kernels.launch_quantize(layer, x, backend, packed, scales, down)
     smoothed = (x.float() + (layer.shift if layer.shift is not None else 0.0)) / layer.smooth.float()
-    expected = quantize(smoothed, FORMATS["int4"], signed=layer.act == "signed", per_row_tensor_scale=True)
+    expected = quantize(smoothed, FORMATS["int4"], signed=layer.act == "signed", per_row_tensor_scale=True,
+                        full_range=layer.act_range == "full")
     assert torch.equal(packed[:m], pack_nibbles(expected.codes)), "activation codes differ from the reference"
     assert torch.equal(scales[:, :m].T, expected.scales), "activation scales differ from the reference"
     assert not packed[m:].any() and not scales[:, m:].any(), "padding rows are not zero"

@@ -85,3 +85,15 @@ def test_a_flux_like_shape(backends, gen, act):
     check_activations(layer, x, backends[SM89])
     s4 = check_gemm(layer, x, backends[SM89])
     assert torch.equal(s4.view(torch.int16), check_gemm(layer, x, backends[SM90]).view(torch.int16))
+
+
+def test_symmetric_activations_of_version_1_exports(backends, gen):
+    # Exports made before full-range scales quantize activations with max|x|/7: the kernel's divisor follows.
+    from svdq_cli import QuantConfig, SVDQLinear
+
+    linear = torch.nn.Linear(256, 136).to(torch.bfloat16)
+    layer = SVDQLinear.from_linear(linear, QuantConfig(rank=16, version=1))
+    assert layer.act_range == "symmetric"
+    x = make_input(37, 256, "signed", torch.bfloat16, gen)
+    check_activations(layer, x, backends[SM89])
+    check_gemm(layer, x, backends[SM89])

@@ -6,7 +6,7 @@ from torch import nn
 
 from svdq_cli import QuantConfig, SVDQLinear
 from svdq_cli.quant.smoothing import smooth_factors, weight_absmax
-from tests.reference import e2m1_reference, int_reference, unpack_reference
+from tests.reference import e2m1_reference, int_reference, int_scales_reference, unpack_reference
 
 
 def gaussian_linear(gen, k, n, dtype=torch.bfloat16):
@@ -60,8 +60,9 @@ def reference_forward(layer: SVDQLinear, x: torch.Tensor) -> np.ndarray:
         signed = layer.act == "signed"
         qmax = 7 if (signed and layer.precision == "int4") else (15 if not signed else 127)
         g = smoothed.reshape(len(smoothed), -1, group)
-        amax = np.abs(g).max(-1) if signed else np.clip(g, 0, None).max(-1)
-        scales = torch.from_numpy(amax / qmax).float().double().numpy()  # float32 activation scales
+        full = signed and layer.act_range == "full"  # the whole code range: negative extremes reach -(qmax+1)
+        scales = int_scales_reference(smoothed, group, qmax, signed, full)
+        scales = torch.from_numpy(scales).float().double().numpy()  # float32 activation scales
         codes, near = int_reference(smoothed, group, qmax, signed, scales)
         ties |= near.any(-1)
         activations = (codes.reshape(g.shape) * scales[..., None]).reshape(smoothed.shape)
@@ -125,13 +126,22 @@ def test_quantized_layer_approximates_the_original(gen, precision, act, rank, dt
 
 
 def test_effective_weight_is_within_half_a_step_of_the_smoothed_weight(gen):
+    # Without the scale search no scale clips, so every weight is within half a step; the search trades a
+    # few clipped extremes for a finer step and must lower the importance-weighted error it minimises.
     linear = gaussian_linear(gen, 128, 64, torch.float32)
     smooth = torch.rand(128, generator=gen) + 0.5
-    layer = SVDQLinear.from_linear(linear, QuantConfig(rank=16), smooth=smooth)
     smoothed = linear.weight.detach() * smooth
-    step = layer.wscales.float().repeat_interleave(64, dim=1)
-    error = (layer.effective_weight() * smooth - smoothed).abs()
+    plain = SVDQLinear.from_linear(linear, QuantConfig(rank=16, scale_search=False), smooth=smooth)
+    step = plain.wscales.float().repeat_interleave(64, dim=1)
+    error = (plain.effective_weight() * smooth - smoothed).abs()
     assert torch.all(error <= step / 2 + 1e-5)
+    rows = torch.randn(200, 128, generator=gen).abs()  # smoothed inputs sharing a positive mean
+    grouped = rows.reshape(200, 2, 64).transpose(0, 1)
+    gram = torch.bmm(grouped.transpose(1, 2), grouped) / 200
+    searched = SVDQLinear.from_linear(linear, QuantConfig(rank=16), smooth=smooth, gram=gram)
+    output_error = [(rows @ (layer.effective_weight() * smooth - smoothed).T).square().sum() for layer in (plain,
+                                                                                                           searched)]
+    assert output_error[1] <= output_error[0]
 
 
 @pytest.mark.parametrize("precision,act,rank,dtype", CASES)

@@ -297,8 +297,29 @@ def test_an_export_of_another_format_version_is_refused_by_the_loader(finished_r
         metadata = handle.metadata()
     path = tmp_path / "v9.safetensors"
     save_file(load_file(str(source)), path, metadata={**metadata, "format_version": "9"})
-    with pytest.raises(BadInputError, match="has export format 9, this svdq reads 1"):
+    with pytest.raises(BadInputError, match="has export format 9; this svdq reads 1, 2"):
         load_quantized(path)
+
+
+def test_a_format_1_export_still_loads_with_its_symmetric_activations(finished_run, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from svdq_cli.export_format import load_quantized
+    from svdq_cli.runtime.linear import SVDQLinear
+
+    source = export_file(finished_run)
+    with safe_open(str(source), "pt") as handle:
+        metadata = handle.metadata()
+    layers = {name: {k: v for k, v in facts.items() if k != "act_range"}
+              for name, facts in json.loads(metadata["layers"]).items()}  # as svdq wrote them before format 2
+    path = tmp_path / "v1.safetensors"
+    save_file(load_file(str(source)), path, metadata={**metadata, "format_version": "1", "layers": json.dumps(layers)})
+    transformer = load_quantized(path)
+    ranges = {module.act_range for module in transformer.modules() if isinstance(module, SVDQLinear)}
+    assert ranges == {"symmetric"}
+    current = {module.act_range for module in load_quantized(source).modules() if isinstance(module, SVDQLinear)}
+    assert current == {"full"}
 
 
 def test_inspect_reads_the_nunchaku_file_svdq_writes(bf16_run, tmp_path):
