@@ -10,12 +10,12 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import load, save
 
 from .errors import SvdqError
 
@@ -55,17 +55,22 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             os.fsync(handle.fileno())
         os.chmod(temporary, _file_mode())
         os.replace(temporary, path)
-        directory = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
+        _fsync_directory(path.parent)
     except OSError as error:
         Path(temporary).unlink(missing_ok=True)
         raise _write_error(path, error) from None
     except BaseException:  # interrupted: never leave a half-written temporary file behind
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make a rename durable: the directory entry is on disk, not just the file's data."""
+    handle = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(handle)
+    finally:
+        os.close(handle)
 
 
 def _write_error(path: Path, error: OSError) -> SvdqError:
@@ -94,23 +99,130 @@ def sha256_file(path: Path) -> str:
 SEAL, DATA_SHA256 = "svdq_seal", "svdq_data_sha256"
 
 
-def safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None,
-                      seal: str | None = None) -> bytes:
-    """Serialized safetensors with a canonical header, so equal content gives equal bytes in any process.
+# torch dtype → safetensors dtype name (the format's spelling).
+_DTYPE_NAMES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+}
 
-    safetensors writes its metadata from a hash map whose order changes between processes; re-encoding the
-    header with sorted keys (padded to 8 bytes, as the format requires) fixes that. Tensor offsets are
-    relative to the data section, so they are unaffected. A ``seal`` (a stage and its config hash) is stored
-    with the data section's sha256, so the file can be verified, and claimed by its stage, without a manifest.
+Layout = dict[str, tuple[torch.dtype, tuple[int, ...]]]
+
+
+def layout_of(tensors: dict[str, torch.Tensor]) -> Layout:
+    """Name → (dtype, shape) of each tensor, in the dict's order."""
+    return {name: (t.dtype, tuple(t.shape)) for name, t in tensors.items()}
+
+
+def safetensors_header(layout: Layout, metadata: dict[str, str] | None = None) -> bytes:
+    """The length-prefixed header of a safetensors file whose tensors follow in ``layout`` order.
+
+    Keys are sorted and the JSON padded to 8 bytes (as the format requires), so equal content gives equal
+    bytes in any process; offsets follow the layout's order, which is the order the data is written in.
     """
-    data = save({name: t.detach().contiguous() for name, t in tensors.items()}, metadata=metadata)
-    size = int.from_bytes(data[:8], "little")
-    header, body = json.loads(data[8 : 8 + size]), data[8 + size :]
-    if seal is not None:
-        header.setdefault("__metadata__", {}).update({SEAL: seal, DATA_SHA256: sha256_bytes(body)})
+    header: dict[str, object] = {}
+    offset = 0
+    for name, (dtype, shape) in layout.items():
+        if dtype not in _DTYPE_NAMES:
+            raise ValueError(f"tensor {name}: dtype {dtype} cannot be stored in safetensors")
+        size = math.prod(shape) * dtype.itemsize
+        header[name] = {"dtype": _DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    if metadata:
+        header["__metadata__"] = dict(metadata)
     encoded = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
     encoded += b" " * (-len(encoded) % 8)
-    return len(encoded).to_bytes(8, "little") + encoded + body
+    return len(encoded).to_bytes(8, "little") + encoded
+
+
+def tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """The tensor's data, row-major and little-endian (this machine's order), without a copy when it can."""
+    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+    return memoryview(flat.view(torch.uint8).numpy())
+
+
+class TensorFileWriter:
+    """A safetensors file written one tensor at a time, so a file larger than memory is never assembled.
+
+    The layout (every name, dtype and shape) is declared first, which fixes the header; tensors are then
+    written in that order. The file appears atomically (temporary file, fsync, rename) on :meth:`close`,
+    which returns its sha256; leaving the ``with`` block early removes the temporary file.
+    """
+
+    def __init__(self, path: Path, layout: Layout, metadata: dict[str, str] | None = None) -> None:
+        self.path = Path(path)
+        self._pending = list(layout.items())
+        self._digest = hashlib.sha256()
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            descriptor, self._temporary = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp",
+                                                           dir=self.path.parent)
+        except OSError as error:
+            raise _write_error(self.path, error) from None
+        self._handle = os.fdopen(descriptor, "wb")
+        self._emit(safetensors_header(layout, metadata))
+
+    def _emit(self, data) -> None:
+        try:
+            self._handle.write(data)
+        except OSError as error:
+            self.abort()
+            raise _write_error(self.path, error) from None
+        self._digest.update(data)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Append the next tensor of the layout."""
+        if not self._pending:
+            raise ValueError(f"tensor {name} is not in the declared layout (all tensors were written)")
+        expected, (dtype, shape) = self._pending.pop(0)
+        if name != expected or tensor.dtype != dtype or tuple(tensor.shape) != shape:
+            raise ValueError(f"tensor {name} {tensor.dtype} {tuple(tensor.shape)} written where the layout "
+                             f"declares {expected} {dtype} {shape}")
+        self._emit(tensor_bytes(tensor))
+
+    def close(self) -> str:
+        """Finish the file (atomically in place); returns its sha256."""
+        if self._pending:
+            self.abort()
+            raise ValueError(f"{len(self._pending)} declared tensor(s) never written, e.g. {self._pending[0][0]}")
+        try:
+            self._handle.flush()
+            os.fsync(self._handle.fileno())
+            self._handle.close()
+            os.chmod(self._temporary, _file_mode())
+            os.replace(self._temporary, self.path)
+            _fsync_directory(self.path.parent)
+        except OSError as error:
+            self.abort()
+            raise _write_error(self.path, error) from None
+        return self._digest.hexdigest()
+
+    def abort(self) -> None:
+        """Drop the unfinished file (the target keeps its old content)."""
+        if not self._handle.closed:
+            self._handle.close()
+        Path(self._temporary).unlink(missing_ok=True)
+
+    def __enter__(self) -> TensorFileWriter:
+        return self
+
+    def __exit__(self, kind, *_exc) -> None:
+        if kind is not None:
+            self.abort()
+
+
+def safetensors_bytes(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None,
+                      seal: str | None = None) -> bytes:
+    """Serialized safetensors (tensors in name order, canonical header: equal content, equal bytes).
+
+    A ``seal`` (a stage and its config hash) is stored with the data section's sha256, so the file can be
+    verified, and claimed by its stage, without a manifest.
+    """
+    ordered = {name: tensors[name] for name in sorted(tensors)}
+    body = b"".join(tensor_bytes(t) for t in ordered.values())
+    if seal is not None:
+        metadata = {**(metadata or {}), SEAL: seal, DATA_SHA256: sha256_bytes(body)}
+    return safetensors_header(layout_of(ordered), metadata) + body
 
 
 def write_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None,
@@ -137,16 +249,28 @@ def sealed_sha256(path: Path, seal: str) -> str | None:
 def read_tensors(path: Path, expected_sha256: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Load a safetensors file after checking its sha256; returns tensors and metadata.
 
+    The file is hashed as a stream, then read tensor by tensor into fresh memory (never the whole file held
+    as bytes besides its tensors; never a tensor left on the mapping, whose alignment would make results
+    depend on the file's layout).
+
     Raises:
         CorruptArtifactError: the file is missing, truncated or altered.
     """
     path = Path(path)
     try:
-        data = path.read_bytes()
+        digest = sha256_file(path)
     except FileNotFoundError:
         raise CorruptArtifactError(f"{path} is missing") from None
-    if sha256_bytes(data) != expected_sha256:
+    if digest != expected_sha256:
         raise CorruptArtifactError(f"{path} does not match its checksum (truncated or altered)")
-    header_size = int.from_bytes(data[:8], "little")
-    metadata = json.loads(data[8 : 8 + header_size]).get("__metadata__", {})
-    return load(data), {key: value for key, value in metadata.items() if key not in (SEAL, DATA_SHA256)}
+    return load_tensors(path)
+
+
+def load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Every tensor of a safetensors file, each copied into fresh memory, and its metadata (seal removed)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as handle:
+        metadata = handle.metadata() or {}
+        tensors = {name: handle.get_tensor(name).clone() for name in handle.keys()}
+    return tensors, {key: value for key, value in metadata.items() if key not in (SEAL, DATA_SHA256)}

@@ -14,11 +14,13 @@ import platform
 import signal
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from . import __version__
 from .artifacts import (
     CorruptArtifactError,
+    TensorFileWriter,
     atomic_write_json,
     read_tensors,
     sealed_sha256,
@@ -222,6 +224,15 @@ class Run:
         if adopted:
             self.save()
         return adopted
+
+    @contextmanager
+    def writer(self, stage: str, relative: str, layout, metadata: dict[str, str] | None = None):
+        """A safetensors artifact written tensor by tensor (:class:`TensorFileWriter`): it appears, and is
+        recorded, when the block ends without an error."""
+        with TensorFileWriter(self.path / relative, layout, metadata) as writer:
+            yield writer
+            digest = writer.close()
+        self._record(stage, relative, digest)
 
     def write_file(self, stage: str, relative: str, data: bytes) -> None:
         from .artifacts import atomic_write_bytes, sha256_bytes
