@@ -14,7 +14,8 @@ quantization; calibration forward passes excluded) and bytes against bf16.
     python benchmarks/layer_quality.py --search   # the default (local) α/β search against the exhaustive one
     python benchmarks/layer_quality.py --json     # one JSON document on stdout
 
-Weight-side seconds are single-threaded, svdq's policy (svdq_cli/threads.py).
+Weight-side seconds are single-threaded, svdq's policy (svdq_cli/threads.py); ``--search`` also times the
+stages' work per layer (search, branch, residual, report) with a layer per core, as the stages run a block.
 """
 
 from __future__ import annotations
@@ -31,7 +32,10 @@ from rich.table import Table
 from torch import nn
 
 from svdq_cli import QuantConfig, quantize_model
+from svdq_cli.api import collect_statistics, input_gram, measure_layer, plan_group, quantize_layer
+from svdq_cli.quant.svdquant import branch_factors
 from svdq_cli.synthetic import planted_outlier_layer
+from svdq_cli.threads import parallel_map, workers
 
 FLUX_SHAPES = ((3072, 3072), (3072, 12288), (12288, 3072))  # (in_features K, out_features N)
 QUICK_SHAPES = ((1024, 1024),)
@@ -95,7 +99,8 @@ def render(results: list[dict[str, object]], console: Console) -> None:
 
 
 def search_rows(seed: int, talk: Console) -> list[dict[str, object]]:
-    """The default SVDQuant r32 config with the local α/β search against the same with the exhaustive one."""
+    """The default SVDQuant r32 config with the local α/β search against the same with the exhaustive one, and
+    the default's weight side per layer as the stages run it on every core."""
     rows = []
     for k, n, weight_only in SEARCH_SHAPES:
         row = {"shape": f"{k}x{n}", "weight_only": weight_only}
@@ -105,20 +110,48 @@ def search_rows(seed: int, talk: Console) -> list[dict[str, object]]:
             result = evaluate((k, n), search, config, seed, structured=True)
             row[search] = {"error": result["relative_error"], "seconds": result["weight_side_seconds"],
                            "alpha": result["alpha"], "beta": result["beta"]}
+        talk.print(f"[dim]{k}x{n} stage weight side on {workers()} workers …[/dim]")
+        row["stage"] = stage_seconds((k, n), weight_only, seed)
         rows.append(row)
     return rows
 
 
+def stage_seconds(shape: tuple[int, int], weight_only: bool, seed: int) -> dict[str, float]:
+    """Wall seconds per layer of the smooth, svd and quantize stages' work (search, branch, residual, report)
+    on :func:`workers` copies of the layer at once, as a block's layers run; and one copy alone."""
+    in_features, out_features = shape
+    layer, calibration, _ = planted_outlier_layer(in_features, out_features, seed, structured=True)
+    config = QuantConfig(rank=32, weight_only=weight_only)
+    stats = collect_statistics(nn.Sequential(layer), {"0": layer}, lambda m: [m(b) for b in calibration.split(512)],
+                               config).stats["0"]
+
+    def weight_side(_) -> None:
+        plan = plan_group(["0"], [layer], stats, config, weight_only=["0"] if weight_only else ())
+        smooth = plan.smooth if plan.smooth is not None else torch.ones(in_features)
+        factors = branch_factors(layer.weight, smooth, config, layer.weight.dtype)
+        quantized = quantize_layer(layer, config, plan, None, factors, input_gram(stats, plan, config))
+        measure_layer("0", "0", layer, quantized, plan, stats.sample(config.search_rows), config, 0.0)
+
+    timings = {}
+    for label, copies in (("alone", 1), ("parallel", workers())):
+        start = time.perf_counter()
+        for _ in parallel_map(weight_side, range(copies)):
+            pass
+        timings[label] = (time.perf_counter() - start) / copies
+    return {**timings, "workers": workers()}
+
+
 def render_search(rows: list[dict[str, object]], console: Console) -> None:
-    table = Table(title="α/β search, SVDQuant r32: local (default) vs exhaustive, one thread")
+    table = Table(title="α/β search, SVDQuant r32: local (default) vs exhaustive; the default's weight side")
     for column in ("shape K×N", "exhaustive error", "local error", "local ÷ exhaustive", "α/β exhaustive → local",
-                   "weight side s exhaustive → local"):
+                   "1 thread s exhaustive → local", "weight side s/layer: alone", "on all workers"):
         table.add_column(column, justify="left" if column == "shape K×N" else "right")
     for r in rows:
-        e, lo = r["exhaustive"], r["local"]
+        e, lo, stage = r["exhaustive"], r["local"], r["stage"]
         table.add_row(r["shape"] + (" W4A16" if r["weight_only"] else ""), f"{e['error']:.4f}", f"{lo['error']:.4f}",
                       f"{lo['error'] / e['error']:.3f}", f"{e['alpha']:.2f}/{e['beta']:.2f} → {lo['alpha']:.2f}/"
-                      f"{lo['beta']:.2f}", f"{e['seconds']:.2f} → {lo['seconds']:.2f}")
+                      f"{lo['beta']:.2f}", f"{e['seconds']:.2f} → {lo['seconds']:.2f}", f"{stage['alone']:.2f}",
+                      f"{stage['parallel']:.2f} ({stage['workers']} workers)")
     console.print(table)
 
 

@@ -18,7 +18,7 @@ from .quant.calibration import InputStats
 from .quant.config import QuantConfig
 from .quant.svdquant import relative_error, search_smoothing
 from .runtime.linear import SVDQLinear
-from .threads import single_threaded
+from .threads import parallel_map
 
 Progress = Callable[[str, int, int], None]
 
@@ -262,16 +262,12 @@ def group_hessian(stats: InputStats, plan: GroupPlan, in_features: int, config: 
 
 
 def input_gram(stats: InputStats, plan: GroupPlan, config: QuantConfig) -> torch.Tensor | None:
-    """The group's smoothed (and shifted) calibration rows' mean ``x̂ᵀx̂`` within each group of the format,
-    ``[K/group, group, group]``: what a weight error costs at the output, for the weight-scale search. None
-    when the search is off."""
+    """The group's smoothed (and shifted) inputs' mean ``x̂ᵀx̂`` within each group of the format,
+    ``[K/group, group, group]``, over every calibration token: what a weight error costs at the output, for
+    the weight-scale search. None when the search is off."""
     if not config.scale_search:
         return None
-    rows = stats.sample(config.calib_rows) + plan.shift
-    if plan.smooth is not None:
-        rows = rows / plan.smooth.float()
-    grouped = rows.reshape(rows.shape[0], -1, config.group_size).transpose(0, 1)  # [G, rows, group]
-    return torch.bmm(grouped.transpose(1, 2), grouped) / rows.shape[0]
+    return stats.group_gram(config.group_size, plan.smooth, plan.shift)
 
 
 def quantize_layer(
@@ -288,6 +284,9 @@ def quantize_layer(
                                   hessian=hessian, factors=factors, gram=gram)
 
 
+MEASURE_CHANNELS = 512  # output channels a layer's report is measured on (all when it has fewer)
+
+
 def measure_layer(
     name: str,
     group: str,
@@ -298,17 +297,30 @@ def measure_layer(
     config: QuantConfig,
     seconds: float,
 ) -> LayerReport:
-    """Output error of ``quantized`` (and of naive RTN at the same precision) against ``module`` on ``rows``."""
+    """Output error of ``quantized`` (and of naive RTN at the same precision) against ``module`` on ``rows``.
+
+    Measured on at most :data:`MEASURE_CHANNELS` seeded output channels: an output channel's error does not
+    depend on the others, so a sample estimates the layer's relative error without the full products (most of
+    the weight side's time at FLUX size otherwise). The naive layer quantizes those channels only (for NVFP4
+    with their own tensor scale).
+    """
     naive_config = QuantConfig(  # the same number formats (version, range, search) without smoothing or branch
         method="rtn", precision=config.precision, weight_only=config.weight_only, scale_dtype=config.scale_dtype,
         version=config.version, full_range=config.full_range, scale_search=False,
     )
-    naive = SVDQLinear.from_linear(module, naive_config, act="none" if plan.act == "none" else "signed")
+    channels = None
+    if module.out_features > MEASURE_CHANNELS:
+        generator = torch.Generator().manual_seed(config.seed)
+        channels = torch.randperm(module.out_features, generator=generator)[:MEASURE_CHANNELS].sort().values
+    weight = module.weight if channels is None else module.weight[channels]
+    bias = module.bias if channels is None or module.bias is None else module.bias[channels]
+    sampled = nn.Linear(module.in_features, weight.shape[0], bias=bias is not None, device="meta")
+    sampled.weight, sampled.bias = nn.Parameter(weight.detach()), None if bias is None else nn.Parameter(bias.detach())
+    naive = SVDQLinear.from_linear(sampled, naive_config, act="none" if plan.act == "none" else "signed")
     x = rows.to(module.weight.device, module.weight.dtype)
-    bias = None if module.bias is None else module.bias.float()
     with torch.no_grad():
-        reference = nn.functional.linear(x.float(), module.weight.float(), bias)
-        after, before = quantized(x).float(), naive(x).float()
+        reference = nn.functional.linear(x.float(), weight.float(), None if bias is None else bias.float())
+        after, before = quantized.reference_forward(x, channels).float(), naive(x).float()
     return LayerReport(
         name=name,
         group=group,
@@ -372,26 +384,31 @@ def quantize_model(
             raise BadInputError(f"layer {name}: weight holds NaN or Inf")
     calibration = collect_statistics(model, layers, calibrate, config, groups)
     report = QuantReport(config=config, skipped=skipped)
-    with single_threaded():  # the weight side's numerics must not depend on the thread count
-        for owner, names in calibration.members.items():
-            stats = calibration.stats[owner]
-            try:
-                modules = [layers[name] for name in names]
-                plan = plan_group(names, modules, stats, config, weight_only, nonnegative)
-                for name, module in zip(names, modules, strict=True):
-                    begin = time.perf_counter()
-                    hessian = group_hessian(stats, plan, module.in_features, config)
-                    quantized = quantize_layer(module, config, plan, hessian, gram=input_gram(stats, plan, config))
-                    seconds = time.perf_counter() - begin + plan.seconds / len(names)
-                    layer_report = measure_layer(
-                        name, owner, module, quantized, plan, stats.sample(config.search_rows), config, seconds
-                    )
-                    replace_module(model, name, quantized)
-                    report.layers.append(layer_report)
-                    if progress:
-                        progress(name, len(report.layers), len(layers))
-            except ValueError as error:
-                raise BadInputError(f"layer {names[0]}: {error}") from None
+
+    def quantize_group(owner: str) -> list[tuple[str, SVDQLinear, LayerReport]]:
+        names, stats = calibration.members[owner], calibration.stats[owner]
+        try:
+            modules = [layers[name] for name in names]
+            plan = plan_group(names, modules, stats, config, weight_only, nonnegative)
+            done = []
+            for name, module in zip(names, modules, strict=True):
+                begin = time.perf_counter()
+                hessian = group_hessian(stats, plan, module.in_features, config)
+                quantized = quantize_layer(module, config, plan, hessian, gram=input_gram(stats, plan, config))
+                seconds = time.perf_counter() - begin + plan.seconds / len(names)
+                done.append((name, quantized, measure_layer(name, owner, module, quantized, plan,
+                                                            stats.sample(config.search_rows), config, seconds)))
+            return done
+        except ValueError as error:
+            raise BadInputError(f"layer {names[0]}: {error}") from None
+
+    # Groups on every core, each single-threaded: the numerics do not depend on the thread count.
+    for results in parallel_map(quantize_group, list(calibration.members)):
+        for name, quantized, layer_report in results:
+            replace_module(model, name, quantized)
+            report.layers.append(layer_report)
+            if progress:
+                progress(name, len(report.layers), len(layers))
     return report
 
 

@@ -81,7 +81,7 @@ class Linear4:
             raise ValueError("it is weight-only; Nunchaku runs its block linears in W4A4")
         bias = layer.bias.float() if layer.bias is not None else torch.zeros(layer.out_features)
         if layer.shift is not None:  # undo our own shift fold: Nunchaku's kernels apply theirs
-            bias = bias + layer.shift.float() * layer.effective_weight().sum(dim=1)
+            bias = bias + layer.shift_correction()
         return cls(
             codes=unpack_nibbles(layer.qweight, signed=not layer.fmt.is_float),
             scales=layer.wscales,

@@ -1,13 +1,24 @@
 """Calibration statistics of one layer input, accumulated online with bounded memory (DESIGN.md §4).
 
 Per input (shared by every layer that reads it): the running per-channel minimum and maximum over all
-tokens, a uniform random sample of at most ``max_rows`` input rows, and optionally the GPTQ Hessian
-``Σ xᵀx`` with the row sum it needs to apply a shift later. Memory never grows with the number of tokens.
+tokens, a uniform random sample of at most ``max_rows`` input rows, the block-diagonal part of ``Σ xᵀx``
+(64×64 blocks along K: what the weight-scale search needs, from every token rather than a sample) with the
+row sum that applies a shift to it, and optionally the whole ``Σ xᵀx`` (GPTQ's Hessian). Memory never grows
+with the number of tokens: ``max_rows·K`` for the sample and ``64·K`` floats for the blocks.
 """
 
 from __future__ import annotations
 
 import torch
+
+from ..threads import single_threaded
+
+GRAM_BLOCK = 64  # the widest group of any format; narrower groups' blocks lie on its diagonal
+
+
+def gram_block(in_features: int) -> int:
+    """The block width of an input's block-diagonal Gram: 64, or 16 when 64 does not divide K."""
+    return GRAM_BLOCK if in_features % GRAM_BLOCK == 0 else 16 if in_features % 16 == 0 else 0
 
 
 class InputStats:
@@ -30,7 +41,9 @@ class InputStats:
         self._generator = torch.Generator().manual_seed(seed)
         self._with_hessian = hessian
         self.xtx: torch.Tensor | None = None
-        self.row_sum: torch.Tensor | None = None
+        self.block = gram_block(in_features)
+        self.block_gram: torch.Tensor | None = None  # [K/block, block, block], Σ over every token
+        self.row_sum = torch.zeros(in_features)
 
     def update(self, x: torch.Tensor) -> None:
         """Fold a batch of inputs ``[..., K]`` into the statistics."""
@@ -55,10 +68,15 @@ class InputStats:
             keys, order = torch.topk(keys, self.max_rows, largest=False, sorted=True)
             rows = rows[order]
         self.rows, self._keys = rows.clone(), keys
-        if self._with_hessian:
+        with single_threaded():  # these sums feed the weight side, whose numerics must not depend on threads
             batch = batch.float()
-            self.xtx = batch.T @ batch if self.xtx is None else self.xtx + batch.T @ batch
-            self.row_sum = batch.sum(0) if self.row_sum is None else self.row_sum + batch.sum(0)
+            self.row_sum = self.row_sum.to(device) + batch.sum(0)
+            if self.block:
+                blocks = batch.reshape(batch.shape[0], -1, self.block).transpose(0, 1)  # [K/b, rows, b]
+                update = torch.bmm(blocks.transpose(1, 2), blocks)
+                self.block_gram = update if self.block_gram is None else self.block_gram + update
+            if self._with_hessian:
+                self.xtx = batch.T @ batch if self.xtx is None else self.xtx + batch.T @ batch
 
     @property
     def minimum(self) -> float:
@@ -75,6 +93,30 @@ class InputStats:
         if self.rows is None:
             raise ValueError("no calibration rows were recorded")
         return self.rows[:count].float()
+
+    def group_gram(self, group: int, smooth: torch.Tensor | None = None, shift: float = 0.0) -> torch.Tensor:
+        """The mean ``x̂ᵀx̂`` within each ``group`` of channels for ``x̂ = (x + shift) / λ``, ``[K/group, group,
+        group]`` in float64, over every token seen.
+
+        Raises:
+            ValueError: no Gram was accumulated, or ``group`` does not tile its blocks.
+        """
+        if self.block_gram is None or self.count == 0:
+            raise ValueError("no calibration inputs were recorded")
+        if self.block % group:
+            raise ValueError(f"groups of {group} do not tile the Gram's blocks of {self.block}")
+        per_block = self.block // group
+        blocks = self.block_gram.double().reshape(-1, per_block, group, per_block, group)
+        diagonal = torch.arange(per_block)
+        gram = blocks[:, diagonal, :, diagonal, :].transpose(0, 1).reshape(-1, group, group)  # [K/group, g, g]
+        if shift:
+            sums = self.row_sum.double().reshape(-1, group)
+            gram = gram + shift * (sums[:, :, None] + sums[:, None, :]) + shift * shift * self.count
+        gram = gram / self.count
+        if smooth is not None:
+            inverse = (1.0 / smooth.double().to(gram.device)).reshape(-1, group)
+            gram = gram * inverse[:, :, None] * inverse[:, None, :]
+        return gram
 
     def hessian(self, smooth: torch.Tensor, shift: float = 0.0) -> torch.Tensor:
         """``Σ x̂ᵀx̂`` for ``x̂ = (x + shift) / λ``, from the accumulated ``Σ xᵀx``."""
@@ -96,9 +138,12 @@ class InputStats:
             "channel_max": self.channel_max.cpu(),
             "rows": self.rows.cpu().contiguous(),
             "count": torch.tensor(self.count, dtype=torch.int64),
+            "row_sum": self.row_sum.cpu(),
         }
+        if self.block_gram is not None:
+            tensors["block_gram"] = self.block_gram.cpu()
         if self.xtx is not None:
-            tensors["xtx"], tensors["row_sum"] = self.xtx.cpu(), self.row_sum.cpu()
+            tensors["xtx"] = self.xtx.cpu()
         return tensors
 
     @classmethod
@@ -108,5 +153,6 @@ class InputStats:
         stats = cls(rows.shape[1], rows.shape[0], seed=0, hessian="xtx" in tensors)
         stats.channel_min, stats.channel_max = tensors["channel_min"], tensors["channel_max"]
         stats.rows, stats.count = rows, int(tensors["count"])
-        stats.xtx, stats.row_sum = tensors.get("xtx"), tensors.get("row_sum")
+        stats.xtx, stats.row_sum = tensors.get("xtx"), tensors["row_sum"]
+        stats.block_gram = tensors.get("block_gram")
         return stats

@@ -47,7 +47,9 @@ class QuantConfig:
         lowrank_iters: 1 = one SVD; more alternates ``L ← SVD_r(Ŵ − Q(Ŵ − L))``, stopping early.
         exact_svd_max_elements: layers up to this many weights get an exact float64 SVD, larger ones a
             seeded randomized SVD.
-        calib_rows: bound on the input rows sampled per input group during calibration.
+        calib_rows: bound on the input rows sampled per input group during calibration (the search and the
+            per-layer report use them; statistics that cover every token are kept besides). Collect holds
+            ``calib_rows · K`` values per input group for the whole model: 0.9 GB at FLUX.1 size in bf16.
         search_rows: calibration rows the α/β search evaluates each candidate on.
         search_channels: output channels sampled per layer for the search (0 = all); the chosen candidate is
             then decomposed on the full weight.
@@ -73,7 +75,7 @@ class QuantConfig:
     gptq_block: int = 128
     lowrank_iters: int = 1
     exact_svd_max_elements: int = 1 << 18
-    calib_rows: int = 1024
+    calib_rows: int = 256
     search_rows: int = 256
     search_channels: int = 256
     scale_dtype: str = "model"

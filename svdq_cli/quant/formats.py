@@ -195,20 +195,21 @@ def searched_scales(
     gram: torch.Tensor | None = None,
     scale_dtype: torch.dtype = torch.float32,
     chunk_elements: int = 1 << 19,
+    factored: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Per group of a weight ``x [N, K]``, the signed INT scale with the least error among: ``max|x|/qmax``
     (the symmetric rule) and the full-range scale times each of :data:`SHRINK_FACTORS` (as stored).
 
     The error of a group's rounding ``Δ = x − dequant(quant(x))`` is the layer's output error on its calibration
     rows, ``ΔᵀGΔ`` with ``gram [K/group, group, group]`` the mean ``x̂ᵀx̂`` of its inputs within each group (in
-    the :func:`gram_factors` form: cross terms within a group count, which matters where inputs share a large
-    mean, as after a GELU, and same-signed clipping errors add up), or ``ΔᵀΔ`` without calibration rows. Ties
-    keep the earlier candidate, so the choice is deterministic and never worse on this measure than the
-    symmetric or the full-range scale.
+    the :func:`gram_factors` form, which ``factored`` may pass ready-made: cross terms within a group count,
+    which matters where inputs share a large mean, as after a GELU, and same-signed clipping errors add up), or
+    ``ΔᵀΔ`` without calibration rows. Ties keep the earlier candidate, so the choice is deterministic and never
+    worse on this measure than the symmetric or the full-range scale.
     """
     if fmt.is_float:
         raise ValueError("the scale search is for INT formats")
-    diagonal, factors = gram_factors(gram) if gram is not None else (None, None)
+    diagonal, factors = factored or (gram_factors(gram) if gram is not None else (None, None))
     chosen, chunk_rows = [], max(1, chunk_elements // x.shape[1])
     for start in range(0, x.shape[0], chunk_rows):  # a few MB at a time: the candidates stay in cache
         grouped = _grouped(x[start : start + chunk_rows].detach().float(), fmt.group_size)
@@ -221,11 +222,10 @@ def searched_scales(
             step = scales.float().unsqueeze(-1)
             delta = grouped - _rounded(divide_by_step(grouped, step), fmt, True).mul_(step)  # [n, G, group]
             if diagonal is None:
-                error = delta.square().sum(-1)
-            else:  # Δᵀ diag(d) Δ + |Fᵀ Δ|², per group
-                error = (delta.square() * diagonal).sum(-1)
-                for column in factors.unbind(-1):
-                    error += (delta * column).sum(-1).square()
+                error = torch.linalg.vector_norm(delta, dim=-1).square_()
+            else:  # Δᵀ diag(d) Δ + |Fᵀ Δ|², per group, as one reduction each
+                error = torch.einsum("ngi,gi->ng", delta.square(), diagonal)
+                error += torch.einsum("ngi,gif->ngf", delta, factors).square_().sum(-1)
             if best is None:
                 best, best_error = scales, error
                 continue
@@ -292,8 +292,22 @@ def quantize_with_scales(
     fmt: Format,
     signed: bool = True,
     tensor_scale: torch.Tensor | None = None,
+    chunk_elements: int = 1 << 20,
 ) -> torch.Tensor:
-    """Codes of ``x`` for given per-group scales."""
+    """Codes of ``x`` for given per-group scales (computed a few MB of rows at a time: a FLUX-size weight
+    needs no float32 temporaries of its own size)."""
+    if x.dim() < 2 or (tensor_scale is not None and tensor_scale.dim() and tensor_scale.shape[0] != x.shape[0]):
+        return _codes(x, scales, fmt, signed, tensor_scale)
+    codes = torch.empty(x.shape, dtype=torch.int8, device=x.device)
+    rows = max(1, chunk_elements // max(1, x[0].numel()))
+    for start in range(0, x.shape[0], rows):
+        part = None if tensor_scale is None or not tensor_scale.dim() else tensor_scale[start : start + rows]
+        codes[start : start + rows] = _codes(x[start : start + rows], scales[start : start + rows], fmt, signed,
+                                             tensor_scale if part is None else part)
+    return codes
+
+
+def _codes(x, scales, fmt, signed, tensor_scale) -> torch.Tensor:
     grouped = _grouped(x.detach().float(), fmt.group_size)
     step = effective_step(scales, fmt, tensor_scale).unsqueeze(-1)
     return codes_for(divide_by_step(grouped, step), fmt, signed).reshape(x.shape)

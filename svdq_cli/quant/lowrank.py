@@ -16,8 +16,9 @@ def top_singular(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top-``rank`` singular triplets of ``weight`` [N, K] as float32 (U [N,r], S [r], Vh [r,K]).
 
-    Exact float64 SVD when ``N·K <= exact_max_elements``; above it ``torch.svd_lowrank`` under a forked,
-    seeded RNG, so the same weight always gives the same factors (resumed runs stay byte-identical).
+    Exact float64 SVD when ``N·K <= exact_max_elements``; above it a randomized SVD drawing from its own
+    seeded generator, so the same weight always gives the same factors (resumed runs stay byte-identical)
+    and layers can be decomposed on several threads at once.
     """
     n, k = weight.shape
     if rank > min(n, k):
@@ -25,11 +26,20 @@ def top_singular(
     if weight.numel() <= exact_max_elements or rank + OVERSAMPLE > min(n, k) // 2:
         u, s, vh = torch.linalg.svd(weight.double(), full_matrices=False)
         return u[:, :rank].float(), s[:rank].float(), vh[:rank].float()
-    devices = [weight.device] if weight.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        u, s, v = torch.svd_lowrank(weight.float(), q=rank + OVERSAMPLE, niter=POWER_ITERATIONS)
-    return u[:, :rank].contiguous(), s[:rank].contiguous(), v[:, :rank].T.contiguous()
+    u, s, vh = randomized_svd(weight.float(), rank + OVERSAMPLE, POWER_ITERATIONS, seed)
+    return u[:, :rank].contiguous(), s[:rank].contiguous(), vh[:rank].contiguous()
+
+
+def randomized_svd(matrix: torch.Tensor, columns: int, power_iterations: int, seed: int):
+    """Halko, Martinsson & Tropp's randomized SVD (range finder with re-orthonormalized power iterations,
+    their Algorithms 4.4 and 5.1): ``U [N, q], S [q], Vh [q, K]`` approximating the top ``q`` triplets."""
+    generator = torch.Generator(device=matrix.device).manual_seed(seed)
+    probe = torch.randn(matrix.shape[1], columns, generator=generator, device=matrix.device, dtype=matrix.dtype)
+    basis = torch.linalg.qr(matrix @ probe).Q
+    for _ in range(power_iterations):
+        basis = torch.linalg.qr(matrix @ torch.linalg.qr(matrix.T @ basis).Q).Q
+    u, s, vh = torch.linalg.svd(basis.T @ matrix, full_matrices=False)
+    return basis @ u, s, vh
 
 
 def low_rank(

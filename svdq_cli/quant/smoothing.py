@@ -14,7 +14,8 @@ _DEAD = 1e-8
 
 def weight_absmax(weights: list[torch.Tensor]) -> torch.Tensor:
     """Per-input-channel ``max|W_:,j|`` over all layers that read the same input."""
-    return torch.stack([w.detach().abs().float().amax(dim=0) for w in weights]).amax(dim=0)
+    extremes = [torch.aminmax(w.detach(), dim=0) for w in weights]  # no |W| temporary of the weight's size
+    return torch.stack([torch.maximum(-low, high).float() for low, high in extremes]).amax(dim=0)
 
 
 def smooth_factors(

@@ -12,7 +12,16 @@ from dataclasses import dataclass
 import torch
 
 from .config import QuantConfig
-from .formats import Format, QTensor, fake_quantize, quantize, quantize_with_scales, searched_scales
+from .formats import (
+    Format,
+    QTensor,
+    fake_quantize,
+    gram_factors,
+    group_scales,
+    quantize,
+    quantize_with_scales,
+    searched_scales,
+)
 from .gptq import gptq_quantize
 from .lowrank import low_rank, refine_low_rank
 from .smoothing import smooth_factors, weight_absmax
@@ -185,7 +194,7 @@ def branch_factors(
     fmt = config.format
     scale_dtype = scale_dtype_for(config, model_dtype)
     down, up = refine_low_rank(
-        weight.detach().float() * smooth.float(),
+        weight.detach().to(torch.float32, copy=True).mul_(smooth.float()),
         config.effective_rank,
         lambda residual: fake_quantize(residual, fmt, True, scale_dtype, full_range=config.full_range),
         config.lowrank_iters,
@@ -214,16 +223,38 @@ def quantize_residual(
     """
     fmt = config.format
     scale_dtype = scale_dtype_for(config, model_dtype)
-    residual = (weight.detach().float() * smooth.float()).addmm_(lora_up.float(), lora_down.float(), alpha=-1)
-    if config.gptq:
-        if hessian is None:
-            raise ValueError("GPTQ needs the calibration Hessian")
-        return gptq_quantize(residual, hessian, fmt, scale_dtype, config.gptq_block, config.gptq_damp,
-                             config.full_range, config.scale_search)
-    if config.scale_search and not fmt.is_float:
-        scales = searched_scales(residual, fmt, gram, scale_dtype)
-        return QTensor(quantize_with_scales(residual, scales, fmt), scales, fmt)
-    return quantize(residual, fmt, True, scale_dtype, full_range=config.full_range)
+    if config.gptq or fmt.is_float:  # the whole residual: GPTQ's updates and NVFP4's tensor scale span its rows
+        residual = _residual(weight, smooth, lora_down, lora_up)
+        if config.gptq:
+            if hessian is None:
+                raise ValueError("GPTQ needs the calibration Hessian")
+            return gptq_quantize(residual, hessian, fmt, scale_dtype, config.gptq_block, config.gptq_damp,
+                                 config.full_range, config.scale_search)
+        return quantize(residual, fmt, True, scale_dtype, full_range=config.full_range)
+    # INT groups lie within a row: a few MB of rows at a time, never a float32 copy of the whole weight.
+    factored = gram_factors(gram) if config.scale_search and gram is not None else None
+    codes = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
+    scales = torch.empty((weight.shape[0], weight.shape[1] // fmt.group_size), dtype=scale_dtype,
+                         device=weight.device)
+    rows = max(1, RESIDUAL_CHUNK_ELEMENTS // weight.shape[1])
+    for start in range(0, weight.shape[0], rows):
+        part = slice(start, start + rows)
+        residual = _residual(weight[part], smooth, lora_down, lora_up[part])
+        if config.scale_search:
+            scales[part] = searched_scales(residual, fmt, scale_dtype=scale_dtype, factored=factored)
+        else:
+            scales[part] = group_scales(residual, fmt, True, scale_dtype, full_range=config.full_range)
+        codes[part] = quantize_with_scales(residual, scales[part], fmt)
+    return QTensor(codes, scales, fmt)
+
+
+RESIDUAL_CHUNK_ELEMENTS = 1 << 22  # 16 MB of float32 rows per step of quantize_residual
+
+
+def _residual(weight: torch.Tensor, smooth: torch.Tensor, lora_down: torch.Tensor, lora_up: torch.Tensor):
+    """``W·diag(λ) − lora_up·lora_down`` in float32 (one buffer of the weight's size)."""
+    residual = weight.detach().to(torch.float32, copy=True).mul_(smooth.float())
+    return residual.addmm_(lora_up.float(), lora_down.float(), alpha=-1)
 
 
 def _rounder(dtype: torch.dtype):

@@ -185,20 +185,31 @@ class SVDQLinear(nn.Module):
         if self.act == "unsigned":
             self.shift.fill_(shift)
             # y = (x + c) W_effᵀ − c · W_eff·1 + b: the exact correction uses the weight the layer really has.
-            correction = shift * self.effective_weight().sum(dim=1)
-            self.bias.copy_(self.bias.float() - correction)
+            self.bias.copy_(self.bias.float() - self.shift_correction())
 
     # --- the reference forward ---------------------------------------------------------------------------
 
-    def residual_weight(self) -> torch.Tensor:
-        """Dequantized residual ``[N, K]`` (smoothed space), float32."""
-        codes = unpack_nibbles(self.qweight, signed=not self.fmt.is_float) if self.fmt.packs_nibbles else self.qweight
-        return dequantize(codes, self.wscales, self.fmt, self.wtscale)
+    def residual_weight(self, channels: torch.Tensor | slice | None = None) -> torch.Tensor:
+        """Dequantized residual ``[N, K]`` (smoothed space), float32; only the rows of ``channels`` if given."""
+        qweight, wscales = self.qweight, self.wscales
+        if channels is not None:
+            qweight, wscales = qweight[channels], wscales[channels]
+        codes = unpack_nibbles(qweight, signed=not self.fmt.is_float) if self.fmt.packs_nibbles else qweight
+        return dequantize(codes, wscales, self.fmt, self.wtscale)
 
     def effective_weight(self) -> torch.Tensor:
         """The weight the layer applies to its (shifted) input, ``(R + L_up L_down) · diag(1/λ)``, float32."""
         weight = self.residual_weight() + self.lora_up.float() @ self.lora_down.float()
         return weight / self.smooth.float()
+
+    def shift_correction(self) -> torch.Tensor:
+        """``shift · W_eff·1`` [N], float32: what the bias holds back for an unsigned layer's input shift
+        (``W_eff·1`` without materializing ``W_eff``: one dequantized residual, no more)."""
+        inverse = 1.0 / self.smooth.float()
+        rows = max(1, (1 << 22) // self.in_features)  # 16 MB of dequantized rows at a time
+        residual_sums = torch.cat([self.residual_weight(slice(start, start + rows)) @ inverse
+                                   for start in range(0, self.out_features, rows)])
+        return self.shift.float() * (residual_sums + self.lora_up.float() @ (self.lora_down.float() @ inverse))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
@@ -208,18 +219,23 @@ class SVDQLinear(nn.Module):
         fused = kernels.try_fused(self, x)
         return self.reference_forward(x) if fused is None else fused
 
-    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The specification the fused kernels are tested against (see the module docstring)."""
+    def reference_forward(self, x: torch.Tensor, channels: torch.Tensor | None = None) -> torch.Tensor:
+        """The specification the fused kernels are tested against (see the module docstring); with
+        ``channels``, only those output channels (each is computed independently of the others)."""
         rows = x.reshape(-1, self.in_features).float()
         if self.shift is not None:
             rows = rows + self.shift
         smoothed = rows / self.smooth.float()
-        y = fake_quantize_activations(smoothed, self.fmt, self.act, self.act_range == "full") @ self.residual_weight().T
+        lora_up, bias = self.lora_up, self.bias
+        if channels is not None:
+            lora_up, bias = lora_up[channels], None if bias is None else bias[channels]
+        residual = self.residual_weight(channels)
+        y = fake_quantize_activations(smoothed, self.fmt, self.act, self.act_range == "full") @ residual.T
         if self.rank:
-            y = y + (smoothed @ self.lora_down.float().T) @ self.lora_up.float().T
-        if self.bias is not None:
-            y = y + self.bias.float()
-        return y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+            y = y + (smoothed @ self.lora_down.float().T) @ lora_up.float().T
+        if bias is not None:
+            y = y + bias.float()
+        return y.to(x.dtype).reshape(*x.shape[:-1], residual.shape[0])
 
     # --- serialization ------------------------------------------------------------------------------
 

@@ -49,3 +49,25 @@ def test_non_finite_inputs_are_flagged_not_recorded():
     assert not stats.finite and stats.count == 0
     with pytest.raises(ValueError, match="no calibration"):
         stats.absmax()
+
+
+@pytest.mark.parametrize(("in_features", "group"), [(128, 64), (128, 16), (48, 16)])
+def test_group_gram_is_the_smoothed_shifted_inputs_mean_gram_within_each_group(gen, in_features, group):
+    """Against float64 from every token (the row sample holds only a few): blocks of 64 hold groups of 16 on
+    their diagonal, and K=48 falls back to blocks of 16."""
+    stats = InputStats(in_features, max_rows=8, seed=1)
+    sizes = torch.randint(5, 60, (6,), generator=gen)
+    batches = [torch.randn(int(n), in_features, generator=gen) * 3 + 1 for n in sizes]
+    for batch in batches:
+        stats.update(batch)
+    everything = torch.cat(batches).double()
+    smooth, shift = torch.rand(in_features, generator=gen) + 0.5, 0.7
+    smoothed = ((everything + shift) / smooth.double()).reshape(len(everything), -1, group).transpose(0, 1)
+    expected = torch.bmm(smoothed.transpose(1, 2), smoothed) / len(everything)
+    gram = stats.group_gram(group, smooth, shift)
+    assert gram.shape == (in_features // group, group, group)
+    np.testing.assert_allclose(gram.numpy(), expected.numpy(), rtol=1e-5, atol=1e-6 * expected.abs().max().item())
+    restored = InputStats.from_state(stats.state())
+    assert torch.equal(restored.group_gram(group, smooth, shift), gram)
+    with pytest.raises(ValueError, match="do not tile"):
+        stats.group_gram(128, smooth)  # wider than any block
