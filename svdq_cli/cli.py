@@ -195,6 +195,10 @@ ValResolutionOpt = Annotated[int | None, typer.Option("--val-resolution", help="
                                                                               "(default: the recipe's).")]
 BaselinesOpt = Annotated[str | None, typer.Option(help="Baselines validation also scores, comma-separated: rtn, "
                                                        "w4a16, smoothquant.")]
+StreamOpt = Annotated[bool | None, typer.Option("--stream/--no-stream", metavar="",
+                                                help="Read the transformer block by block from its checkpoint, "
+                                                     "so memory holds one block (default: when the checkpoint is "
+                                                     "over half the available memory).")]
 RuntimeOpt = Annotated[str | None, typer.Option(help="How validation runs the quantized layers: auto (fused CUDA "
                                                      "kernels on a GPU, else the reference path) or emulated (the "
                                                      "kernels on the CPU emulator, compared with the reference).")]
@@ -233,6 +237,7 @@ def quantize(
     offload: Annotated[bool | None, typer.Option("--offload/--no-offload", metavar="",
                                                  help="diffusers model CPU offload (fits FLUX in 24 GB of "
                                                       "GPU memory).")] = None,
+    stream: StreamOpt = None,
     until: Annotated[str | None, typer.Option(help="Stop after this stage.")] = None,
     redo: Annotated[str | None, typer.Option(help="Recompute this stage and every later one.")] = None,
     as_json: JsonOpt = False,
@@ -244,6 +249,7 @@ def quantize(
     overrides = {"quant.rank": rank, "quant.precision": precision, "calibration.prompts": prompts,
                  "calibration.num_prompts": num_prompts, "calibration.steps": steps,
                  "calibration.resolution": resolution, "device": device, "dtype": dtype, "offload": offload,
+                 "stream": stream,
                  **_validation_overrides(val_prompts, val_steps, val_resolution, baselines, runtime)}
     config = resolve_model(model, recipe, overrides)
     check_config(config, until, redo)
@@ -265,8 +271,8 @@ def _rerun(run_dir: Path, until: str, overrides: dict[str, object], as_json: boo
         raise BadInputError(f"{run_dir} has no resolved config in its manifest")
     for key, value in overrides.items():
         if value is not None:
-            section, _, leaf = key.partition(".")
-            stored[section][leaf] = value
+            section, _, leaf = key.rpartition(".")
+            (stored[section] if section else stored)[leaf] = value
     config = build_config(RunConfig, stored, "")
     check_config(config, until)
     _quiet_libraries()
@@ -288,12 +294,13 @@ def validate(
     min_psnr: Annotated[float | None, typer.Option(help="Gate: minimum mean PSNR in dB (exit 3 below).")] = None,
     min_ssim: Annotated[float | None, typer.Option(help="Gate: minimum mean SSIM.")] = None,
     max_latent_error: Annotated[float | None, typer.Option(help="Gate: maximum latent relative error.")] = None,
+    stream: StreamOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """(Re)validate a run: 16-bit vs quantized images on held-out prompts, report and PNGs."""
     _rerun(run_dir, "validate", {**_validation_overrides(val_prompts, val_steps, val_resolution, baselines, runtime),
                                  "validation.min_psnr": min_psnr, "validation.min_ssim": min_ssim,
-                                 "validation.max_latent_error": max_latent_error}, as_json)
+                                 "validation.max_latent_error": max_latent_error, "stream": stream}, as_json)
 
 
 @app.command(cls=_Command)
@@ -305,13 +312,14 @@ def export(
                                                                   "3r) instead of padding all to the largest; "
                                                                   "smaller, but only NunchakuFluxTransformer2dModel "
                                                                   "loads it.")] = False,
+    stream: StreamOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Write the single-file export of a run (after validating it, if not done yet)."""
     if format not in ("svdq", "nunchaku"):
         raise BadInputError(f"--format {format!r} is unknown (available: svdq, nunchaku)")
     if format == "svdq":
-        _rerun(run_dir, "export", {}, as_json, gate_exit=False)
+        _rerun(run_dir, "export", {"stream": stream}, as_json, gate_exit=False)
         return
     from . import nunchaku
     from .run import Run
@@ -319,7 +327,7 @@ def export(
     stored = Run.existing(run_dir).manifest.get("config")
     if stored is not None:
         nunchaku.check_run(stored)
-    summary = _rerun(run_dir, "export", {}, as_json, show=False)
+    summary = _rerun(run_dir, "export", {"stream": stream}, as_json, show=False)
     with Run(run_dir) as run:
         written = nunchaku.export_run(run, uniform_rank=not per_layer_rank)
     _summary(run_dir, summary, as_json, {"nunchaku": {**written, "file": str(run_dir / written["file"])}},

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
 
 from .errors import BadInputError
 
@@ -134,9 +133,11 @@ def load_quantized(path: Path | str, pipeline=None, device: str | torch.device =
         The pipeline when one was given, else the transformer.
     """
     import diffusers
+    from accelerate.utils import set_module_tensor_to_device
 
     from .api import replace_module
     from .device import resolve_device
+    from .models.streaming import empty_model
     from .runtime.linear import SVDQLinear
 
     metadata = read_metadata(Path(path))
@@ -149,11 +150,24 @@ def load_quantized(path: Path | str, pipeline=None, device: str | torch.device =
         _check_same_transformer(path, model_config, pipeline.transformer)
     transformer_class = getattr(diffusers, model_config["class"])
     dtype = getattr(torch, metadata["recipe"]["dtype"])
-    transformer = transformer_class.from_config(model_config["config"]).to(dtype)
-    tensors = load_file(str(path), device=str(device))
-    for name, layer_metadata in metadata["layers"].items():
-        replace_module(transformer, name, SVDQLinear.from_state_dict(layer_state(tensors, name), layer_metadata))
-    missing, unexpected = transformer.load_state_dict(tensors, strict=False)
+    transformer = empty_model(transformer_class, model_config["config"], dtype)  # no 16-bit weights allocated
+    layers = metadata["layers"]
+    with safe_open(str(path), "pt", device=str(device)) as handle:  # tensor by tensor: the file once in memory
+        layer_keys: dict[str, list[str]] = {name: [] for name in layers}
+        other_keys = []
+        for key in handle.keys():
+            owner = key.rpartition(".")[0]
+            (layer_keys[owner] if owner in layer_keys else other_keys).append(key)
+        for name, keys in layer_keys.items():
+            state = {key[len(name) + 1:]: handle.get_tensor(key) for key in keys}
+            replace_module(transformer, name, SVDQLinear.from_state_dict(state, layers[name]))
+        expected = transformer.state_dict(keep_vars=True)
+        unexpected = [key for key in other_keys if key not in expected]
+        for key in other_keys:
+            if key in expected:
+                set_module_tensor_to_device(transformer, key, device, value=handle.get_tensor(key).clone(),
+                                            clear_cache=False)
+    missing = [key for key, tensor in transformer.state_dict(keep_vars=True).items() if tensor.device.type == "meta"]
     if missing or unexpected:
         raise BadInputError(f"{path} does not fit {model_config['class']}: missing {missing[:3]}, "
                             f"unexpected {unexpected[:3]}")
@@ -179,11 +193,11 @@ def _check_same_transformer(path: Path | str, model_config: dict, transformer) -
 
 def load_quantized_pipeline(path: Path | str, device: str = "cpu"):
     """The whole pipeline of an export: the recorded base model (tiny builder, local dir or Hub id) with the
-    quantized transformer in place of the 16-bit one."""
+    quantized transformer in place of the 16-bit one, which is never loaded."""
     from .models import get_adapter
     from .models.loading import load_pipeline
 
     recipe = read_metadata(Path(path))["recipe"]
     adapter = get_adapter(recipe["family"])
-    pipeline = load_pipeline(recipe["model"], adapter, getattr(torch, recipe["dtype"]), device)
-    return load_quantized(path, pipeline, device)
+    transformer = load_quantized(path, device=device)
+    return load_pipeline(recipe["model"], adapter, getattr(torch, recipe["dtype"]), device, transformer=transformer)

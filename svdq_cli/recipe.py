@@ -73,7 +73,9 @@ class ValidationConfig:
 
 @dataclass(frozen=True)
 class RunConfig:
-    """Everything a run reads. Device and offload change where it runs, not what it computes."""
+    """Everything a run reads. Device, offload and stream change where and how it runs, not what it computes:
+    ``stream`` reads the transformer block by block from its checkpoint (None: when the checkpoint is more
+    than half the memory available)."""
 
     recipe: str
     model: str
@@ -81,6 +83,7 @@ class RunConfig:
     dtype: str = "bfloat16"
     device: str = "auto"
     offload: bool = False
+    stream: bool | None = None
     quant: QuantConfig = field(default_factory=QuantConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
@@ -98,6 +101,9 @@ class RunConfig:
             value = getattr(self.validation, gate)
             if value is not None and not math.isfinite(value):
                 raise BadInputError(f"validation.{gate}={value} must be a finite number")
+        if self.offload and self.stream:
+            raise BadInputError("--offload and --stream are alternatives: streaming already keeps one block in "
+                                "memory (on the GPU too); drop one")
         if self.validation.runtime not in RUNTIMES:
             raise BadInputError(f"validation.runtime={self.validation.runtime!r} is invalid (allowed: "
                                 f"{', '.join(RUNTIMES)})")

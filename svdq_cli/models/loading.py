@@ -33,35 +33,65 @@ def family_of_directory(path: Path) -> str:
     return PIPELINE_FAMILIES[pipeline_class]
 
 
-def load_pipeline(model: str, adapter: Adapter, dtype: torch.dtype, device: str = "cpu", offload: bool = False):
+def model_directory(model: str) -> Path | None:
+    """The local diffusers directory of ``model``: the path itself, or the Hub snapshot (fetched when the Hub
+    is reachable, else from the local cache); None for a built-in tiny model, which lives in memory.
+
+    Raises:
+        ModelFetchError: a Hub id that cannot be fetched (offline and not cached, gated, missing).
+    """
+    if model in TINY_MODELS:
+        return None
+    if Path(model).exists():
+        return Path(model)
+    import diffusers
+
+    from ..online import hub_reachable
+
+    try:
+        return Path(diffusers.DiffusionPipeline.download(model, local_files_only=not hub_reachable()))
+    except Exception as error:  # huggingface_hub raises many types: offline, gated, not found
+        raise ModelFetchError(
+            f"could not fetch {model} from the Hugging Face Hub ({type(error).__name__}); download it with "
+            f"`hf download {model} --local-dir DIR` and pass DIR as the model"
+        ) from None
+
+
+def load_pipeline(model: str, adapter: Adapter, dtype: torch.dtype, device: str = "cpu", offload: bool = False,
+                  transformer=None, without: tuple[str, ...] = ()):
     """The 16-bit pipeline for ``model``, with progress bars off, on ``device`` (or CPU-offloaded).
+
+    ``transformer`` replaces the checkpoint's (a streamed or quantized one, left where it is); ``without``
+    names components not to load: ``transformer``, or ``text_encoders`` (all of them: prompts are then
+    encoded beforehand, see :mod:`.text_first`).
 
     Raises:
         ModelFetchError: a Hub id that cannot be fetched (offline, gated, missing).
+        BadInputError: a local directory that is not a loadable pipeline of the family.
     """
     if model in TINY_MODELS:
         pipeline = ADAPTERS[model].build_tiny(0, dtype)
+        if transformer is not None:
+            pipeline.transformer = transformer
     else:
         import diffusers
 
-        from ..online import hub_reachable
-
+        directory = model_directory(model)
         pipeline_class = getattr(diffusers, adapter.pipeline_class)
-        local = Path(model).exists()
+        overrides = {} if transformer is None else {"transformer": transformer}
+        for name in without:
+            overrides.update(dict.fromkeys(text_encoder_names(directory) if name == "text_encoders" else [name]))
         try:
-            pipeline = pipeline_class.from_pretrained(model, torch_dtype=dtype,
-                                                      local_files_only=local or not hub_reachable())
+            # low_cpu_mem_usage=False: weights are copied into fresh memory rather than left on the files'
+            # mappings, whose 8-byte alignment would make the CPU kernels' results depend on the file layout.
+            pipeline = pipeline_class.from_pretrained(directory, dtype=dtype, local_files_only=True,
+                                                      low_cpu_mem_usage=False, **overrides)
         except Exception as error:  # diffusers, transformers and safetensors raise many types for bad files
-            if local:
-                first_line = (str(error).strip().splitlines() or [""])[0][:300]
-                raise BadInputError(f"cannot load {model} as a {adapter.pipeline_class} ({type(error).__name__}: "
-                                    f"{first_line})") from None
-            raise ModelFetchError(
-                f"could not fetch {model} from the Hugging Face Hub ({type(error).__name__}); download it with "
-                f"`hf download {model} --local-dir DIR` and pass DIR as the model"
-            ) from None
-        if local:
-            check_weights_match_config(Path(model), pipeline.transformer)
+            first_line = (str(error).strip().splitlines() or [""])[0][:300]
+            raise BadInputError(f"cannot load {model} as a {adapter.pipeline_class} ({type(error).__name__}: "
+                                f"{first_line})") from None
+        if transformer is None and "transformer" not in without:
+            check_weights_match_config(directory, pipeline.transformer)
     for component in pipeline.components.values():
         if isinstance(component, torch.nn.Module):
             component.eval()
@@ -69,8 +99,16 @@ def load_pipeline(model: str, adapter: Adapter, dtype: torch.dtype, device: str 
     if offload and device.startswith("cuda"):
         pipeline.enable_model_cpu_offload(device=device)
     else:
-        pipeline.to(device)
+        for component in pipeline.components.values():
+            if isinstance(component, torch.nn.Module) and component is not transformer:
+                component.to(device)
     return pipeline
+
+
+def text_encoder_names(directory: Path) -> list[str]:
+    """The pipeline's text encoder components (``text_encoder``, ``text_encoder_2``…), from model_index.json."""
+    index = json.loads((Path(directory) / "model_index.json").read_text())
+    return [name for name in index if name.startswith("text_encoder")]
 
 
 def check_weights_match_config(model_dir: Path, transformer: torch.nn.Module) -> None:

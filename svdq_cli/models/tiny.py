@@ -56,11 +56,11 @@ def clip_text_encoder(hidden: int = 32, with_projection: bool = False, projectio
     return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config)
 
 
-def t5_text_encoder(hidden: int = 64):
+def t5_text_encoder(hidden: int = 64, feed_forward: int | None = None):
     from transformers import T5Config, T5EncoderModel
 
-    return T5EncoderModel(T5Config(vocab_size=len(vocabulary()), d_model=hidden, d_ff=2 * hidden, d_kv=16,
-                                   num_layers=2, num_heads=4, pad_token_id=0, eos_token_id=1))
+    return T5EncoderModel(T5Config(vocab_size=len(vocabulary()), d_model=hidden, d_ff=feed_forward or 2 * hidden,
+                                   d_kv=16, num_layers=2, num_heads=4, pad_token_id=0, eos_token_id=1))
 
 
 def kl_vae(latent_channels: int, **config):

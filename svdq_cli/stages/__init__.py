@@ -12,42 +12,97 @@ import hashlib
 import json
 import time
 from collections.abc import Callable
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import cached_property
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
+from ..cache import Cache
 from ..device import resolve_device
 from ..errors import BadInputError
 from ..models import Adapter, get_adapter
+from ..models.streaming import release_free_memory
 from ..progress import say, task, warn
 from ..recipe import RunConfig
 from ..run import FAULT_VARIABLE, Run, library_versions  # noqa: F401 (FAULT_VARIABLE: for tests)
 from ..threads import single_threaded
 
+if TYPE_CHECKING:
+    from ..models.streaming import BlockStreamer
+    from ..models.text_first import Encoding
+
 ORDER = ("collect", "smooth", "svd", "quantize", "validate", "export")
 
 
 class Workspace:
-    """What the stages of one process share: the config, the adapter and the lazily loaded 16-bit model."""
+    """What the stages of one process share: the config, the adapter, the 16-bit model (loaded lazily, whole
+    or streamed block by block), the prompts' text encodings and the run's cache."""
 
-    def __init__(self, config: RunConfig) -> None:
+    def __init__(self, config: RunConfig, cache_dir: Path | None = None) -> None:
         self.config = config
         self.adapter: Adapter = get_adapter(config.family)
         self.dtype = getattr(torch, config.dtype)
         self.device = resolve_device(config.device)
+        self.cache = Cache(cache_dir) if cache_dir is not None else None
+
+    @cached_property
+    def directory(self) -> Path | None:
+        """The model's local diffusers directory (None: a built-in tiny model, built in memory)."""
+        from ..models.loading import model_directory
+
+        return model_directory(self.config.model)
+
+    @cached_property
+    def streamed(self) -> bool:
+        """Whether the transformer is read block by block from its checkpoint (see RunConfig.stream)."""
+        if self.directory is None:
+            if self.config.stream:
+                warn(f"--stream: {self.config.model} is built in memory, not read from a checkpoint; not streaming")
+            return False
+        if self.config.stream is not None:
+            return self.config.stream
+        if self.config.offload:
+            return False
+        import psutil
+
+        size = sum(f.stat().st_size for f in (self.directory / "transformer").glob("*.safetensors"))
+        return 2 * size > psutil.virtual_memory().available
+
+    @cached_property
+    def streamer(self) -> BlockStreamer | None:
+        """The block streamer of a streamed transformer (None when the transformer is whole in memory)."""
+        if not self.streamed:
+            return None
+        import diffusers
+
+        from ..models.streaming import BlockStreamer, empty_model, transformer_checkpoint, transformer_config
+
+        model_class = getattr(diffusers, self.adapter.transformer_class)
+        model = empty_model(model_class, transformer_config(self.directory), self.dtype)
+        paths = [block for block, _ in self.adapter.block_groups(model)]
+        checkpoint = transformer_checkpoint(self.directory)
+        say(f"streaming {self.config.model}: {len(paths)} blocks read one at a time from "
+            f"{checkpoint.nbytes / 2**30:.1f} GiB of weights ({self.config.dtype}, {self.device})")
+        return BlockStreamer(model, checkpoint, paths, self.device)
 
     @cached_property
     def pipeline(self):
+        """The generating pipeline; a streamed one has no text encoders (prompts are encoded first)."""
         from ..models.loading import load_pipeline
 
+        if self.streamer is not None:
+            return load_pipeline(self.config.model, self.adapter, self.dtype, self.device,
+                                 transformer=self.streamer.model, without=("text_encoders",))
         say(f"loading {self.config.model} ({self.config.dtype}, {self.device})")
         return load_pipeline(self.config.model, self.adapter, self.dtype, self.device, self.config.offload)
 
     @property
     def transformer(self) -> nn.Module:
-        return self.pipeline.transformer
+        return self.streamer.model if self.streamer is not None else self.pipeline.transformer
 
     @cached_property
     def blocks(self) -> list[tuple[str, list[list[str]]]]:
@@ -56,9 +111,112 @@ class Workspace:
 
     @cached_property
     def originals(self) -> dict[str, nn.Linear]:
-        """Every target linear of the 16-bit transformer, captured before any swap."""
+        """Every target linear of the 16-bit transformer, captured before any swap (a streamed block's have
+        their weights only inside :meth:`block_resident`)."""
         modules = dict(self.transformer.named_modules())
         return {name: modules[name] for _, groups in self.blocks for group in groups for name in group}
+
+    def block_resident(self, index: int):
+        """Block ``index``'s 16-bit weights in memory for the duration (they always are when not streamed)."""
+        return self.streamer.resident(index) if self.streamer is not None else nullcontext()
+
+    def block_state(self, index: int) -> dict[str, torch.Tensor]:
+        """Block ``index``'s 16-bit tensors by full name (read from the checkpoint when streamed)."""
+        if self.streamer is not None:
+            return self.streamer.block_tensors(index)
+        prefix = f"{self.blocks[index][0]}."
+        return {n: t.detach() for n, t in self.transformer.state_dict().items() if n.startswith(prefix)}
+
+    @contextmanager
+    def with_layers(self, layers_of_block: Callable[[int], dict[str, nn.Module]]):
+        """Generate with ``layers_of_block(index)``'s modules in place of each block's 16-bit linears: all at
+        once in memory, or per block as it runs when streamed."""
+        if self.streamer is not None:
+            with self.streamer.overlaid(layers_of_block):
+                yield
+            return
+        from ..api import replace_module
+
+        layers = {name: layer.to(self.device) for index in range(len(self.blocks))
+                  for name, layer in layers_of_block(index).items()}
+        for name, layer in layers.items():
+            replace_module(self.transformer, name, layer)
+        try:
+            yield
+        finally:
+            for name in layers:
+                replace_module(self.transformer, name, self.originals[name])
+
+    def settings(self, section) -> tuple[int, float, int]:
+        """Steps, guidance and resolution of a calibration or validation section (the protocol's by default)."""
+        protocol = self.adapter.protocol
+        guidance = protocol.guidance if section.guidance is None else section.guidance
+        return section.steps or protocol.steps, guidance, section.resolution or protocol.resolution
+
+    def _encoding_fields(self, prompt: str, guidance: float) -> dict:
+        from .. import __version__
+
+        return {"model": self.config.model, "family": self.config.family, "dtype": self.config.dtype,
+                "prompt": prompt, "guidance": guidance, "extra": self.adapter.protocol.extra,
+                "versions": {**library_versions(), "svdq": __version__}}
+
+    def encodings(self, prompts: list[str], section) -> list[Encoding]:
+        """Each prompt's text encoding for ``section``'s settings, from the cache or computed now (all missing
+        ones in one pass of the text encoders, which a streamed run then frees)."""
+        from ..models.text_first import encode, from_tensors, to_tensors
+
+        steps, guidance, resolution = self.settings(section)
+        found = {p: self.cache.get("text", self._encoding_fields(p, guidance)) if self.cache else None
+                 for p in prompts}
+        missing = [p for p in prompts if found[p] is None]
+        if missing:
+            pipeline = self._text_pipeline
+            with task("encode", len(missing)) as advance:
+                for prompt in missing:
+                    encoding = encode(pipeline, lambda pipe, p=prompt: self.adapter.generate(
+                        pipe, [p], [0], steps, guidance, resolution, output_type="latent"))
+                    tensors, empty = to_tensors(encoding)
+                    found[prompt] = (tensors, {"empty": json.dumps(empty)})
+                    if self.cache:
+                        self.cache.put("text", self._encoding_fields(prompt, guidance), *found[prompt])
+                    advance(prompt[:40])
+        return [from_tensors(found[p][0], json.loads(found[p][1]["empty"])) for p in prompts]
+
+    @cached_property
+    def _text_pipeline(self):
+        """A pipeline that can encode prompts: the generating one, or (streamed) one without a transformer that
+        lives only as long as the encoding pass (see :meth:`encode_prompts`)."""
+        if self.streamer is None:
+            return self.pipeline
+        from ..models.loading import load_pipeline
+
+        say(f"encoding prompts with {self.config.model}'s text encoders")
+        return load_pipeline(self.config.model, self.adapter, self.dtype, self.device, without=("transformer",))
+
+    def encode_prompts(self, todo: list[str]) -> None:
+        """Encode every prompt the stages to run will generate, before the transformer is touched; then free
+        the text encoders of a streamed model."""
+        from ..prompts import load_prompts
+
+        for stage, section in (("collect", self.config.calibration), ("validate", self.config.validation)):
+            if stage in todo:
+                self.encodings(load_prompts(section.prompts, section.num_prompts), section)
+        self.__dict__.pop("_text_pipeline", None)
+
+    def generate(self, prompts: list[str], seeds: list[int], section, output_type: str = "pt",
+                 progress: str | None = None) -> list[torch.Tensor]:
+        """One generation per prompt (bounded memory) with its cached text encoding."""
+        from ..models.text_first import replaying
+
+        steps, guidance, resolution = self.settings(section)
+        outputs = []
+        with task(progress or "generate", len(prompts)) as advance:
+            for prompt, seed, encoding in zip(prompts, seeds, self.encodings(prompts, section), strict=True):
+                with replaying(self.pipeline, encoding):
+                    outputs.append(self.adapter.generate(self.pipeline, [prompt], [seed], steps, guidance,
+                                                         resolution, output_type=output_type))
+                advance(prompt[:40])
+        return outputs
 
     def preflight(self, todo: list[str]) -> None:
         """Check the loaded model against the config before any stage runs (a long collect is not wasted on
@@ -205,7 +363,7 @@ def run_stages(run: Run, config: RunConfig, until: str | None = None, redo: str 
     check_stage_range(until, redo)
     check_same_model(run, config)
     stages = registry()
-    workspace = Workspace(config)
+    workspace = Workspace(config, run.path / "cache")
     hashes: dict[str, str] = {}
     todo: list[str] = []
     last = ORDER.index(until) if until else len(ORDER) - 1
@@ -216,6 +374,7 @@ def run_stages(run: Run, config: RunConfig, until: str | None = None, redo: str 
             todo.append(name)
     if todo:
         workspace.preflight(todo)
+        workspace.encode_prompts(todo)
     run.set_config(config.to_dict(), library_versions())
     run.save()
     summary: dict[str, dict] = {name: {"status": "up to date", "seconds": 0.0} for name in hashes if name not in todo}
@@ -248,9 +407,12 @@ def for_each_block(run: Run, workspace: Workspace, stage: str,
         for index, (block, groups) in enumerate(blocks):
             relative = block_artifact(stage, index)
             if not run.artifact_ok(stage, relative):
-                with single_threaded():  # the weight side's numerics must not depend on the thread count
+                # one thread: the weight side's numerics must not depend on the thread count
+                with workspace.block_resident(index), single_threaded():
                     tensors, metadata = compute(index, block, groups)
                 run.write(stage, relative, tensors, metadata)
+                del tensors
+                release_free_memory()
             advance(block)
 
 

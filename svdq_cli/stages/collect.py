@@ -1,6 +1,7 @@
 """collect: run the 16-bit pipeline over the calibration prompts and record, per input group, the running
-per-channel min/max over all tokens and a bounded seeded sample of rows across timesteps (plus the GPTQ
-Hessian when GPTQ is on). Memory is bounded by ``calib_rows`` per group, whatever the prompts × steps.
+per-channel min/max and block-diagonal Gram over all tokens and a bounded seeded sample of rows across
+timesteps (plus the GPTQ Hessian when GPTQ is on). Memory is bounded by ``calib_rows`` per group, whatever
+the prompts × steps.
 
 One pass feeds every block, so an interrupted collect starts over; it is deterministic, so the per-block
 files it writes are the same either way.
@@ -9,9 +10,10 @@ files it writes are the same either way.
 from __future__ import annotations
 
 from ..api import collect_statistics
-from ..progress import task
 from ..prompts import load_prompts, prompt_seed
 from . import Stage, block_artifact, json_meta
+
+STATISTICS_VERSION = 2  # 2: block-diagonal Gram over every token (older artifacts lack it: collected again)
 
 
 def reads(config) -> dict:
@@ -20,28 +22,23 @@ def reads(config) -> dict:
         "model": config.model, "family": config.family, "dtype": config.dtype,
         "calibration": config.to_dict()["calibration"],
         "quant": {"calib_rows": quant.calib_rows, "gptq": quant.gptq, "seed": quant.seed},
+        "statistics": STATISTICS_VERSION,
     }
 
 
 def run(run, workspace) -> dict:
-    config, adapter = workspace.config, workspace.adapter
+    config = workspace.config
     calibration = config.calibration
     prompts = load_prompts(calibration.prompts, calibration.num_prompts)
-    protocol = adapter.protocol
-    steps = calibration.steps or protocol.steps
-    guidance = protocol.guidance if calibration.guidance is None else calibration.guidance
-    resolution = calibration.resolution or protocol.resolution
+    steps, _, resolution = workspace.settings(calibration)
     groups = [group for _, block_groups in workspace.blocks for group in block_groups]
     missing = [i for i in range(len(workspace.blocks)) if not run.artifact_ok("collect", block_artifact("collect", i))]
     if not missing:  # every block's statistics verify (adopted after a lost manifest): no calibration pass
         return {"prompts": len(prompts), "steps": steps, "resolution": resolution}
 
     def calibrate(_transformer) -> None:
-        with task("collect", len(prompts)) as advance:
-            for prompt in prompts:
-                adapter.generate(workspace.pipeline, [prompt], [prompt_seed(prompt, calibration.seed)], steps,
-                                 guidance, resolution, output_type="latent")
-                advance(prompt[:40])
+        seeds = [prompt_seed(prompt, calibration.seed) for prompt in prompts]
+        workspace.generate(prompts, seeds, calibration, output_type="latent", progress="collect")
 
     result = collect_statistics(workspace.transformer, workspace.originals, calibrate, config.quant, groups)
     for index in missing:

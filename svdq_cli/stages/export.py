@@ -1,14 +1,16 @@
-"""export: one self-describing safetensors file with the quantized transformer (see export_format)."""
+"""export: one self-describing safetensors file with the quantized transformer (see export_format), written
+block by block."""
 
 from __future__ import annotations
 
 import json
 
+import torch
+
 from .. import __version__
-from ..artifacts import CorruptArtifactError
+from ..artifacts import DATA_SHA256, SEAL, CorruptArtifactError
 from ..export_format import FORMAT_VERSION, export_name
-from . import Stage
-from .quantize import load_block_layers
+from . import Stage, block_artifact
 
 
 def reads(config) -> dict:
@@ -29,36 +31,72 @@ def validate_summary(run) -> dict:
 
 
 def run(run, workspace) -> dict:
-    from ..artifacts import safetensors_bytes
-
+    """Write the export block by block (header first, from the artifacts' headers), so the file is never
+    assembled in memory: what is resident is one block's quantized layers and 16-bit tensors."""
     config = workspace.config
     transformer = workspace.transformer
-    tensors, layers = {}, {}
-    for index in range(len(workspace.blocks)):
-        for name, (layer, _) in load_block_layers(run, index).items():
-            layers[name] = layer.layer_metadata()
-            tensors.update({f"{name}.{key}": value for key, value in layer.state_dict().items()})
-    quantized_params = {f"{name}.{suffix}" for name in layers for suffix in ("weight", "bias")}
-    for key, value in transformer.state_dict().items():
-        if key not in quantized_params:
-            tensors[key] = value.detach().cpu().contiguous()
+    blocks = [quantized_tensors_layout(run, index) for index in range(len(workspace.blocks))]
+    layers = {name: facts for _, block_layers in blocks for name, facts in block_layers.items()}
+    state = transformer.state_dict()  # a streamed transformer's block tensors are empty: only shapes are used
+    block_names = [[n for n in state if n.startswith(f"{block}.") and _owner(n) not in layers]
+                   for block, _ in workspace.blocks]
+    in_blocks = {n for names in block_names for n in names} | {n for n in state if _owner(n) in layers}
+    resident = sorted(n for n in state if n not in in_blocks)
+    layout = {n: (state[n].dtype, tuple(state[n].shape)) for n in resident}
+    for (quantized, _), names in zip(blocks, block_names, strict=True):
+        merged = {**quantized, **{n: (state[n].dtype, tuple(state[n].shape)) for n in names}}
+        layout.update((n, merged[n]) for n in sorted(merged))
+    name = export_name(config.quant.precision, config.quant.effective_rank, config.model)
+    with run.writer("export", f"export/{name}", layout, export_metadata(run, config, transformer, layers)) as out:
+        for key in resident:
+            out.write(key, state[key].detach())
+        for index, names in enumerate(block_names):
+            tensors, _ = run.read("quantize", block_artifact("quantize", index))
+            tensors.update({n: t for n, t in workspace.block_state(index).items() if n in set(names)})
+            for key in sorted(tensors):
+                out.write(key, tensors[key])
+    return {"file": f"export/{name}", "bytes": (run.path / "export" / name).stat().st_size}
+
+
+def _owner(tensor_name: str) -> str:
+    return tensor_name.rpartition(".")[0]
+
+
+def quantized_tensors_layout(run, index: int) -> tuple[dict, dict[str, dict]]:
+    """The (dtype, shape) of every tensor of block ``index``'s quantize artifact, and its layers' format
+    facts, from the file's header alone."""
+    from safetensors import safe_open
+
+    with safe_open(str(run.path / block_artifact("quantize", index)), "pt") as handle:
+        layout = {}
+        for key in handle.keys():
+            piece = handle.get_slice(key)
+            layout[key] = (_TORCH_DTYPES[piece.get_dtype()], tuple(piece.get_shape()))
+        metadata = handle.metadata()
+    layers = {name: json.loads(text)["layer"] for name, text in metadata.items() if name not in (SEAL, DATA_SHA256)}
+    return layout, layers
+
+
+_TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                 "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                 "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+
+
+def export_metadata(run, config, transformer, layers: dict[str, dict]) -> dict[str, str]:
     # Private keys (_use_default_values, _diffusers_version…) are diffusers bookkeeping, some built from sets
     # whose order changes between processes; the model is fully described without them.
     model_config = {key: value for key, value in dict(transformer.config).items() if not key.startswith("_")}
-    metadata = {
+    return {
         "format_version": FORMAT_VERSION,
         "quantization_config": json.dumps(config.quant.to_dict(), sort_keys=True),
         "model_config": json.dumps({"class": type(transformer).__name__, "family": config.family,
                                     "config": model_config}, sort_keys=True, default=str),
-        "recipe": json.dumps(config.to_dict(), sort_keys=True),
+        # how the run read its model (streamed or whole) is not what it computed: the file is the same either way
+        "recipe": json.dumps({k: v for k, v in config.to_dict().items() if k != "stream"}, sort_keys=True),
         "svdq_version": __version__,
         "validate": json.dumps(validate_summary(run), sort_keys=True),
         "layers": json.dumps(layers, sort_keys=True),
     }
-    name = export_name(config.quant.precision, config.quant.effective_rank, config.model)
-    data = safetensors_bytes(tensors, metadata)
-    run.write_file("export", f"export/{name}", data)
-    return {"file": f"export/{name}", "bytes": len(data)}
 
 
 STAGE = Stage("export", ("validate", "quantize"), reads, run, keeps_previous=True)

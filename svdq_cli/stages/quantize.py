@@ -9,13 +9,14 @@ import time
 
 from ..api import group_hessian, input_gram, measure_layer, quantize_layer
 from ..runtime.linear import SVDQLinear
+from ..threads import parallel_map
 from . import Stage, block_artifact, for_each_block, json_meta, quant_fields
 from .smooth import group_stats, load_plans
 
 
 def reads(config) -> dict:
     return quant_fields(config, "precision", "gptq", "gptq_damp", "gptq_block", "scale_dtype", "search_rows",
-                        "calib_rows", "full_range", "scale_search")
+                        "full_range", "scale_search")
 
 
 def load_block_layers(run, index: int) -> dict[str, tuple[SVDQLinear, dict]]:
@@ -37,23 +38,27 @@ def run(run, workspace) -> dict:
         collected, _ = run.read("collect", block_artifact("collect", index))
         factors, _ = run.read("svd", block_artifact("svd", index))
         plans = load_plans(run, index)
+        owners = {name: group[0] for group in groups for name in group}
+        stats = {owner: group_stats(collected, owner) for owner in set(owners.values())}
+
+        def quantized(name: str) -> tuple[SVDQLinear, dict]:
+            owner, module = owners[name], workspace.originals[name]
+            plan, inputs = plans[owner], stats[owner]
+            begin = time.perf_counter()
+            layer = quantize_layer(module, config.quant, plan,
+                                   group_hessian(inputs, plan, module.in_features, config.quant),
+                                   (factors[f"{name}.lora_down"], factors[f"{name}.lora_up"]),
+                                   input_gram(inputs, plan, config.quant))
+            report = measure_layer(name, owner, module, layer, plan, inputs.sample(config.quant.search_rows),
+                                   config.quant, time.perf_counter() - begin)
+            report_fields = dataclasses.asdict(report)
+            report_fields.pop("seconds")  # timings stay out of artifacts: reruns are byte-identical
+            return layer, {"layer": layer.layer_metadata(), "report": report_fields}
+
         tensors, metadata = {}, {}
-        for group in groups:
-            owner, plan = group[0], plans[group[0]]
-            stats = group_stats(collected, owner)
-            for name in group:
-                module = workspace.originals[name]
-                begin = time.perf_counter()
-                layer = quantize_layer(module, config.quant, plan,
-                                       group_hessian(stats, plan, module.in_features, config.quant),
-                                       (factors[f"{name}.lora_down"], factors[f"{name}.lora_up"]),
-                                       input_gram(stats, plan, config.quant))
-                report = measure_layer(name, owner, module, layer, plan, stats.sample(config.quant.search_rows),
-                                       config.quant, time.perf_counter() - begin)
-                tensors.update({f"{name}.{key}": value for key, value in layer.state_dict().items()})
-                report_fields = dataclasses.asdict(report)
-                report_fields.pop("seconds")  # timings stay out of artifacts: reruns are byte-identical
-                metadata[name] = {"layer": layer.layer_metadata(), "report": report_fields}
+        for name, (layer, entry) in zip(owners, parallel_map(quantized, owners), strict=True):
+            tensors.update({f"{name}.{key}": value for key, value in layer.state_dict().items()})
+            metadata[name] = entry
         return tensors, json_meta(metadata)
 
     for_each_block(run, workspace, "quantize", compute)

@@ -9,6 +9,7 @@ import torch
 
 from ..api import GroupPlan, plan_group
 from ..quant.calibration import InputStats
+from ..threads import parallel_map
 from . import Stage, block_artifact, for_each_block, json_meta, quant_fields
 
 
@@ -38,15 +39,19 @@ def run(run, workspace) -> None:
 
     def compute(index: int, block: str, groups: list[list[str]]):
         collected, _ = run.read("collect", block_artifact("collect", index))
-        tensors, metadata = {}, {}
-        for group in groups:
+
+        def plan(group: list[str]) -> GroupPlan:
             owner = group[0]
-            plan = plan_group(group, [workspace.originals[n] for n in group], group_stats(collected, owner),
+            return plan_group(group, [workspace.originals[n] for n in group], group_stats(collected, owner),
                               config.quant, weight_only=[owner] if adapter.is_weight_only(owner) else (),
                               nonnegative=[owner] if adapter.is_nonnegative(owner) else ())
-            if plan.smooth is not None:
-                tensors[f"{owner}.smooth"] = plan.smooth
-            metadata[owner] = {"act": plan.act, "shift": plan.shift, "alpha": plan.alpha, "beta": plan.beta}
+
+        tensors, metadata = {}, {}
+        for group, chosen in zip(groups, parallel_map(plan, groups), strict=True):
+            owner = group[0]
+            if chosen.smooth is not None:
+                tensors[f"{owner}.smooth"] = chosen.smooth
+            metadata[owner] = {"act": chosen.act, "shift": chosen.shift, "alpha": chosen.alpha, "beta": chosen.beta}
         return tensors, json_meta(metadata)
 
     for_each_block(run, workspace, "smooth", compute)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..quant.svdquant import branch_factors
+from ..threads import parallel_map
 from . import Stage, for_each_block, quant_fields
 from .smooth import load_plans
 
@@ -19,14 +20,16 @@ def run(run, workspace) -> None:
 
     def compute(index: int, block: str, groups: list[list[str]]):
         plans = load_plans(run, index)
+        owners = {name: group[0] for group in groups for name in group}
+
+        def factors(name: str) -> tuple[torch.Tensor, torch.Tensor]:
+            module, plan = workspace.originals[name], plans[owners[name]]
+            smooth = plan.smooth if plan.smooth is not None else torch.ones(module.in_features)
+            return branch_factors(module.weight, smooth, config.quant, module.weight.dtype)
+
         tensors = {}
-        for group in groups:
-            plan = plans[group[0]]
-            for name in group:
-                module = workspace.originals[name]
-                smooth = plan.smooth if plan.smooth is not None else torch.ones(module.in_features)
-                down, up = branch_factors(module.weight, smooth, config.quant, module.weight.dtype)
-                tensors[f"{name}.lora_down"], tensors[f"{name}.lora_up"] = down, up
+        for name, (down, up) in zip(owners, parallel_map(factors, owners), strict=True):
+            tensors[f"{name}.lora_down"], tensors[f"{name}.lora_up"] = down, up
         return tensors, {}
 
     for_each_block(run, workspace, "svd", compute)

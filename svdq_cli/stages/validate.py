@@ -17,13 +17,13 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from ..api import input_gram, plan_group, quantize_layer, replace_module
+from ..api import input_gram, plan_group, quantize_layer
 from ..progress import warn
 from ..prompts import load_prompts, prompt_seed
 from ..quant.config import QuantConfig
 from ..runtime.kernels import describe
 from ..threads import single_threaded
-from . import Stage, block_artifact
+from . import Stage, block_artifact, library_versions
 from .quantize import load_block_layers
 from .report_images import comparison_png, layers_png
 from .smooth import group_stats
@@ -39,47 +39,36 @@ def reads(config) -> dict:
     return {"validation": config.to_dict()["validation"]}
 
 
-@contextmanager
-def swapped(transformer: nn.Module, layers: dict[str, nn.Module], originals: dict[str, nn.Module]):
-    """Put ``layers`` into ``transformer`` for the duration, then restore the 16-bit modules."""
-    for name, layer in layers.items():
-        replace_module(transformer, name, layer)
-    try:
-        yield
-    finally:
-        for name in layers:
-            replace_module(transformer, name, originals[name])
+def quantized_block(run, index: int) -> dict[str, nn.Module]:
+    """Block ``index``'s quantized layers, from the quantize stage's artifact."""
+    return {name: layer for name, (layer, _) in load_block_layers(run, index).items()}
 
 
-def quantized_layers(run, workspace) -> tuple[dict[str, nn.Module], list[dict]]:
-    layers, reports = {}, []
-    for index in range(len(workspace.blocks)):
-        for name, (layer, report) in load_block_layers(run, index).items():
-            layers[name] = layer.to(workspace.device)
-            reports.append(report)
-    return layers, reports
+def layer_reports(run, workspace) -> list[dict]:
+    return [report for index in range(len(workspace.blocks)) for _, report in load_block_layers(run, index).values()]
 
 
-def baseline_layers(run, workspace, method: str) -> dict[str, nn.Module]:
-    """A baseline quantized in memory from the collected statistics (same precision as the run)."""
-    base = workspace.config.quant
-    config = QuantConfig(precision=base.precision, scale_dtype=base.scale_dtype, seed=base.seed,
-                         search_rows=base.search_rows, calib_rows=base.calib_rows, version=base.version,
-                         full_range=base.full_range, scale_search=base.scale_search, search=base.search,
-                         **BASELINE_CONFIGS[method])
+def baseline_config(config: QuantConfig, method: str) -> QuantConfig:
+    """A baseline method at the run's precision and number formats."""
+    return QuantConfig(precision=config.precision, scale_dtype=config.scale_dtype, seed=config.seed,
+                       search_rows=config.search_rows, calib_rows=config.calib_rows, version=config.version,
+                       full_range=config.full_range, scale_search=config.scale_search, search=config.search,
+                       **BASELINE_CONFIGS[method])
+
+
+def baseline_block(run, workspace, config: QuantConfig, index: int) -> dict[str, nn.Module]:
+    """Block ``index``'s layers quantized in memory by a baseline method from the collected statistics."""
     adapter, layers = workspace.adapter, {}
-    for index, (_, groups) in enumerate(workspace.blocks):
-        collected, _ = run.read("collect", block_artifact("collect", index))
-        for group in groups:
+    collected, _ = run.read("collect", block_artifact("collect", index))
+    with workspace.block_resident(index), single_threaded():  # numerics independent of the thread count
+        for group in workspace.blocks[index][1]:
             modules = [workspace.originals[name] for name in group]
-            with single_threaded():  # the weight side's numerics must not depend on the thread count
-                plan = plan_group(group, modules, group_stats(collected, group[0]), config,
-                                  weight_only=[group[0]] if adapter.is_weight_only(group[0]) else (),
-                                  nonnegative=[group[0]] if adapter.is_nonnegative(group[0]) else ())
-                stats = group_stats(collected, group[0])
-                for name, module in zip(group, modules, strict=True):
-                    layers[name] = quantize_layer(module, config, plan,
-                                                  gram=input_gram(stats, plan, config))
+            stats = group_stats(collected, group[0])
+            plan = plan_group(group, modules, stats, config,
+                              weight_only=[group[0]] if adapter.is_weight_only(group[0]) else (),
+                              nonnegative=[group[0]] if adapter.is_nonnegative(group[0]) else ())
+            for name, module in zip(group, modules, strict=True):
+                layers[name] = quantize_layer(module, config, plan, gram=input_gram(stats, plan, config))
     return layers
 
 
@@ -103,16 +92,27 @@ def decoded_latents(pipeline):
 
 def generate(workspace, prompts: list[str], seeds: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """Images ``[P, 3, H, W]`` in [0, 1] and final latents, one prompt at a time (bounded memory)."""
-    config, adapter = workspace.config.validation, workspace.adapter
-    protocol = adapter.protocol
-    steps, resolution = config.steps or protocol.steps, config.resolution or protocol.resolution
-    guidance = protocol.guidance if config.guidance is None else config.guidance
-    images = []
     with decoded_latents(workspace.pipeline) as latents:
-        for prompt, seed in zip(prompts, seeds, strict=True):
-            images.append(adapter.generate(workspace.pipeline, [prompt], [seed], steps, guidance,
-                                           resolution).float().cpu())
-    return torch.cat(images), torch.cat(latents)
+        images = workspace.generate(prompts, seeds, workspace.config.validation, progress="validate")
+    return torch.cat([image.float().cpu() for image in images]), torch.cat(latents)
+
+
+def reference(workspace, prompts: list[str], seeds: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The 16-bit model's images and latents, from the run's cache when this validation setting was generated
+    before (re-validating then runs only the quantized side)."""
+    from .. import __version__
+
+    steps, guidance, resolution = workspace.settings(workspace.config.validation)
+    fields = {"model": workspace.config.model, "family": workspace.config.family, "dtype": workspace.config.dtype,
+              "prompts": prompts, "seeds": seeds, "steps": steps, "guidance": guidance, "resolution": resolution,
+              "extra": workspace.adapter.protocol.extra, "versions": {**library_versions(), "svdq": __version__}}
+
+    def compute():
+        images, latents = generate(workspace, prompts, seeds)
+        return {"images": images, "latents": latents}, {}
+
+    tensors, _ = workspace.cache.get_or_compute("reference", fields, compute)
+    return tensors["images"], tensors["latents"]
 
 
 def metrics(images: torch.Tensor, latents: torch.Tensor, reference_images: torch.Tensor,
@@ -152,7 +152,7 @@ def lpips_status() -> str:
     return "available but not computed in this version"
 
 
-def through_emulated_kernels(workspace, prompts: list[str], seeds: list[int]):
+def through_emulated_kernels(run, workspace, prompts: list[str], seeds: list[int]):
     """Generate with the quantized layers on the fused kernels, run by the CPU emulator, and again on the
     reference path: the images, latents, a runtime description, and how far the two paths lie apart.
 
@@ -162,31 +162,31 @@ def through_emulated_kernels(workspace, prompts: list[str], seeds: list[int]):
     """
     from ..runtime.emulator import EmulatedBackend
     from ..runtime.kernels import emulated
-    from ..runtime.linear import SVDQLinear
 
     energy: dict[str, list[float]] = {}  # layer → [Σ reference², Σ (kernels − reference)²]
 
     def compare(module, args, output, name):
-        reference = module.reference_forward(args[0]).double()
+        reference_output = module.reference_forward(args[0]).double()
         sums = energy.setdefault(name, [0.0, 0.0])
-        sums[0] += reference.pow(2).sum().item()
-        sums[1] += (output.double() - reference).pow(2).sum().item()
+        sums[0] += reference_output.pow(2).sum().item()
+        sums[1] += (output.double() - reference_output).pow(2).sum().item()
+
+    def compared_block(index: int) -> dict[str, nn.Module]:
+        layers = quantized_block(run, index)
+        for name, layer in layers.items():
+            layer.register_forward_hook(lambda m, a, o, n=name: compare(m, a, o, n))
+        return layers
 
     backend = EmulatedBackend()
-    hooks = [module.register_forward_hook(lambda m, a, o, n=name: compare(m, a, o, n))
-             for name, module in workspace.transformer.named_modules() if isinstance(module, SVDQLinear)]
-    try:
-        with emulated(backend) as tally:
-            images, latents = generate(workspace, prompts, seeds)
-    finally:
-        for hook in hooks:
-            hook.remove()
+    with workspace.with_layers(compared_block), emulated(backend) as tally:
+        images, latents = generate(workspace, prompts, seeds)
     fused, fallbacks = tally.pop("fused", 0), dict(tally)
     if not fused:
         warn(f"no layer ran on the emulated kernels ({'; '.join(fallbacks) or 'no quantized layer was called'})")
     snr = {name: 10 * math.log10(signal / noise) if noise else math.inf for name, (signal, noise) in energy.items()}
     worst = min(snr, key=snr.get) if snr else None
-    reference_images, reference_latents = generate(workspace, prompts, seeds)
+    with workspace.with_layers(lambda index: quantized_block(run, index)):
+        reference_images, reference_latents = generate(workspace, prompts, seeds)
     agreement = metrics(images, latents, reference_images, reference_latents)
     runtime = (f"fused kernels on the CPU emulator ({backend.device.name}): {fused} layer calls fused, "
                f"{sum(fallbacks.values())} on the reference path")
@@ -223,36 +223,36 @@ def run(run, workspace) -> dict:
     validation = config.validation
     prompts = load_prompts(validation.prompts, validation.num_prompts)
     seeds = [prompt_seed(p, validation.seed) for p in prompts]
-    transformer = workspace.transformer
-    reference_images, reference_latents = generate(workspace, prompts, seeds)
-    layers, layer_reports = quantized_layers(run, workspace)
-    with swapped(transformer, layers, workspace.originals):
-        if validation.runtime == "emulated":
-            images, latents, runtime, kernels_check = through_emulated_kernels(workspace, prompts, seeds)
-        else:
+    reference_images, reference_latents = reference(workspace, prompts, seeds)
+    if validation.runtime == "emulated":
+        images, latents, runtime, kernels_check = through_emulated_kernels(run, workspace, prompts, seeds)
+    else:
+        with workspace.with_layers(lambda index: quantized_block(run, index)):
             images, latents = generate(workspace, prompts, seeds)
-            runtime, kernels_check = describe(workspace.device), None
+        runtime, kernels_check = describe(workspace.device), None
     methods = {"svdquant" if config.quant.method == "svdquant" else config.quant.method:
                metrics(images, latents, reference_images, reference_latents)}
     baseline_images = {}
     for baseline in validation.baselines:
-        with swapped(transformer, baseline_layers(run, workspace, baseline), workspace.originals):
+        method_config = baseline_config(config.quant, baseline)
+        with workspace.with_layers(lambda index, c=method_config: baseline_block(run, workspace, c, index)):
             b_images, b_latents = generate(workspace, prompts, seeds)
         methods[baseline] = metrics(b_images, b_latents, reference_images, reference_latents)
         baseline_images[baseline] = b_images
+    reports = layer_reports(run, workspace)
     main = next(iter(methods.values()))
     gates = check_gates(validation, main)
     report = {
         "model": config.model, "prompts": prompts, "seeds": seeds,
         "runtime": runtime, "device": workspace.device, "kernels_vs_reference_path": kernels_check,
         "methods": methods, "gates": gates, "passed": all(g["passed"] for g in gates.values()),
-        "lpips": lpips_status(), "layers": layer_reports,
+        "lpips": lpips_status(), "layers": reports,
     }
     run.write_file("validate", "validate/report.json", (json.dumps(report, indent=2) + "\n").encode())
     run.write_file("validate", "validate/report.md", render_markdown(report).encode())
     run.write_file("validate", "validate/comparison.png",
                    _png(comparison_png(prompts, reference_images, images, baseline_images)))
-    run.write_file("validate", "validate/layers.png", _png(layers_png(layer_reports)))
+    run.write_file("validate", "validate/layers.png", _png(layers_png(reports)))
     return {"passed": report["passed"], "psnr": main["psnr"], "ssim": main["ssim"],
             "latent_error": main["latent_error"]}
 
