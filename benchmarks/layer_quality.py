@@ -169,7 +169,7 @@ def main() -> int:
         if args.json:
             print(json.dumps(rows, indent=2))
         else:
-            render_search(rows, Console(width=None if sys.stdout.isatty() else 140))
+            render_search(rows, Console(width=None if sys.stdout.isatty() else 200))
         return 0
     shapes = QUICK_SHAPES if args.quick else FLUX_SHAPES
     names = QUICK_METHODS if args.quick else tuple(METHODS)

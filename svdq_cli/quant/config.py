@@ -49,7 +49,7 @@ class QuantConfig:
             seeded randomized SVD.
         calib_rows: bound on the input rows sampled per input group during calibration (the search and the
             per-layer report use them; statistics that cover every token are kept besides). Collect holds
-            ``calib_rows · K`` values per input group for the whole model: 0.9 GB at FLUX.1 size in bf16.
+            ``calib_rows · K`` values per input group for the whole model: 0.2 GB at FLUX.1 size in bf16.
         search_rows: calibration rows the α/β search evaluates each candidate on.
         search_channels: output channels sampled per layer for the search (0 = all); the chosen candidate is
             then decomposed on the full weight.
