@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -14,6 +15,7 @@ import torch
 
 from svdq_cli.models import ADAPTERS
 from svdq_cli.models.streaming import BlockStreamer, empty_model, transformer_checkpoint, transformer_config
+from svdq_cli.run import FAULT_VARIABLE
 from tests.stages.conftest import RECIPE, svdq
 
 STREAM_RECIPE = RECIPE.replace("dtype: float32", "dtype: bfloat16")
@@ -170,3 +172,19 @@ def test_a_flux_width_model_quantizes_streamed_in_less_memory_than_its_weights(t
     code, peak, stderr = _peak_anonymous_rss(loader, env)
     assert code == 0, stderr[-3000:]
     assert peak < export.stat().st_size + (400 << 20)  # the file once, plus the interpreter and libraries
+
+
+@pytest.mark.parametrize("stage,after", [("collect", 1), ("quantize", 2), ("validate", 1), ("export", 1)])
+def test_a_killed_streamed_run_resumes_to_the_same_export(runs, flux_dir, stream_recipe, tmp_path, stage, after):
+    """SIGKILL after ``after`` artifacts of ``stage`` (text encodings cached, a block half-way, the
+    reference cached): the re-run resumes and exports what an uninterrupted streamed run does."""
+    run = tmp_path / "run"
+    command = [sys.executable, "-m", "svdq_cli.cli", "quantize", str(flux_dir), "--recipe", str(stream_recipe),
+               "--out", str(run), "--stream", "--baselines", "rtn"]
+    fault = {**os.environ, FAULT_VARIABLE: f"{stage}:{after}"}
+    killed = subprocess.run(command, capture_output=True, text=True, env=fault)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    resumed = subprocess.run(command, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "streaming" in resumed.stderr
+    assert export_bytes(run) == export_bytes(runs / "stream")
