@@ -252,9 +252,20 @@ RESIDUAL_CHUNK_ELEMENTS = 1 << 22  # 16 MB of float32 rows per step of quantize_
 
 
 def _residual(weight: torch.Tensor, smooth: torch.Tensor, lora_down: torch.Tensor, lora_up: torch.Tensor):
-    """``W·diag(λ) − lora_up·lora_down`` in float32 (one buffer of the weight's size)."""
-    residual = weight.detach().to(torch.float32, copy=True).mul_(smooth.float())
-    return residual.addmm_(lora_up.float(), lora_down.float(), alpha=-1)
+    """``W·diag(λ) − lora_up·lora_down`` in float32, computed in float64 and rounded once.
+
+    A float32 GEMM rounds differently for different row counts (the library picks its kernel by shape), which
+    would make the codes depend on how the rows were chunked. In float64 the products and sums of 16-bit
+    factors are exact, so each element is the same whatever rows it was computed with.
+    """
+    residual = torch.empty(weight.shape, dtype=torch.float32, device=weight.device)
+    rows = max(1, RESIDUAL_CHUNK_ELEMENTS // max(1, weight.shape[1]))
+    smooth, lora_down = smooth.double(), lora_down.double()
+    for start in range(0, weight.shape[0], rows):  # float64 temporaries of a few MB, not of the weight's size
+        part = slice(start, start + rows)
+        exact = weight[part].detach().double().mul_(smooth).addmm_(lora_up[part].double(), lora_down, alpha=-1)
+        residual[part] = exact
+    return residual
 
 
 def _rounder(dtype: torch.dtype):
