@@ -35,33 +35,63 @@ def _file_mode() -> int:
     return 0o666 & ~mask
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically (temp file + fsync + rename + directory fsync).
+class AtomicFile:
+    """A file that appears at ``path`` only once complete: written to a temporary file beside it, then fsynced
+    and renamed, the directory fsynced too, on :meth:`close`. :meth:`abort`, or leaving the ``with`` block on
+    any exception (an interrupt included), removes the temporary file; the target keeps its old content.
 
-    Raises:
-        DiskFullError: no space left (the temporary file is removed; the target keeps its old content).
+    Raises (from any method):
+        DiskFullError: no space left.
         SvdqError: any other failure to write, naming the file.
     """
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as error:
-        raise _write_error(path, error) from None
-    try:
-        with os.fdopen(descriptor, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(temporary, _file_mode())
-        os.replace(temporary, path)
-        _fsync_directory(path.parent)
-    except OSError as error:
-        Path(temporary).unlink(missing_ok=True)
-        raise _write_error(path, error) from None
-    except BaseException:  # interrupted: never leave a half-written temporary file behind
-        Path(temporary).unlink(missing_ok=True)
-        raise
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            descriptor, self._temporary = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp",
+                                                           dir=self.path.parent)
+        except OSError as error:
+            raise _write_error(self.path, error) from None
+        self._handle = os.fdopen(descriptor, "wb")
+
+    def write(self, data) -> None:
+        try:
+            self._handle.write(data)
+        except OSError as error:
+            self.abort()
+            raise _write_error(self.path, error) from None
+
+    def close(self) -> None:
+        try:
+            self._handle.flush()
+            os.fsync(self._handle.fileno())
+            self._handle.close()
+            os.chmod(self._temporary, _file_mode())
+            os.replace(self._temporary, self.path)
+            _fsync_directory(self.path.parent)
+        except OSError as error:
+            self.abort()
+            raise _write_error(self.path, error) from None
+
+    def abort(self) -> None:
+        if not self._handle.closed:
+            self._handle.close()
+        Path(self._temporary).unlink(missing_ok=True)
+
+    def __enter__(self) -> AtomicFile:
+        return self
+
+    def __exit__(self, kind, *_exc) -> None:
+        if kind is not None:
+            self.abort()
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (see :class:`AtomicFile`)."""
+    with AtomicFile(path) as file:
+        file.write(data)
+        file.close()
 
 
 def _fsync_directory(directory: Path) -> None:
@@ -145,29 +175,19 @@ class TensorFileWriter:
     """A safetensors file written one tensor at a time, so a file larger than memory is never assembled.
 
     The layout (every name, dtype and shape) is declared first, which fixes the header; tensors are then
-    written in that order. The file appears atomically (temporary file, fsync, rename) on :meth:`close`,
-    which returns its sha256; leaving the ``with`` block early removes the temporary file.
+    written in that order. The file appears atomically (:class:`AtomicFile`) on :meth:`close`, which returns
+    its sha256; leaving the ``with`` block early removes the temporary file.
     """
 
     def __init__(self, path: Path, layout: Layout, metadata: dict[str, str] | None = None) -> None:
         self.path = Path(path)
         self._pending = list(layout.items())
         self._digest = hashlib.sha256()
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            descriptor, self._temporary = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp",
-                                                           dir=self.path.parent)
-        except OSError as error:
-            raise _write_error(self.path, error) from None
-        self._handle = os.fdopen(descriptor, "wb")
+        self._file = AtomicFile(self.path)
         self._emit(safetensors_header(layout, metadata))
 
     def _emit(self, data) -> None:
-        try:
-            self._handle.write(data)
-        except OSError as error:
-            self.abort()
-            raise _write_error(self.path, error) from None
+        self._file.write(data)
         self._digest.update(data)
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
@@ -185,23 +205,12 @@ class TensorFileWriter:
         if self._pending:
             self.abort()
             raise ValueError(f"{len(self._pending)} declared tensor(s) never written, e.g. {self._pending[0][0]}")
-        try:
-            self._handle.flush()
-            os.fsync(self._handle.fileno())
-            self._handle.close()
-            os.chmod(self._temporary, _file_mode())
-            os.replace(self._temporary, self.path)
-            _fsync_directory(self.path.parent)
-        except OSError as error:
-            self.abort()
-            raise _write_error(self.path, error) from None
+        self._file.close()
         return self._digest.hexdigest()
 
     def abort(self) -> None:
         """Drop the unfinished file (the target keeps its old content)."""
-        if not self._handle.closed:
-            self._handle.close()
-        Path(self._temporary).unlink(missing_ok=True)
+        self._file.abort()
 
     def __enter__(self) -> TensorFileWriter:
         return self
@@ -246,31 +255,23 @@ def sealed_sha256(path: Path, seal: str) -> str | None:
     return sha256_bytes(data)
 
 
-def read_tensors(path: Path, expected_sha256: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Load a safetensors file after checking its sha256; returns tensors and metadata.
-
-    The file is hashed as a stream, then read tensor by tensor into fresh memory (never the whole file held
-    as bytes besides its tensors; never a tensor left on the mapping, whose alignment would make results
-    depend on the file's layout).
-
-    Raises:
-        CorruptArtifactError: the file is missing, truncated or altered.
-    """
-    path = Path(path)
-    try:
-        digest = sha256_file(path)
-    except FileNotFoundError:
-        raise CorruptArtifactError(f"{path} is missing") from None
-    if digest != expected_sha256:
-        raise CorruptArtifactError(f"{path} does not match its checksum (truncated or altered)")
-    return load_tensors(path)
-
-
 def load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Every tensor of a safetensors file, each copied into fresh memory, and its metadata (seal removed)."""
+    """Every tensor of a safetensors file, each copied into fresh memory, and its metadata (seal removed).
+
+    Read tensor by tensor (never the whole file held as bytes besides its tensors), and never a tensor left on
+    the file's mapping, whose 8-byte alignment would make the CPU kernels' results depend on the file's layout.
+    """
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as handle:
+        tensors = {name: handle.get_tensor(name).clone() for name in handle.keys()}
+    return tensors, load_metadata(path)
+
+
+def load_metadata(path: Path) -> dict[str, str]:
+    """A safetensors file's metadata (seal removed), from its header alone."""
     from safetensors import safe_open
 
     with safe_open(str(path), "pt") as handle:
         metadata = handle.metadata() or {}
-        tensors = {name: handle.get_tensor(name).clone() for name in handle.keys()}
-    return tensors, {key: value for key, value in metadata.items() if key not in (SEAL, DATA_SHA256)}
+    return {key: value for key, value in metadata.items() if key not in (SEAL, DATA_SHA256)}

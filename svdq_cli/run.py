@@ -22,7 +22,8 @@ from .artifacts import (
     CorruptArtifactError,
     TensorFileWriter,
     atomic_write_json,
-    read_tensors,
+    load_metadata,
+    load_tensors,
     sealed_sha256,
     sha256_file,
     write_tensors,
@@ -59,6 +60,7 @@ class Run:
         self._lock_handle = None
         self.manifest: dict = {"format": MANIFEST_FORMAT, "stages": {}}
         self.corrupt: str | None = None  # why the manifest on disk cannot be used, if it cannot
+        self._digests: dict[str, tuple[tuple[int, int, int], str]] = {}  # relative → (file identity, sha256)
         if (self.path / MANIFEST).exists():
             self.manifest, self.corrupt = self._read_manifest()
 
@@ -196,8 +198,22 @@ class Run:
     def artifact_ok(self, stage: str, relative: str) -> bool:
         """Whether the artifact exists and matches the checksum the manifest recorded."""
         expected = self.stage(stage)["artifacts"].get(relative)
+        return expected is not None and self._sha256(relative) == expected
+
+    def _sha256(self, relative: str) -> str | None:
+        """The file's sha256 (None when it is missing), hashed once per process while the file stays the same
+        (size, modification time, inode): stages check and read the same artifacts many times, and a streamed
+        validation reads every block's artifact at every denoising step."""
         path = self.path / relative
-        return expected is not None and path.is_file() and sha256_file(path) == expected
+        try:
+            info = path.stat()
+        except OSError:
+            return None
+        identity = (info.st_size, info.st_mtime_ns, info.st_ino)
+        known = self._digests.get(relative)
+        if known is None or known[0] != identity:
+            known = self._digests[relative] = (identity, sha256_file(path))
+        return known[1]
 
     def broken_artifacts(self, stage: str) -> list[str]:
         return [relative for relative in self.stage(stage)["artifacts"] if not self.artifact_ok(stage, relative)]
@@ -254,7 +270,20 @@ class Run:
 
     def read(self, stage: str, relative: str):
         """Tensors and metadata of an artifact, verified against the manifest."""
+        self._verify(stage, relative)
+        return load_tensors(self.path / relative)
+
+    def read_metadata(self, stage: str, relative: str) -> dict[str, str]:
+        """The metadata of an artifact, verified against the manifest, without loading its tensors."""
+        self._verify(stage, relative)
+        return load_metadata(self.path / relative)
+
+    def _verify(self, stage: str, relative: str) -> None:
         expected = self.manifest["stages"].get(stage, {}).get("artifacts", {}).get(relative)
         if expected is None:
             raise CorruptArtifactError(f"{self.path / relative} was never recorded by stage {stage}")
-        return read_tensors(self.path / relative, expected)
+        digest = self._sha256(relative)
+        if digest is None:
+            raise CorruptArtifactError(f"{self.path / relative} is missing")
+        if digest != expected:
+            raise CorruptArtifactError(f"{self.path / relative} does not match its checksum (truncated or altered)")

@@ -45,7 +45,9 @@ def quantized_block(run, index: int) -> dict[str, nn.Module]:
 
 
 def layer_reports(run, workspace) -> list[dict]:
-    return [report for index in range(len(workspace.blocks)) for _, report in load_block_layers(run, index).values()]
+    """Every quantized layer's report, from the quantize artifacts' metadata (their tensors are not loaded)."""
+    return [json.loads(text)["report"] for index in range(len(workspace.blocks))
+            for text in run.read_metadata("quantize", block_artifact("quantize", index)).values()]
 
 
 def baseline_config(config: QuantConfig, method: str) -> QuantConfig:
