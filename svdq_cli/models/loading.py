@@ -112,26 +112,9 @@ def text_encoder_names(directory: Path) -> list[str]:
 
 
 def check_weights_match_config(model_dir: Path, transformer: torch.nn.Module) -> None:
-    """The transformer's weight files hold exactly the tensors its config describes.
+    """The transformer's safetensors weights hold exactly the tensors its config describes (see
+    :func:`.streaming.check_weights_match`); other weight formats are not checked."""
+    from .streaming import check_weights_match, transformer_checkpoint
 
-    diffusers only warns about tensors the config expects but the files lack (and initializes them randomly):
-    a directory whose config.json disagrees with its weights would be quantized as a random model.
-
-    Raises:
-        BadInputError: missing or unused tensors, naming one of each.
-    """
-    from safetensors import safe_open
-
-    files = sorted((model_dir / "transformer").glob("*.safetensors"))
-    if not files:
-        return
-    stored: set[str] = set()
-    for file in files:
-        with safe_open(str(file), "pt") as handle:
-            stored.update(handle.keys())
-    expected = set(transformer.state_dict())
-    missing, unused = sorted(expected - stored), sorted(stored - expected)
-    if missing or unused:
-        raise BadInputError(f"{model_dir / 'transformer'}: its config and weights disagree ({len(missing)} tensors "
-                            f"the config expects are missing{', e.g. ' + missing[0] if missing else ''}; "
-                            f"{len(unused)} in the files are unused{', e.g. ' + unused[0] if unused else ''})")
+    if any((Path(model_dir) / "transformer").glob("*.safetensors")):
+        check_weights_match(transformer_checkpoint(model_dir), transformer.state_dict())

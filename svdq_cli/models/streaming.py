@@ -75,6 +75,22 @@ class Checkpoint:
         return tensors
 
 
+def check_weights_match(checkpoint: Checkpoint, expected: Iterable[str]) -> None:
+    """The checkpoint holds exactly the tensors the model's config describes (``expected``): diffusers only
+    warns about missing ones and initializes them randomly, so a directory whose config.json disagrees with
+    its weights would be quantized as a random model.
+
+    Raises:
+        BadInputError: missing or unused tensors, naming one of each.
+    """
+    expected = set(expected)
+    missing, unused = sorted(expected - checkpoint.keys()), sorted(checkpoint.keys() - expected)
+    if missing or unused:
+        raise BadInputError(f"{checkpoint.directory}: its config and weights disagree ({len(missing)} tensors the "
+                            f"config expects are missing{', e.g. ' + missing[0] if missing else ''}; "
+                            f"{len(unused)} in the files are unused{', e.g. ' + unused[0] if unused else ''})")
+
+
 def empty_model(model_class, config: dict, dtype: torch.dtype) -> nn.Module:
     """``model_class`` with meta parameters in the dtypes ``from_pretrained(torch_dtype=dtype)`` gives (modules
     the class keeps in float32 stay so); buffers are real, as some are computed at construction."""
@@ -131,11 +147,7 @@ class BlockStreamer:
         self.model, self.checkpoint, self.device = model, checkpoint, torch.device(device)
         self.blocks = block_paths
         state = model.state_dict(keep_vars=True)
-        missing, unused = sorted(set(state) - checkpoint.keys()), sorted(checkpoint.keys() - set(state))
-        if missing or unused:
-            raise BadInputError(f"{checkpoint.directory}: its config and weights disagree ({len(missing)} tensors the "
-                                f"config expects are missing{', e.g. ' + missing[0] if missing else ''}; "
-                                f"{len(unused)} in the files are unused{', e.g. ' + unused[0] if unused else ''})")
+        check_weights_match(checkpoint, state)
         self.dtypes = {name: tensor.dtype for name, tensor in state.items()}
         self.names = {path: [n for n in state if n.startswith(f"{path}.")] for path in block_paths}
         in_blocks = {n for names in self.names.values() for n in names}
