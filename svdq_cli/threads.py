@@ -49,7 +49,8 @@ def workers() -> int:
     """Layers computed at once: the CPUs this process may run on (``SVDQ_WORKERS`` overrides), at most
     :data:`MAX_WORKERS`."""
     configured = os.environ.get("SVDQ_WORKERS", "")
-    count = int(configured) if configured.isdigit() and int(configured) > 0 else len(os.sched_getaffinity(0))
+    available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    count = int(configured) if configured.isdigit() and int(configured) > 0 else available
     return max(1, min(count, MAX_WORKERS))
 
 
