@@ -321,8 +321,8 @@ def check_stage_range(until: str | None, redo: str | None) -> None:
 def check_config(config: RunConfig, until: str | None = None, redo: str | None = None) -> str:
     """What can be checked of a config before a run directory is touched; returns the device to use.
 
-    Stage names, the device (an explicit CUDA device that is not there is an error; ``auto`` without one says
-    it runs on the CPU), and both prompt sets (unreadable or empty sets are errors; asking for more prompts
+    Stage names, the model family, the device (an explicit CUDA device that is not there is an error;
+    ``auto`` without one says it runs on the CPU), and both prompt sets (unreadable or empty sets are errors; asking for more prompts
     than a set holds is said, not silently capped).
 
     Raises:
@@ -331,6 +331,7 @@ def check_config(config: RunConfig, until: str | None = None, redo: str | None =
     from ..prompts import load_prompts
 
     check_stage_range(until, redo)
+    get_adapter(config.family)
     device = resolve_device(config.device)
     if config.device == "auto" and device == "cpu":
         say("device: cpu (no CUDA device; pass --device cuda on a GPU machine)")

@@ -72,6 +72,11 @@ def test_debug_is_accepted_after_the_command(tmp_path):
 
 # ---------------------------------------------------------------- recipes and flags, before anything is touched
 @pytest.mark.parametrize("recipe,message", [
+    ("model: tiny-flux\nfamily: tiny-flux\nquant: {alpa: 0.5}\n", "quant.alpa: unknown key (did you mean alphas?)"),
+    ("model: tiny-flux\nfamily: tiny-flux\nquant: {rank: thirty-two}\n", "quant.rank: expected int"),
+    ("model: tiny-flux\nfamily: tiny-flux\ncalibration: {num_prompts: true}\n", "num_prompts: expected"),
+    ("model: tiny-flux\nfamily: flux-xxl\n", "unknown model family 'flux-xxl'"),
+    ("model: [unclosed\n", "cannot read recipe"),
     ("model: tiny-flux\nfamily: tiny-flux\nquant: {method: awq}\n", "QuantConfig.method='awq' is invalid"),
     ("model: tiny-flux\nfamily: tiny-flux\nquant: {precision: fp3}\n", "QuantConfig.precision='fp3' is invalid"),
     ("model: tiny-flux\nfamily: tiny-flux\nquant: {rank: -16}\n", "QuantConfig.rank=-16 is invalid"),
