@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from .distributed import World
 from .errors import BadInputError
 from .quant.calibration import InputStats
 from .quant.config import QuantConfig
@@ -148,6 +149,7 @@ class _Collector:
                 self.owner[name] = group[0]
                 self._fixed.add(name)
         self._last: tuple[str, torch.Tensor] | None = None
+        self.unit: int | None = None
 
     def _stats_for(self, name: str) -> InputStats:
         if name not in self.stats:
@@ -157,7 +159,15 @@ class _Collector:
                 self.config.seed * 1_000_003 + self._index[name],
                 hessian=self.config.gptq,
             )
+            if self.unit is not None:
+                self.stats[name].start_unit(self.unit)
         return self.stats[name]
+
+    def start_unit(self, unit: int) -> None:
+        """Record the next inputs as calibration unit ``unit`` (see :meth:`InputStats.start_unit`)."""
+        self.unit = unit
+        for stats in self.stats.values():
+            stats.start_unit(unit)
 
     def observe(self, name: str, x: torch.Tensor) -> None:
         first_call = name not in self.called
@@ -194,20 +204,45 @@ class Calibration:
 def collect_statistics(
     model: nn.Module,
     layers: dict[str, nn.Linear],
-    calibrate: Callable[[nn.Module], object],
+    calibrate: Callable[..., object],
     config: QuantConfig,
     groups: Sequence[Sequence[str]] = (),
+    units: int | None = None,
+    world: World | None = None,
 ) -> Calibration:
-    """Run ``calibrate(model)`` with hooks on ``layers`` and return their input statistics.
+    """Run calibration with hooks on ``layers`` and return their input statistics.
+
+    Without ``units``, ``calibrate(model)`` runs once. With ``units``, calibration is that many units (one
+    prompt each), ``calibrate(model, unit)`` for each; in a ``world`` of several processes each runs its share
+    (unit i on rank i mod N) and after each round the ranks exchange the round's statistics. Every rank then
+    returns the statistics one process running every unit returns, bit for bit.
 
     Raises:
-        BadInputError: a layer never called, a group that shares its input only sometimes, NaN/Inf inputs.
+        BadInputError: a layer never called, a group that shares its input only sometimes, NaN/Inf inputs,
+            fewer units than processes.
     """
+    world = world or World()
+    if units is not None and units < world.size:
+        raise BadInputError(f"{units} calibration prompt(s) for {world.size} ranks: every rank needs at least one "
+                            "(raise --num-prompts or start fewer processes)")
     collector = _Collector(layers, config, groups)
     handles = collector.hooks()
     try:
         with torch.no_grad():
-            calibrate(model)
+            if units is None:
+                collector.start_unit(0)
+                calibrate(model)
+                _merge_round(collector, World(), 1)
+            for number, round_ in enumerate(world.rounds(units or 0)):
+                mine = round_.start + world.rank
+                collector.start_unit(mine)
+                if mine in round_:
+                    calibrate(model, mine)
+                if number == 0:  # every rank must merge the same inputs in the same order
+                    world.check_same(list(collector.stats), "calibrated inputs")
+                _merge_round(collector, world, len(round_))
+            if world.size > 1:
+                _merge_samples(collector, world)
     finally:
         for handle in handles:
             handle.remove()
@@ -217,6 +252,21 @@ def collect_statistics(
     for name in layers:
         members.setdefault(collector.owner[name], []).append(name)
     return Calibration(collector.stats, members)
+
+
+def _merge_round(collector: _Collector, world: World, units: int) -> None:
+    """Add one round's sums (one unit per rank, ``units`` of them) to the totals, in unit order, on every rank."""
+    for stats in collector.stats.values():
+        for sums in world.exchange(stats.finish_unit(), "the calibration exchange")[:units]:
+            stats.add_sums(sums)
+
+
+def _merge_samples(collector: _Collector, world: World) -> None:
+    """Give every rank every rank's extremes, counts and row samples (order-free merges: once, at the end)."""
+    for stats in collector.stats.values():
+        for rank, state in enumerate(world.exchange(stats.sample_state(), "the calibration exchange")):
+            if rank != world.rank:
+                stats.merge_sample(state)
 
 
 @dataclass(frozen=True)

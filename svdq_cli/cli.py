@@ -242,8 +242,11 @@ def quantize(
     redo: Annotated[str | None, typer.Option(help="Recompute this stage and every later one.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Run every stage (collect, smooth, svd, quantize, validate, export), resuming what is done."""
-    from .run import Run
+    """Run every stage (collect, smooth, svd, quantize, validate, export), resuming what is done. Under torchrun,
+    the ranks share collect and the per-block stages (see the README)."""
+    from .distributed import joined
+    from .progress import set_rank_label
+    from .run import opened
     from .stages import check_config, run_stages
 
     overrides = {"quant.rank": rank, "quant.precision": precision, "calibration.prompts": prompts,
@@ -252,12 +255,16 @@ def quantize(
                  "stream": stream,
                  **_validation_overrides(val_prompts, val_steps, val_resolution, baselines, runtime)}
     config = resolve_model(model, recipe, overrides)
-    check_config(config, until, redo)
-    run_path = _run_dir(config, out_dir)
-    _quiet_libraries()
-    with Run(run_path) as run:
-        summary = run_stages(run, config, until=until, redo=redo)
-    _summary(run_path, summary, as_json)
+    with joined(config.device) as world:
+        if world.size > 1:
+            set_rank_label(f"rank {world.rank}/{world.size}")
+        check_config(config, until, redo)
+        run_path = _run_dir(config, out_dir)
+        _quiet_libraries()
+        with opened(run_path, world) as run:
+            summary = run_stages(run, config, until=until, redo=redo, world=world)
+    if world.leader:
+        _summary(run_path, summary, as_json)
 
 
 def _rerun(run_dir: Path, until: str, overrides: dict[str, object], as_json: bool, show: bool = True,
@@ -650,9 +657,13 @@ def main() -> None:
     args = sys.argv[1:]
     _state["debug"] = "--debug" in args  # accepted before or after the command
     args = [arg for arg in args if arg != "--debug"]
+    from .distributed import world_size
     from .threads import configure_threads
 
     configure_threads()
+    command = next((arg for arg in args if not arg.startswith("-")), None)
+    if world_size() > 1 and command not in (None, "quantize"):
+        _fail(f"under torchrun only `svdq quantize` runs on several ranks; run `svdq {command}` as one process", 2)
     try:
         code = app(args=args, prog_name="svdq", standalone_mode=False)
     except SvdqError as error:

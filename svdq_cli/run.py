@@ -21,6 +21,7 @@ from . import __version__
 from .artifacts import (
     CorruptArtifactError,
     TensorFileWriter,
+    atomic_write_bytes,
     atomic_write_json,
     load_metadata,
     load_tensors,
@@ -28,13 +29,16 @@ from .artifacts import (
     sha256_file,
     write_tensors,
 )
-from .errors import BadInputError
+from .distributed import World
+from .errors import BadInputError, SvdqError
 
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1
 # Test-only fault injection, right after the N-th artifact of STAGE is recorded: "STAGE:N" SIGKILLs the process;
-# "STAGE:N:pause" says so on stderr and waits for a signal (a test's Ctrl-C, at a known point).
+# "STAGE:N:pause" says so on stderr and waits for a signal (a test's Ctrl-C, at a known point). Under torchrun,
+# FAULT_RANK_VARIABLE=R limits it to rank R.
 FAULT_VARIABLE = "SVDQ_FAULT_AFTER"
+FAULT_RANK_VARIABLE = "SVDQ_FAULT_RANK"
 
 
 class RunLockedError(BadInputError):
@@ -158,6 +162,11 @@ class Run:
     def save(self) -> None:
         atomic_write_json(self.path / MANIFEST, self.manifest)
 
+    def reload(self) -> None:
+        """Read the manifest again (a follower, after rank 0 has updated it)."""
+        if (self.path / MANIFEST).exists():
+            self.manifest, self.corrupt = self._read_manifest()
+
     def stage(self, name: str) -> dict:
         return self.manifest["stages"].setdefault(name, {"status": "pending", "artifacts": {}})
 
@@ -251,7 +260,7 @@ class Run:
         self._record(stage, relative, digest)
 
     def write_file(self, stage: str, relative: str, data: bytes) -> None:
-        from .artifacts import atomic_write_bytes, sha256_bytes
+        from .artifacts import sha256_bytes
 
         atomic_write_bytes(self.path / relative, data)
         self._record(stage, relative, sha256_bytes(data))
@@ -261,6 +270,9 @@ class Run:
         self.stage(stage).get("previous", {}).pop(relative, None)  # rewritten: no longer a previous file
         self.save()
         fault = os.environ.get(FAULT_VARIABLE, "").split(":")
+        rank = os.environ.get("RANK", "0")
+        if os.environ.get(FAULT_RANK_VARIABLE, rank) != rank:
+            return
         if fault[0] == stage and len(self.stage(stage)["artifacts"]) >= int(fault[1]):
             if fault[2:] == ["pause"]:
                 print(f"fault hook: paused after {stage} artifact {fault[1]}", file=sys.stderr, flush=True)
@@ -287,3 +299,61 @@ class Run:
             raise CorruptArtifactError(f"{self.path / relative} is missing")
         if digest != expected:
             raise CorruptArtifactError(f"{self.path / relative} does not match its checksum (truncated or altered)")
+
+
+class FollowerRun(Run):
+    """A run directory as ranks other than 0 of a distributed run use it: they write their blocks' artifacts
+    (sealed, atomically) and keep their checksums in memory; rank 0 holds the lock, writes the manifest and
+    adopts their files (:meth:`Run.adopt`) once they are done."""
+
+    def __enter__(self) -> FollowerRun:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+    def save(self) -> None:
+        pass
+
+
+WORLD_TOKEN = ".world"
+
+
+@contextmanager
+def opened(path: Path, world: World):
+    """The run directory for this process, as a context: locked by this process alone, or in a distributed run
+    locked by rank 0 and followed by the others — after every rank has checked that it sees the same
+    directory (multi-node runs need a filesystem every rank shares).
+
+    Raises:
+        BadInputError: on every rank, when any rank cannot open the directory (locked, not writable, another
+            directory than rank 0's).
+    """
+    if world.size == 1:
+        with Run(path) as run:
+            yield run
+        return
+    leader, error, token = None, None, None
+    if world.leader:
+        try:
+            leader = Run(path).__enter__()
+            token = os.urandom(16).hex()
+            atomic_write_bytes(Path(path) / WORLD_TOKEN, token.encode())
+        except SvdqError as failure:
+            error = str(failure)
+    try:
+        world.agree(error, "opening the run directory")
+        token = world.exchange(token, "opening the run directory")[0]
+        if not world.leader:
+            try:
+                seen = (Path(path) / WORLD_TOKEN).read_text()
+            except OSError:
+                seen = None
+            if seen != token:
+                error = (f"sees no run directory {path} of rank 0's: the run directory must be on a filesystem "
+                         "every rank shares")
+        world.agree(error, "opening the run directory")
+        yield leader if world.leader else FollowerRun(path)
+    finally:
+        if leader is not None:
+            leader.__exit__(None, None, None)

@@ -5,9 +5,15 @@ tokens, a uniform random sample of at most ``max_rows`` input rows, the block-di
 (64×64 blocks along K: what the weight-scale search needs, from every token rather than a sample) with the
 row sum that applies a shift to it, and optionally the whole ``Σ xᵀx`` (GPTQ's Hessian). Memory never grows
 with the number of tokens: ``max_rows·K`` for the sample and ``64·K`` floats for the blocks.
+
+Calibration runs in *units* (one prompt each), and the statistics are the same bits whichever process ran
+which unit (the distributed collect relies on it): a row's sample key depends on its unit and position only,
+and each unit's sums are added to the totals in unit order (floating-point sums depend on their order).
 """
 
 from __future__ import annotations
+
+import hashlib
 
 import torch
 
@@ -21,29 +27,65 @@ def gram_block(in_features: int) -> int:
     return GRAM_BLOCK if in_features % GRAM_BLOCK == 0 else 16 if in_features % 16 == 0 else 0
 
 
+def unit_seed(seed: int, unit: int) -> int:
+    """The sample-key seed of calibration unit ``unit`` of a stream seeded ``seed`` (well mixed: neighbouring
+    units and streams get unrelated keys)."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{unit}".encode()).digest()[:8], "little") >> 1
+
+
 class InputStats:
     """Online statistics of one ``[*, K]`` input stream.
 
-    The row sample is priority sampling: every row gets a seeded uniform key and the ``max_rows`` rows with
-    the smallest keys are kept. That is a uniform sample without replacement, it merges batch by batch, and
-    the same inputs with the same seed give the same sample.
+    The row sample is priority sampling: every row gets a seeded uniform key (float64) and an id (its unit and
+    position), and the ``max_rows`` rows with the smallest (key, id) are kept, in that order. That is a uniform
+    sample without replacement (any prefix of it too), and being a function of the set of rows seen, it merges
+    batch by batch and process by process (:meth:`merge_sample`) in any order. So do the channel extremes and
+    the count. The sums are another matter: floating-point addition depends on its order, so each unit's sums
+    are kept apart (:meth:`start_unit`, :meth:`finish_unit`) and added to the totals (:meth:`add_sums`) in unit
+    order. Without :meth:`start_unit`, updates add to the totals directly.
     """
 
     def __init__(self, in_features: int, max_rows: int, seed: int, hessian: bool = False) -> None:
         self.in_features = in_features
         self.max_rows = max_rows
+        self.seed = seed
         self.channel_min = torch.full((in_features,), float("inf"))
         self.channel_max = torch.full((in_features,), float("-inf"))
         self.count = 0
         self.finite = True
         self.rows: torch.Tensor | None = None
         self._keys: torch.Tensor | None = None
+        self._ids: torch.Tensor | None = None
         self._generator = torch.Generator().manual_seed(seed)
+        self._unit, self._unit_rows = 0, 0
         self._with_hessian = hessian
-        self.xtx: torch.Tensor | None = None
         self.block = gram_block(in_features)
-        self.block_gram: torch.Tensor | None = None  # [K/block, block, block], Σ over every token
         self.row_sum = torch.zeros(in_features)
+        self.block_gram: torch.Tensor | None = None  # [K/block, block, block], Σ over every token
+        self.xtx: torch.Tensor | None = None
+        self._unit_sums: dict[str, torch.Tensor] | None = None  # the open unit's sums (None: no unit open)
+
+    def start_unit(self, unit: int) -> None:
+        """Record the next batches as calibration unit ``unit`` (a prompt): its rows' keys are seeded by the unit,
+        not by what came before, and its sums are kept apart until :meth:`finish_unit`."""
+        self._generator.manual_seed(unit_seed(self.seed, unit))
+        self._unit, self._unit_rows, self._unit_sums = unit, 0, {}
+
+    def finish_unit(self) -> dict[str, torch.Tensor]:
+        """The open unit's sums (on the CPU; empty when it recorded nothing), for :meth:`add_sums`."""
+        sums, self._unit_sums = self._unit_sums or {}, None
+        return {name: value.cpu() for name, value in sums.items()}
+
+    def add_sums(self, sums: dict[str, torch.Tensor]) -> None:
+        """Add a unit's sums to the totals (units in one fixed order: the result's last bits depend on it). The
+        row sum and Gram blocks add in float32, the Hessian in float64."""
+        for name, value in sums.items():
+            total = getattr(self, name)
+            value = value.double() if name == "xtx" else value
+            if total is None:
+                setattr(self, name, value.clone())
+            else:
+                setattr(self, name, total.to(value.device) + value)
 
     def update(self, x: torch.Tensor) -> None:
         """Fold a batch of inputs ``[..., K]`` into the statistics."""
@@ -56,27 +98,57 @@ class InputStats:
             self.finite = False
             return
         device = batch.device
-        self.channel_min = torch.minimum(self.channel_min.to(device), batch.amin(dim=0).float())
-        self.channel_max = torch.maximum(self.channel_max.to(device), batch.amax(dim=0).float())
+        # + 0.0 turns -0.0 into +0.0: min/max of signed zeros would otherwise depend on the order of batches
+        self.channel_min = torch.minimum(self.channel_min.to(device), batch.amin(dim=0).float()) + 0.0
+        self.channel_max = torch.maximum(self.channel_max.to(device), batch.amax(dim=0).float()) + 0.0
         self.count += batch.shape[0]
-        keys = torch.rand(batch.shape[0], generator=self._generator).to(device)
-        rows = batch
-        if self.rows is not None:
-            rows = torch.cat((self.rows, rows))
-            keys = torch.cat((self._keys, keys))
-        if rows.shape[0] > self.max_rows:
-            keys, order = torch.topk(keys, self.max_rows, largest=False, sorted=True)
-            rows = rows[order]
-        self.rows, self._keys = rows.clone(), keys
+        keys = torch.rand(batch.shape[0], generator=self._generator, dtype=torch.float64).to(device)
+        ids = self._unit * 2**40 + self._unit_rows + torch.arange(batch.shape[0], device=device)
+        self._unit_rows += batch.shape[0]
+        self._keep(batch, keys, ids)
         with single_threaded():  # these sums feed the weight side, whose numerics must not depend on threads
             batch = batch.float()
-            self.row_sum = self.row_sum.to(device) + batch.sum(0)
+            update = {"row_sum": batch.sum(0)}
             if self.block:
                 blocks = batch.reshape(batch.shape[0], -1, self.block).transpose(0, 1)  # [K/b, rows, b]
-                update = torch.bmm(blocks.transpose(1, 2), blocks)
-                self.block_gram = update if self.block_gram is None else self.block_gram + update
+                update["block_gram"] = torch.bmm(blocks.transpose(1, 2), blocks)
             if self._with_hessian:
-                self.xtx = batch.T @ batch if self.xtx is None else self.xtx + batch.T @ batch
+                update["xtx"] = batch.T @ batch
+        if self._unit_sums is None:
+            self.add_sums(update)
+        else:
+            for name, value in update.items():
+                before = self._unit_sums.get(name)
+                self._unit_sums[name] = value if before is None else before + value
+
+    def _keep(self, rows: torch.Tensor, keys: torch.Tensor, ids: torch.Tensor) -> None:
+        """Fold ``rows`` into the sample: the ``max_rows`` smallest (key, id), in that order (ids are unique, so
+        the result does not depend on the order rows arrive in)."""
+        if self.rows is not None:
+            rows = torch.cat((self.rows, rows.to(self.rows.dtype)))
+            keys, ids = torch.cat((self._keys, keys)), torch.cat((self._ids, ids))
+        by_id = torch.argsort(ids)
+        order = by_id[torch.sort(keys[by_id], stable=True).indices][: self.max_rows]
+        self.rows, self._keys, self._ids = rows[order].clone(), keys[order], ids[order]
+
+    def sample_state(self) -> dict[str, torch.Tensor]:
+        """What :meth:`merge_sample` needs of these statistics (on the CPU, picklable)."""
+        state = {"channel_min": self.channel_min.cpu(), "channel_max": self.channel_max.cpu(),
+                 "count": torch.tensor(self.count), "finite": torch.tensor(self.finite)}
+        if self.rows is not None:
+            state.update(rows=self.rows.cpu(), keys=self._keys.cpu(), ids=self._ids.cpu())
+        return state
+
+    def merge_sample(self, state: dict[str, torch.Tensor]) -> None:
+        """Fold another process's extremes, count and row sample (:meth:`sample_state`) into these: the result
+        is the one that process's inputs would have given here, whatever the order of merges."""
+        self.finite = self.finite and bool(state["finite"])
+        device = self.channel_min.device
+        self.channel_min = torch.minimum(self.channel_min, state["channel_min"].to(device)) + 0.0
+        self.channel_max = torch.maximum(self.channel_max, state["channel_max"].to(device)) + 0.0
+        self.count += int(state["count"])
+        if "rows" in state:
+            self._keep(state["rows"].to(device), state["keys"].to(device), state["ids"].to(device))
 
     @property
     def minimum(self) -> float:

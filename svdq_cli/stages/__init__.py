@@ -23,6 +23,7 @@ from torch import nn
 
 from ..cache import Cache
 from ..device import resolve_device
+from ..distributed import World
 from ..errors import BadInputError
 from ..models import Adapter, get_adapter
 from ..models.streaming import release_free_memory
@@ -42,11 +43,12 @@ class Workspace:
     """What the stages of one process share: the config, the adapter, the 16-bit model (loaded lazily, whole
     or streamed block by block), the prompts' text encodings and the run's cache."""
 
-    def __init__(self, config: RunConfig, cache_dir: Path | None = None) -> None:
+    def __init__(self, config: RunConfig, cache_dir: Path | None = None, world: World | None = None) -> None:
         self.config = config
+        self.world = world or World()
         self.adapter: Adapter = get_adapter(config.family)
         self.dtype = getattr(torch, config.dtype)
-        self.device = resolve_device(config.device)
+        self.device = self.world.device(resolve_device(config.device))
         self.cache = Cache(cache_dir) if cache_dir is not None else None
 
     @cached_property
@@ -193,30 +195,45 @@ class Workspace:
         say(f"encoding prompts with {self.config.model}'s text encoders")
         return load_pipeline(self.config.model, self.adapter, self.dtype, self.device, without=("transformer",))
 
-    def encode_prompts(self, todo: list[str]) -> None:
-        """Encode every prompt the stages to run will generate, before the transformer is touched; then free
-        the text encoders of a streamed model."""
+    def calibration_prompts(self) -> tuple[list[str], list[int]]:
+        """The calibration prompts, and the indices of those this rank runs (all of them in one process)."""
         from ..prompts import load_prompts
 
-        for stage, section in (("collect", self.config.calibration), ("validate", self.config.validation)):
-            if stage in todo:
-                self.encodings(load_prompts(section.prompts, section.num_prompts), section)
+        prompts = load_prompts(self.config.calibration.prompts, self.config.calibration.num_prompts)
+        return prompts, [index for index in range(len(prompts)) if self.world.owns(index)]
+
+    def encode_prompts(self, todo: list[str]) -> None:
+        """Encode every prompt the stages to run will generate on this rank, before the transformer is touched;
+        then free the text encoders of a streamed model."""
+        from ..prompts import load_prompts
+
+        if "collect" in todo:
+            prompts, mine = self.calibration_prompts()
+            self.encodings([prompts[index] for index in mine], self.config.calibration)
+        if "validate" in todo and self.world.leader:
+            section = self.config.validation
+            self.encodings(load_prompts(section.prompts, section.num_prompts), section)
         self.__dict__.pop("_text_pipeline", None)
 
     def generate(self, prompts: list[str], seeds: list[int], section, output_type: str = "pt",
                  progress: str | None = None) -> list[torch.Tensor]:
         """One generation per prompt (bounded memory) with its cached text encoding."""
-        from ..models.text_first import replaying
-
-        steps, guidance, resolution = self.settings(section)
         outputs = []
         with task(progress or "generate", len(prompts)) as advance:
             for prompt, seed, encoding in zip(prompts, seeds, self.encodings(prompts, section), strict=True):
-                with replaying(self.pipeline, encoding):
-                    outputs.append(self.adapter.generate(self.pipeline, [prompt], [seed], steps, guidance,
-                                                         resolution, output_type=output_type))
+                outputs.append(self.generate_one(prompt, seed, encoding, section, output_type))
                 advance(prompt[:40])
         return outputs
+
+    def generate_one(self, prompt: str, seed: int, encoding: Encoding, section,
+                     output_type: str = "pt") -> torch.Tensor:
+        """One generation with ``prompt``'s text encoding replayed."""
+        from ..models.text_first import replaying
+
+        steps, guidance, resolution = self.settings(section)
+        with replaying(self.pipeline, encoding):
+            return self.adapter.generate(self.pipeline, [prompt], [seed], steps, guidance, resolution,
+                                         output_type=output_type)
 
     def preflight(self, todo: list[str]) -> None:
         """Check the loaded model against the config before any stage runs (a long collect is not wasted on
@@ -322,8 +339,8 @@ def check_config(config: RunConfig, until: str | None = None, redo: str | None =
     """What can be checked of a config before a run directory is touched; returns the device to use.
 
     Stage names, the model family, the device (an explicit CUDA device that is not there is an error;
-    ``auto`` without one says it runs on the CPU), and both prompt sets (unreadable or empty sets are errors; asking for more prompts
-    than a set holds is said, not silently capped).
+    ``auto`` without one says it runs on the CPU), and both prompt sets (unreadable or empty sets are errors;
+    asking for more prompts than a set holds is said, not silently capped).
 
     Raises:
         BadInputError: any of the above.
@@ -351,20 +368,71 @@ def check_same_model(run: Run, config: RunConfig) -> None:
                             f"{config.model}; choose another --out")
 
 
-def run_stages(run: Run, config: RunConfig, until: str | None = None, redo: str | None = None) -> dict:
+LEADER_ONLY = ("validate", "export")  # they read every block's artifacts: rank 0 alone runs them
+
+
+def run_stages(run: Run, config: RunConfig, until: str | None = None, redo: str | None = None,
+               world: World | None = None) -> dict:
     """Run (or resume, or skip) every stage up to ``until``; returns a summary per stage.
 
     Everything that can be checked is checked before the first stage runs: stage names, the model in the
     run directory, and — once the model is loaded — the layers against the rank and group size and the
-    resolutions against the model's patch size.
+    resolutions against the model's patch size. In a distributed ``world`` every rank runs this with its own
+    share of collect and of the per-block stages (``distributed.py``), after checking that all ranks agree on
+    the config and on what is left to do; rank 0 alone updates the manifest, validates and exports.
 
     Raises:
-        BadInputError: unknown stage names, another model's run; and whatever the stages raise.
+        BadInputError: unknown stage names, another model's run, ranks that disagree; and whatever the stages
+            raise.
     """
+    world = world or World()
     check_stage_range(until, redo)
     check_same_model(run, config)
     stages = registry()
-    workspace = Workspace(config, run.path / "cache")
+    workspace = Workspace(config, run.path / "cache", world)
+    hashes, todo = _stages_to_run(run, config, stages, until, redo)
+    world.check_same({"config": config.to_dict(), "versions": library_versions(), "hashes": hashes, "todo": todo},
+                     "config, library versions or view of the run")
+    mine = [name for name in todo if world.leader or name not in LEADER_ONLY]
+    error = None
+    try:
+        if mine:
+            workspace.preflight(mine)
+            workspace.encode_prompts(mine)
+    except BadInputError as failure:
+        if world.size == 1:
+            raise
+        error = str(failure)
+    world.agree(error, "the checks before the first stage")
+    if world.leader:
+        run.set_config(config.to_dict(), library_versions())
+        run.save()
+    summary: dict[str, dict] = {name: {"status": "up to date", "seconds": 0.0} for name in hashes if name not in todo}
+    for name in mine:
+        start = time.perf_counter()
+        done_before = _begin_stage(run, stages[name], hashes[name], redo) if world.leader else 0
+        shared = world.size > 1 and name not in LEADER_ONLY
+        if shared:  # followers see rank 0's manifest: which blocks are done, the stage's seal
+            world.barrier(f"the start of {name}")
+            if not world.leader:
+                run.reload()
+        say(f"{name}: {'resuming' if done_before else 'running'}")
+        extra = stages[name].body(run, workspace) or {}
+        if shared:
+            world.barrier(f"the end of {name}")
+        seconds = time.perf_counter() - start
+        if world.leader:
+            if shared:
+                run.adopt(name)  # the other ranks' blocks
+            run.finish_stage(name, seconds, **extra)
+        summary[name] = {"status": "resumed" if done_before else "done", "seconds": round(seconds, 3), **extra}
+    return {name: summary[name] for name in hashes if name in summary}
+
+
+def _stages_to_run(run: Run, config: RunConfig, stages: dict[str, Stage], until: str | None,
+                   redo: str | None) -> tuple[dict[str, str], list[str]]:
+    """Each stage's config hash up to ``until``, and the stages to run: the forced ones, those not done under
+    their hash or with broken artifacts, and every one after them."""
     hashes: dict[str, str] = {}
     todo: list[str] = []
     last = ORDER.index(until) if until else len(ORDER) - 1
@@ -373,27 +441,19 @@ def run_stages(run: Run, config: RunConfig, until: str | None = None, redo: str 
         forced = redo is not None and index >= ORDER.index(redo)
         if forced or todo or not run.is_current(name, hashes[name]) or run.broken_artifacts(name):
             todo.append(name)
-    if todo:
-        workspace.preflight(todo)
-        workspace.encode_prompts(todo)
-    run.set_config(config.to_dict(), library_versions())
-    run.save()
-    summary: dict[str, dict] = {name: {"status": "up to date", "seconds": 0.0} for name in hashes if name not in todo}
-    for name in todo:
-        if redo is not None and ORDER.index(name) >= ORDER.index(redo):
-            run.stage(name)["hash"] = None
-        for relative in run.broken_artifacts(name) if run.is_current(name, hashes[name]) else []:
-            warn(f"{relative} is missing or does not match its checksum; recomputing it")
-        start = time.perf_counter()
-        resumed = run.begin_stage(name, hashes[name], keep_previous=stages[name].keeps_previous)
-        resumed = run.adopt(name) > 0 or resumed  # sealed files of this config the manifest did not list
-        done_before = sum(run.artifact_ok(name, r) for r in run.stage(name)["artifacts"]) if resumed else 0
-        say(f"{name}: {'resuming' if done_before else 'running'}")
-        extra = stages[name].body(run, workspace) or {}
-        seconds = time.perf_counter() - start
-        run.finish_stage(name, seconds, **extra)
-        summary[name] = {"status": "resumed" if done_before else "done", "seconds": round(seconds, 3), **extra}
-    return {name: summary[name] for name in hashes}
+    return hashes, todo
+
+
+def _begin_stage(run: Run, stage: Stage, config_hash: str, redo: str | None) -> int:
+    """Mark ``stage`` running in the manifest; returns how many of its artifacts are already done (a resume)."""
+    name = stage.name
+    if redo is not None and ORDER.index(name) >= ORDER.index(redo):
+        run.stage(name)["hash"] = None
+    for relative in run.broken_artifacts(name) if run.is_current(name, config_hash) else []:
+        warn(f"{relative} is missing or does not match its checksum; recomputing it")
+    resumed = run.begin_stage(name, config_hash, keep_previous=stage.keeps_previous)
+    resumed = run.adopt(name) > 0 or resumed  # sealed files of this config the manifest did not list
+    return sum(run.artifact_ok(name, r) for r in run.stage(name)["artifacts"]) if resumed else 0
 
 
 def block_artifact(stage: str, index: int) -> str:
@@ -402,10 +462,12 @@ def block_artifact(stage: str, index: int) -> str:
 
 def for_each_block(run: Run, workspace: Workspace, stage: str,
                    compute: Callable[[int, str, list[list[str]]], tuple[dict, dict]]) -> None:
-    """Compute and write one artifact per block, skipping blocks already written and verified."""
+    """Compute and write one artifact per block of this rank's, skipping blocks already written and verified."""
     blocks = workspace.blocks
-    with task(stage, len(blocks)) as advance:
-        for index, (block, groups) in enumerate(blocks):
+    mine = [index for index in range(len(blocks)) if workspace.world.owns(index)]
+    with task(stage, len(mine)) as advance:
+        for index in mine:
+            block, groups = blocks[index]
             relative = block_artifact(stage, index)
             if not run.artifact_ok(stage, relative):
                 # one thread: the weight side's numerics must not depend on the thread count

@@ -4,16 +4,20 @@ timesteps (plus the GPTQ Hessian when GPTQ is on). Memory is bounded by ``calib_
 the prompts × steps.
 
 One pass feeds every block, so an interrupted collect starts over; it is deterministic, so the per-block
-files it writes are the same either way.
+files it writes are the same either way. Under torchrun each rank runs its share of the prompts and the ranks
+merge their statistics exactly (``distributed.py``); each writes the artifacts of its own blocks.
 """
 
 from __future__ import annotations
 
 from ..api import collect_statistics
-from ..prompts import load_prompts, prompt_seed
+from ..progress import task
+from ..prompts import prompt_seed
 from . import Stage, block_artifact, json_meta
 
-STATISTICS_VERSION = 2  # 2: block-diagonal Gram over every token (older artifacts lack it: collected again)
+# 2: block-diagonal Gram over every token (older artifacts lack it); 3: statistics gathered per prompt and merged in
+# prompt order, float64 sample keys (the same bits on any number of ranks). Older artifacts are collected again.
+STATISTICS_VERSION = 3
 
 
 def reads(config) -> dict:
@@ -27,21 +31,29 @@ def reads(config) -> dict:
 
 
 def run(run, workspace) -> dict:
-    config = workspace.config
+    config, world = workspace.config, workspace.world
     calibration = config.calibration
-    prompts = load_prompts(calibration.prompts, calibration.num_prompts)
+    prompts, mine = workspace.calibration_prompts()
     steps, _, resolution = workspace.settings(calibration)
+    summary = {"prompts": len(prompts), "steps": steps, "resolution": resolution}
     groups = [group for _, block_groups in workspace.blocks for group in block_groups]
     missing = [i for i in range(len(workspace.blocks)) if not run.artifact_ok("collect", block_artifact("collect", i))]
     if not missing:  # every block's statistics verify (adopted after a lost manifest): no calibration pass
-        return {"prompts": len(prompts), "steps": steps, "resolution": resolution}
+        return summary
+    encodings = dict(zip(mine, workspace.encodings([prompts[i] for i in mine], calibration), strict=True))
 
-    def calibrate(_transformer) -> None:
-        seeds = [prompt_seed(prompt, calibration.seed) for prompt in prompts]
-        workspace.generate(prompts, seeds, calibration, output_type="latent", progress="collect")
+    with task("collect", len(mine)) as advance:
+        def calibrate(_transformer, unit: int) -> None:
+            prompt = prompts[unit]
+            workspace.generate_one(prompt, prompt_seed(prompt, calibration.seed), encodings[unit], calibration,
+                                   output_type="latent")
+            advance(prompt[:40])
 
-    result = collect_statistics(workspace.transformer, workspace.originals, calibrate, config.quant, groups)
+        result = collect_statistics(workspace.transformer, workspace.originals, calibrate, config.quant, groups,
+                                    units=len(prompts), world=world)
     for index in missing:
+        if not world.owns(index):
+            continue
         block_groups = workspace.blocks[index][1]
         tensors, members = {}, {}
         for group in block_groups:
@@ -49,7 +61,9 @@ def run(run, workspace) -> dict:
             members[owner] = group
             tensors.update({f"{owner}.{key}": value for key, value in result.stats[owner].state().items()})
         run.write("collect", block_artifact("collect", index), tensors, json_meta({"members": members}))
-    return {"prompts": len(prompts), "steps": steps, "resolution": resolution}
+    if world.size > 1:
+        summary["exchanged_bytes"] = sum(world.exchange(world.sent_bytes, "the exchange tally"))
+    return summary
 
 
 STAGE = Stage("collect", (), reads, run)

@@ -1,0 +1,113 @@
+"""`svdq quantize` across processes with torch.distributed (gloo on the CPU): two ranks give the one-process
+export byte for byte, a dead rank ends the others with one line and the re-run resumes, and ranks that
+disagree stop before any work."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from svdq_cli.run import Run
+
+from .conftest import svdq
+
+LIMIT = 900  # seconds: only a hung run gets near it
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {key: value for key, value in os.environ.items() if key not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    return {**env, "SVDQ_DIST_TIMEOUT": "300", **extra}
+
+
+def torchrun(*args, **env: str) -> subprocess.CompletedProcess:
+    """``torchrun --standalone --nproc-per-node 2 -m svdq_cli ARGS`` (torch.distributed.run is torchrun)."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+               "-m", "svdq_cli", *map(str, args)]
+    return subprocess.run(command, env=_env(**env), capture_output=True, text=True, timeout=LIMIT)
+
+
+def ranks(per_rank: list[list], **env: str) -> list[subprocess.CompletedProcess]:
+    """One process per rank started by hand, as torchrun would, each with its own arguments."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    processes = [subprocess.Popen([sys.executable, "-m", "svdq_cli", *map(str, args)], text=True,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  env=_env(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(len(per_rank)),
+                                           MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), **env))
+                 for rank, args in enumerate(per_rank)]
+    results = []
+    for process in processes:
+        stdout, stderr = process.communicate(timeout=LIMIT)
+        results.append(subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr))
+    return results
+
+
+def artifacts(run: Path) -> dict[str, bytes]:
+    """Every artifact the manifest lists, verified, by path (validate's files are rank 0's alone)."""
+    manifest = Run.existing(run)
+    files = {}
+    for stage in ("collect", "smooth", "svd", "quantize", "export"):
+        assert manifest.broken_artifacts(stage) == []
+        files.update({name: (run / name).read_bytes() for name in manifest.stage(stage)["artifacts"]})
+    return files
+
+
+def test_two_ranks_write_the_one_process_run_byte_for_byte(finished_run, recipe_file, tmp_path):
+    run = tmp_path / "two"
+    done = torchrun("quantize", "tiny-flux", "--recipe", recipe_file, "--out", run, "--json")
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout)  # one JSON document: rank 1 prints nothing on stdout
+    assert summary["stages"]["collect"]["exchanged_bytes"] > 0
+    assert "[rank 1/2]" in done.stderr
+    mine, reference = artifacts(run), artifacts(finished_run)
+    assert sorted(mine) == sorted(reference) and any(name.startswith("export/") for name in mine)
+    for name, data in reference.items():
+        assert mine[name] == data, name
+
+
+def test_a_dead_rank_ends_the_others_with_one_line_and_the_rerun_resumes(finished_run, recipe_file, tmp_path):
+    run = tmp_path / "killed"
+    args = ["quantize", "tiny-flux", "--recipe", recipe_file, "--out", run]
+    leader, killed = ranks([args, args], SVDQ_FAULT_AFTER="quantize:1", SVDQ_FAULT_RANK="1")
+    assert killed.returncode == -9
+    assert leader.returncode == 1, leader.stderr
+    errors = [line for line in leader.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and "another rank died" in errors[0] and "re-run" in errors[0], leader.stderr
+    assert "Traceback" not in leader.stderr
+    again = torchrun(*args, "--json")
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout)["stages"]["quantize"]["status"] == "resumed"
+    export = next((finished_run / "export").glob("*.safetensors"))
+    assert (run / "export" / export.name).read_bytes() == export.read_bytes()
+
+
+@pytest.mark.parametrize(("extra", "says"), [
+    (["--num-prompts", "3"], "rank 1's config, library versions or view of the run differs from rank 0's"),
+    (["--out", "elsewhere"], "the run directory must be on a filesystem every rank shares"),
+])
+def test_ranks_that_disagree_stop_before_any_work(recipe_file, tmp_path, extra, says):
+    run = tmp_path / "run"
+    args = ["quantize", "tiny-flux", "--recipe", recipe_file, "--out", run]
+    other = [*args, *extra]
+    if "--out" in extra:
+        other[other.index("elsewhere")] = tmp_path / "elsewhere"
+    results = ranks([args, other])
+    for result in results:
+        assert result.returncode == 2, result.stderr
+        assert says in result.stderr.splitlines()[-1] and "Traceback" not in result.stderr
+    assert not (run / "collect").exists()
+
+
+def test_only_quantize_runs_on_several_ranks(finished_run, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    code, _, stderr = svdq("status", finished_run)
+    assert code == 2 and "only `svdq quantize`" in stderr
+    code, _, stderr = svdq("quantize", "tiny-flux", "--device", "cuda:1")
+    assert code == 2 and "each rank takes its own GPU" in stderr
