@@ -61,7 +61,8 @@ def run_measured(command: list[str], env: dict[str, str]) -> dict[str, object]:
             if name in STAGES:
                 stage[0] = name
 
-    readers = [threading.Thread(target=follow_stderr), threading.Thread(target=lambda: output.append(child.stdout.read()))]
+    readers = [threading.Thread(target=follow_stderr),
+               threading.Thread(target=lambda: output.append(child.stdout.read()))]
     for reader in readers:
         reader.start()
     while child.poll() is None:

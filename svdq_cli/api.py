@@ -254,17 +254,20 @@ def collect_statistics(
     return Calibration(collector.stats, members)
 
 
+SUMS, SAMPLES = "the exchange of calibration sums", "the exchange of calibration samples"  # World.sent's keys
+
+
 def _merge_round(collector: _Collector, world: World, units: int) -> None:
     """Add one round's sums (one unit per rank, ``units`` of them) to the totals, in unit order, on every rank."""
     for stats in collector.stats.values():
-        for sums in world.exchange(stats.finish_unit(), "the calibration exchange")[:units]:
+        for sums in world.exchange(stats.finish_unit(), SUMS)[:units]:
             stats.add_sums(sums)
 
 
 def _merge_samples(collector: _Collector, world: World) -> None:
     """Give every rank every rank's extremes, counts and row samples (order-free merges: once, at the end)."""
     for stats in collector.stats.values():
-        for rank, state in enumerate(world.exchange(stats.sample_state(), "the calibration exchange")):
+        for rank, state in enumerate(world.exchange(stats.sample_state(), SAMPLES)):
             if rank != world.rank:
                 stats.merge_sample(state)
 

@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import os
 import pickle
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 
 from .errors import BadInputError, SvdqError
@@ -42,7 +43,7 @@ class World:
     rank: int = 0
     size: int = 1
     local_rank: int = 0
-    sent_bytes: int = 0  # what this rank has contributed to exchanges (pickled bytes)
+    sent: Counter = field(default_factory=Counter)  # pickled bytes this rank contributed, by exchange
 
     @property
     def leader(self) -> bool:
@@ -69,7 +70,7 @@ class World:
         import torch.distributed as dist
 
         payload = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
-        self.sent_bytes += len(payload)
+        self.sent[what] += len(payload)
         received: list = [None] * self.size
         self._collective(what, lambda: dist.all_gather_object(received, payload))
         return [pickle.loads(item) for item in received]

@@ -344,16 +344,25 @@ def opened(path: Path, world: World):
     try:
         world.agree(error, "opening the run directory")
         token = world.exchange(token, "opening the run directory")[0]
-        if not world.leader:
-            try:
-                seen = (Path(path) / WORLD_TOKEN).read_text()
-            except OSError:
-                seen = None
-            if seen != token:
-                error = (f"sees no run directory {path} of rank 0's: the run directory must be on a filesystem "
-                         "every rank shares")
+        if not world.leader and _read_token(Path(path) / WORLD_TOKEN, token) != token:
+            error = (f"sees no run directory {path} of rank 0's: the run directory must be on a filesystem "
+                     "every rank shares")
         world.agree(error, "opening the run directory")
         yield leader if world.leader else FollowerRun(path)
     finally:
         if leader is not None:
             leader.__exit__(None, None, None)
+
+
+def _read_token(path: Path, expected: str, wait: float = 5.0) -> str | None:
+    """The token in ``path``, polled for up to ``wait`` seconds until it is ``expected`` (a network filesystem
+    may show another machine's new file late); None when there is none."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            seen = path.read_text()
+        except OSError:
+            seen = None
+        if seen == expected or time.monotonic() > deadline:
+            return seen
+        time.sleep(0.5)

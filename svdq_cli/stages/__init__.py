@@ -24,7 +24,7 @@ from torch import nn
 from ..cache import Cache
 from ..device import resolve_device
 from ..distributed import World
-from ..errors import BadInputError
+from ..errors import BadInputError, SvdqError
 from ..models import Adapter, get_adapter
 from ..models.streaming import release_free_memory
 from ..progress import say, task, warn
@@ -423,10 +423,32 @@ def run_stages(run: Run, config: RunConfig, until: str | None = None, redo: str 
         seconds = time.perf_counter() - start
         if world.leader:
             if shared:
-                run.adopt(name)  # the other ranks' blocks
+                _adopt_blocks(run, name, len(workspace.blocks))
             run.finish_stage(name, seconds, **extra)
         summary[name] = {"status": "resumed" if done_before else "done", "seconds": round(seconds, 3), **extra}
     return {name: summary[name] for name in hashes if name in summary}
+
+
+ADOPT_WAIT = 30.0  # seconds: a network filesystem may show another machine's new files late
+
+
+def _adopt_blocks(run: Run, stage: str, count: int) -> None:
+    """Record the block artifacts the other ranks wrote (their seal and data verified); every block must be there.
+
+    Raises:
+        SvdqError: a block's artifact still missing after :data:`ADOPT_WAIT` seconds.
+    """
+    deadline = time.monotonic() + ADOPT_WAIT
+    while True:
+        run.adopt(stage)
+        missing = [index for index in range(count) if not run.artifact_ok(stage, block_artifact(stage, index))]
+        if not missing:
+            return
+        if time.monotonic() > deadline:
+            raise SvdqError(f"{stage}: {len(missing)} block artifact(s) written by other ranks are not in {run.path} "
+                            f"(first: {block_artifact(stage, missing[0])}); the run directory must be on a filesystem "
+                            "every rank shares. Re-run the same command to resume")
+        time.sleep(1.0)
 
 
 def _stages_to_run(run: Run, config: RunConfig, stages: dict[str, Stage], until: str | None,

@@ -10,8 +10,8 @@ merge their statistics exactly (``distributed.py``); each writes the artifacts o
 
 from __future__ import annotations
 
-from ..api import collect_statistics
-from ..progress import task
+from ..api import SAMPLES, collect_statistics
+from ..progress import say, task
 from ..prompts import prompt_seed
 from . import Stage, block_artifact, json_meta
 
@@ -61,8 +61,11 @@ def run(run, workspace) -> dict:
             members[owner] = group
             tensors.update({f"{owner}.{key}": value for key, value in result.stats[owner].state().items()})
         run.write("collect", block_artifact("collect", index), tensors, json_meta({"members": members}))
-    if world.size > 1:
-        summary["exchanged_bytes"] = sum(world.exchange(world.sent_bytes, "the exchange tally"))
+    if world.size > 1:  # bytes every rank contributed: per-prompt sums every round, row samples once
+        sent = world.exchange(dict(world.sent), "the exchange tally")
+        summary["exchanged_bytes"] = sum(sum(tally.values()) for tally in sent)
+        summary["exchanged_sample_bytes"] = sum(tally[SAMPLES] for tally in sent)
+        say(f"collect: the {world.size} ranks exchanged {summary['exchanged_bytes'] / 1e6:.1f} MB of statistics")
     return summary
 
 
