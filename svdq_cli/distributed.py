@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -108,9 +109,15 @@ class World:
         try:
             call()
         except RuntimeError as error:  # gloo and NCCL failures (DistBackendError, timeouts) are RuntimeErrors
-            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             raise LostRankError(f"rank {self.rank}: {what} failed, another rank died or did not answer "
-                                f"({reason[:160]}); re-run the same command to resume") from None
+                                f"({_first_sentence(error)}); re-run the same command to resume") from None
+
+
+def _first_sentence(error: Exception) -> str:
+    """The gist of a backend's error: its first sentence, without the source location gloo puts first."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    text = re.sub(r"^\[[^\]]*\.(cc|cpp|h):\d+\]\s*", "", text)
+    return text.split(". ")[0][:160]
 
 
 def world_size() -> int:

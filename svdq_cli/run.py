@@ -304,13 +304,7 @@ class Run:
 class FollowerRun(Run):
     """A run directory as ranks other than 0 of a distributed run use it: they write their blocks' artifacts
     (sealed, atomically) and keep their checksums in memory; rank 0 holds the lock, writes the manifest and
-    adopts their files (:meth:`Run.adopt`) once they are done."""
-
-    def __enter__(self) -> FollowerRun:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        pass
+    adopts their files (:meth:`Run.adopt`) once they are done. It is never entered: the lock is rank 0's."""
 
     def save(self) -> None:
         pass

@@ -64,7 +64,7 @@ def run(run, workspace) -> dict:
     if world.size > 1:  # bytes every rank contributed: per-prompt sums every round, row samples once
         sent = world.exchange(dict(world.sent), "the exchange tally")
         summary["exchanged_bytes"] = sum(sum(tally.values()) for tally in sent)
-        summary["exchanged_sample_bytes"] = sum(tally[SAMPLES] for tally in sent)
+        summary["exchanged_sample_bytes"] = sum(tally.get(SAMPLES, 0) for tally in sent)
         say(f"collect: the {world.size} ranks exchanged {summary['exchanged_bytes'] / 1e6:.1f} MB of statistics")
     return summary
 

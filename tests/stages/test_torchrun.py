@@ -74,18 +74,23 @@ def test_two_ranks_write_the_one_process_run_byte_for_byte(finished_run, recipe_
         assert mine[name] == data, name
 
 
-def test_a_dead_rank_ends_the_others_with_one_line_and_the_rerun_resumes(finished_run, recipe_file, tmp_path):
+@pytest.mark.parametrize(("killed", "stage"), [(1, "quantize"), (0, "smooth")])
+def test_a_dead_rank_ends_the_others_with_one_line_and_the_rerun_resumes(finished_run, recipe_file, tmp_path,
+                                                                        killed, stage):
+    """Rank 1 dies after its first quantize block, or rank 0 (which also hosts the rendezvous store) after its
+    first smooth block: the survivor says so in one line, and torchrun again resumes to the same export."""
     run = tmp_path / "killed"
     args = ["quantize", "tiny-flux", "--recipe", recipe_file, "--out", run]
-    leader, killed = ranks([args, args], SVDQ_FAULT_AFTER="quantize:1", SVDQ_FAULT_RANK="1")
-    assert killed.returncode == -9
-    assert leader.returncode == 1, leader.stderr
-    errors = [line for line in leader.stderr.splitlines() if line.startswith("Error:")]
-    assert len(errors) == 1 and "another rank died" in errors[0] and "re-run" in errors[0], leader.stderr
-    assert "Traceback" not in leader.stderr
+    results = ranks([args, args], SVDQ_FAULT_AFTER=f"{stage}:1", SVDQ_FAULT_RANK=str(killed))
+    survivor = results[1 - killed]
+    assert results[killed].returncode == -9
+    assert survivor.returncode == 1, survivor.stderr
+    errors = [line for line in survivor.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and "another rank died" in errors[0] and "re-run" in errors[0], survivor.stderr
+    assert "Traceback" not in survivor.stderr
     again = torchrun(*args, "--json")
     assert again.returncode == 0, again.stderr
-    assert json.loads(again.stdout)["stages"]["quantize"]["status"] == "resumed"
+    assert json.loads(again.stdout)["stages"][stage]["status"] == "resumed"
     export = next((finished_run / "export").glob("*.safetensors"))
     assert (run / "export" / export.name).read_bytes() == export.read_bytes()
 
