@@ -169,9 +169,10 @@ def joined(device: str) -> Iterator[World]:
     cuda = resolve_device(device).startswith("cuda")
     if cuda:
         torch.cuda.set_device(local_rank)
-    try:
+    try:  # device_id binds NCCL to this rank's GPU (barriers and object collectives then use it)
         dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=size,
-                                timeout=timedelta(seconds=timeout_seconds()))
+                                timeout=timedelta(seconds=timeout_seconds()),
+                                device_id=torch.device("cuda", local_rank) if cuda else None)
     except (RuntimeError, ValueError) as error:
         raise SvdqError(f"rank {rank}: cannot join the torch.distributed group of {size} "
                         f"({str(error).strip().splitlines()[0][:160]})") from None
