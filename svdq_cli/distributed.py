@@ -10,7 +10,10 @@ CPUs. The work is divided so that the result does not depend on N:
   same bits one process computes (``quant/calibration.py`` explains why the order is fixed);
 - smooth, svd, quantize: block i on rank i mod N, each rank writing its blocks' artifacts through the same
   atomic, sealed path as one process (the run directory must be on a filesystem every rank sees);
-- validate and export: rank 0 alone, after the others have finished; rank 0 alone writes the manifest.
+- validate: validation prompt i is generated on rank i mod N (the 16-bit reference, the quantized model and
+  each baseline), and rank 0 gathers the images, measures and writes the report (a validation through the
+  emulated kernels runs on rank 0 alone);
+- export: rank 0 alone, which also alone writes the manifest.
 
 Nothing waits forever: a collective that waits longer than ``SVDQ_DIST_TIMEOUT`` seconds (default 1800), or a
 rank that dies, ends every rank with a one-line error, and running the same command again resumes.

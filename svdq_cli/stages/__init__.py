@@ -210,9 +210,13 @@ class Workspace:
         if "collect" in todo:
             prompts, mine = self.calibration_prompts()
             self.encodings([prompts[index] for index in mine], self.config.calibration)
-        if "validate" in todo and self.world.leader:
+        if "validate" in todo:
             section = self.config.validation
-            self.encodings(load_prompts(section.prompts, section.num_prompts), section)
+            prompts = load_prompts(section.prompts, section.num_prompts)
+            if not leader_only("validate", self.config):
+                self.encodings([p for index, p in enumerate(prompts) if self.world.owns(index)], section)
+            elif self.world.leader:
+                self.encodings(prompts, section)
         self.__dict__.pop("_text_pipeline", None)
 
     def generate(self, prompts: list[str], seeds: list[int], section, output_type: str = "pt",
@@ -368,7 +372,13 @@ def check_same_model(run: Run, config: RunConfig) -> None:
                             f"{config.model}; choose another --out")
 
 
-LEADER_ONLY = ("validate", "export")  # they read every block's artifacts: rank 0 alone runs them
+BLOCK_STAGES = ("collect", "smooth", "svd", "quantize")  # one artifact per block, written by the block's rank
+
+
+def leader_only(stage: str, config: RunConfig) -> bool:
+    """Whether rank 0 alone runs ``stage`` under torchrun: the export, and a validation through the emulated
+    kernels (a CPU check whose per-layer figures would otherwise be sums over ranks)."""
+    return stage == "export" or (stage == "validate" and config.validation.runtime == "emulated")
 
 
 def run_stages(run: Run, config: RunConfig, until: str | None = None, redo: str | None = None,
@@ -393,7 +403,7 @@ def run_stages(run: Run, config: RunConfig, until: str | None = None, redo: str 
     hashes, todo = _stages_to_run(run, config, stages, until, redo)
     world.check_same({"config": config.to_dict(), "versions": library_versions(), "hashes": hashes, "todo": todo},
                      "config, library versions or view of the run")
-    mine = [name for name in todo if world.leader or name not in LEADER_ONLY]
+    mine = [name for name in todo if world.leader or not leader_only(name, config)]
     error = None
     try:
         if mine:
@@ -411,7 +421,7 @@ def run_stages(run: Run, config: RunConfig, until: str | None = None, redo: str 
     for name in mine:
         start = time.perf_counter()
         done_before = _begin_stage(run, stages[name], hashes[name], redo) if world.leader else 0
-        shared = world.size > 1 and name not in LEADER_ONLY
+        shared = world.size > 1 and not leader_only(name, config)
         if shared:  # followers see rank 0's manifest: which blocks are done, the stage's seal
             world.barrier(f"the start of {name}")
             if not world.leader:
@@ -422,7 +432,7 @@ def run_stages(run: Run, config: RunConfig, until: str | None = None, redo: str 
             world.barrier(f"the end of {name}")
         seconds = time.perf_counter() - start
         if world.leader:
-            if shared:
+            if shared and name in BLOCK_STAGES:
                 _adopt_blocks(run, name, len(workspace.blocks))
             run.finish_stage(name, seconds, **extra)
         summary[name] = {"status": "resumed" if done_before else "done", "seconds": round(seconds, 3), **extra}

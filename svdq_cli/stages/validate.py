@@ -18,12 +18,13 @@ import torch
 from torch import nn
 
 from ..api import input_gram, plan_group, quantize_layer
+from ..distributed import World
 from ..progress import warn
 from ..prompts import load_prompts, prompt_seed
 from ..quant.config import QuantConfig
 from ..runtime.kernels import describe
 from ..threads import single_threaded
-from . import Stage, block_artifact, library_versions
+from . import Stage, block_artifact, leader_only, library_versions
 from .quantize import load_block_layers
 from .report_images import comparison_png, layers_png
 from .smooth import group_stats
@@ -45,9 +46,13 @@ def quantized_block(run, index: int) -> dict[str, nn.Module]:
 
 
 def layer_reports(run, workspace) -> list[dict]:
-    """Every quantized layer's report, from the quantize artifacts' metadata (their tensors are not loaded)."""
-    return [json.loads(text)["report"] for index in range(len(workspace.blocks))
-            for text in run.read_metadata("quantize", block_artifact("quantize", index)).values()]
+    """Every quantized layer's report in the model's order, from the quantize artifacts' metadata (their
+    tensors are not loaded; the metadata's own order is a hash map's, different in every process)."""
+    reports = []
+    for index, (_, groups) in enumerate(workspace.blocks):
+        metadata = run.read_metadata("quantize", block_artifact("quantize", index))
+        reports += [json.loads(metadata[name])["report"] for group in groups for name in group]
+    return reports
 
 
 def baseline_config(config: QuantConfig, method: str) -> QuantConfig:
@@ -92,16 +97,25 @@ def decoded_latents(pipeline):
         del pipeline.vae.decode  # back to the class's method
 
 
-def generate(workspace, prompts: list[str], seeds: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Images ``[P, 3, H, W]`` in [0, 1] and final latents, one prompt at a time (bounded memory)."""
+def generate(workspace, prompts: list[str], seeds: list[int], world: World) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images ``[P, 3, H, W]`` in [0, 1] and final latents, one prompt at a time (bounded memory). In a
+    ``world`` of several ranks each generates its share (prompt i on rank i mod N) and all get every prompt's,
+    in prompt order: the same tensors one process makes, since each prompt is generated the same way."""
+    mine = [index for index in range(len(prompts)) if world.owns(index)]
     with decoded_latents(workspace.pipeline) as latents:
-        images = workspace.generate(prompts, seeds, workspace.config.validation, progress="validate")
-    return torch.cat([image.float().cpu() for image in images]), torch.cat(latents)
+        images = workspace.generate([prompts[i] for i in mine], [seeds[i] for i in mine],
+                                    workspace.config.validation, progress="validate")
+    pieces = zip(mine, (image.float().cpu() for image in images), latents, strict=True)
+    gathered = sorted(piece for share in world.exchange(list(pieces), "the exchange of validation images")
+                      for piece in share)  # (prompt index, image, latent): indices are unique
+    return torch.cat([image for _, image, _ in gathered]), torch.cat([latent for _, _, latent in gathered])
 
 
-def reference(workspace, prompts: list[str], seeds: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+def reference(workspace, prompts: list[str], seeds: list[int],
+              world: World) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """The 16-bit model's images and latents, from the run's cache when this validation setting was generated
-    before (re-validating then runs only the quantized side)."""
+    before (re-validating then runs only the quantized side). Rank 0's cache decides for every rank; on a cache
+    hit the other ranks get None (rank 0 alone computes the metrics)."""
     from .. import __version__
 
     steps, guidance, resolution = workspace.settings(workspace.config.validation)
@@ -109,12 +123,13 @@ def reference(workspace, prompts: list[str], seeds: list[int]) -> tuple[torch.Te
               "prompts": prompts, "seeds": seeds, "steps": steps, "guidance": guidance, "resolution": resolution,
               "extra": workspace.adapter.protocol.extra, "versions": {**library_versions(), "svdq": __version__}}
 
-    def compute():
-        images, latents = generate(workspace, prompts, seeds)
-        return {"images": images, "latents": latents}, {}
-
-    tensors, _ = workspace.cache.get_or_compute("reference", fields, compute)
-    return tensors["images"], tensors["latents"]
+    found = workspace.cache.get("reference", fields) if world.leader else None
+    if world.exchange(found is not None, "the reference cache check")[0]:
+        return (found[0]["images"], found[0]["latents"]) if found else (None, None)
+    images, latents = generate(workspace, prompts, seeds, world)
+    if world.leader:
+        workspace.cache.put("reference", fields, {"images": images, "latents": latents})
+    return images, latents
 
 
 def metrics(images: torch.Tensor, latents: torch.Tensor, reference_images: torch.Tensor,
@@ -181,14 +196,14 @@ def through_emulated_kernels(run, workspace, prompts: list[str], seeds: list[int
 
     backend = EmulatedBackend()
     with workspace.with_layers(compared_block), emulated(backend) as tally:
-        images, latents = generate(workspace, prompts, seeds)
+        images, latents = generate(workspace, prompts, seeds, World())
     fused, fallbacks = tally.pop("fused", 0), dict(tally)
     if not fused:
         warn(f"no layer ran on the emulated kernels ({'; '.join(fallbacks) or 'no quantized layer was called'})")
     snr = {name: 10 * math.log10(signal / noise) if noise else math.inf for name, (signal, noise) in energy.items()}
     worst = min(snr, key=snr.get) if snr else None
     with workspace.with_layers(lambda index: quantized_block(run, index)):
-        reference_images, reference_latents = generate(workspace, prompts, seeds)
+        reference_images, reference_latents = generate(workspace, prompts, seeds, World())
     agreement = metrics(images, latents, reference_images, reference_latents)
     runtime = (f"fused kernels on the CPU emulator ({backend.device.name}): {fused} layer calls fused, "
                f"{sum(fallbacks.values())} on the reference path")
@@ -221,26 +236,29 @@ def failed_gates(report: dict) -> str:
 
 
 def run(run, workspace) -> dict:
+    """Generate, then (rank 0) measure, report and check the gates. Under torchrun the ranks share the
+    generations; an emulated-kernels validation runs on rank 0 alone (see ``leader_only``)."""
     config = workspace.config
     validation = config.validation
+    world = World() if leader_only("validate", config) else workspace.world
     prompts = load_prompts(validation.prompts, validation.num_prompts)
     seeds = [prompt_seed(p, validation.seed) for p in prompts]
-    reference_images, reference_latents = reference(workspace, prompts, seeds)
+    reference_images, reference_latents = reference(workspace, prompts, seeds, world)
     if validation.runtime == "emulated":
         images, latents, runtime, kernels_check = through_emulated_kernels(run, workspace, prompts, seeds)
     else:
         with workspace.with_layers(lambda index: quantized_block(run, index)):
-            images, latents = generate(workspace, prompts, seeds)
+            images, latents = generate(workspace, prompts, seeds, world)
         runtime, kernels_check = describe(workspace.device), None
-    methods = {"svdquant" if config.quant.method == "svdquant" else config.quant.method:
-               metrics(images, latents, reference_images, reference_latents)}
-    baseline_images = {}
+    outputs = {"svdquant" if config.quant.method == "svdquant" else config.quant.method: (images, latents)}
     for baseline in validation.baselines:
         method_config = baseline_config(config.quant, baseline)
         with workspace.with_layers(lambda index, c=method_config: baseline_block(run, workspace, c, index)):
-            b_images, b_latents = generate(workspace, prompts, seeds)
-        methods[baseline] = metrics(b_images, b_latents, reference_images, reference_latents)
-        baseline_images[baseline] = b_images
+            outputs[baseline] = generate(workspace, prompts, seeds, world)
+    if not world.leader:
+        return {}
+    methods = {name: metrics(*output, reference_images, reference_latents) for name, output in outputs.items()}
+    baseline_images = {name: outputs[name][0] for name in validation.baselines}
     reports = layer_reports(run, workspace)
     main = next(iter(methods.values()))
     gates = check_gates(validation, main)

@@ -1,6 +1,6 @@
 """`svdq quantize` across processes with torch.distributed (gloo on the CPU): two ranks give the one-process
-export byte for byte, a dead rank ends the others with one line and the re-run resumes, and ranks that
-disagree stop before any work."""
+artifacts, validation report and export byte for byte, a dead rank ends the others with one line and the
+re-run resumes, and ranks that disagree stop before any work."""
 
 from __future__ import annotations
 
@@ -52,24 +52,30 @@ def ranks(per_rank: list[list], **env: str) -> list[subprocess.CompletedProcess]
 
 
 def artifacts(run: Path) -> dict[str, bytes]:
-    """Every artifact the manifest lists, verified, by path (validate's files are rank 0's alone)."""
+    """Every artifact the manifest lists, verified, by path."""
     manifest = Run.existing(run)
     files = {}
-    for stage in ("collect", "smooth", "svd", "quantize", "export"):
+    for stage in ("collect", "smooth", "svd", "quantize", "validate", "export"):
         assert manifest.broken_artifacts(stage) == []
         files.update({name: (run / name).read_bytes() for name in manifest.stage(stage)["artifacts"]})
     return files
 
 
-def test_two_ranks_write_the_one_process_run_byte_for_byte(finished_run, recipe_file, tmp_path):
+def test_two_ranks_write_the_one_process_run_byte_for_byte(run_copy, recipe_file, tmp_path):
+    """Every artifact — collect to quantize, the validation report and images, the export — of a 2-rank run
+    equals one process's. Two validation prompts, so that both ranks generate."""
+    code, _, stderr = svdq("quantize", "tiny-flux", "--recipe", recipe_file, "--out", run_copy, "--val-prompts", 2)
+    assert code == 0, stderr
     run = tmp_path / "two"
-    done = torchrun("quantize", "tiny-flux", "--recipe", recipe_file, "--out", run, "--json")
+    done = torchrun("quantize", "tiny-flux", "--recipe", recipe_file, "--out", run, "--val-prompts", 2, "--json")
     assert done.returncode == 0, done.stderr
     summary = json.loads(done.stdout)  # one JSON document: rank 1 prints nothing on stdout
     assert summary["stages"]["collect"]["exchanged_bytes"] > 0
-    assert "[rank 1/2]" in done.stderr
-    mine, reference = artifacts(run), artifacts(finished_run)
-    assert sorted(mine) == sorted(reference) and any(name.startswith("export/") for name in mine)
+    assert "[rank 1/2] validate: 1/1" in done.stderr  # the ranks shared the validation prompts
+    mine, reference = artifacts(run), artifacts(run_copy)
+    assert sorted(mine) == sorted(reference)
+    assert {"validate/report.json", "validate/comparison.png"} <= set(mine)
+    assert any(name.startswith("export/") for name in mine)
     for name, data in reference.items():
         assert mine[name] == data, name
 
