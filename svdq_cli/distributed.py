@@ -51,7 +51,7 @@ class World:
 
     @property
     def leader(self) -> bool:
-        """Rank 0: writes the manifest, validates and exports."""
+        """Rank 0: holds the lock, writes the manifest and the report, exports."""
         return self.rank == 0
 
     def owns(self, index: int) -> bool:
