@@ -136,12 +136,23 @@ _DTYPE_NAMES = {
     torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
 }
 
+_TORCH_DTYPES = {name: dtype for dtype, name in _DTYPE_NAMES.items()}
+
 Layout = dict[str, tuple[torch.dtype, tuple[int, ...]]]
 
 
 def layout_of(tensors: dict[str, torch.Tensor]) -> Layout:
     """Name → (dtype, shape) of each tensor, in the dict's order."""
     return {name: (t.dtype, tuple(t.shape)) for name, t in tensors.items()}
+
+
+def file_layout(path: Path) -> Layout:
+    """Name → (dtype, shape) of each tensor of a safetensors file, from its header alone."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as handle:
+        return {name: (_TORCH_DTYPES[piece.get_dtype()], tuple(piece.get_shape()))
+                for name in handle.keys() for piece in (handle.get_slice(name),)}
 
 
 def safetensors_header(layout: Layout, metadata: dict[str, str] | None = None) -> bytes:
@@ -274,4 +285,5 @@ def load_metadata(path: Path) -> dict[str, str]:
 
     with safe_open(str(path), "pt") as handle:
         metadata = handle.metadata() or {}
-    return {key: value for key, value in metadata.items() if key not in (SEAL, DATA_SHA256)}
+    # sorted, as in the file: safetensors hands the metadata over in a hash map's order, new in every process
+    return {key: metadata[key] for key in sorted(metadata) if key not in (SEAL, DATA_SHA256)}

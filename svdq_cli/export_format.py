@@ -9,12 +9,14 @@ family), ``recipe``, ``svdq_version``, ``validate`` (summary) and ``layers`` (pe
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
+from .artifacts import file_layout
 from .errors import BadInputError
 
 # 2: layers record how their activations are quantized (``act_range``: full-range scales from QuantConfig
@@ -90,17 +92,9 @@ def read_metadata(path: Path) -> dict[str, object]:
 
 def layer_inventory(path: Path, layers: dict[str, dict[str, str]]) -> tuple[list[dict[str, object]], int]:
     """Per quantized layer: shapes, rank, activation mode and stored bytes; plus the bytes of everything else."""
-    sizes: dict[str, int] = {}
-    shapes: dict[str, list[int]] = {}
-    with safe_open(str(path), "pt") as handle:
-        for key in handle.keys():
-            tensor_slice = handle.get_slice(key)
-            shape = tensor_slice.get_shape()
-            count = 1
-            for dim in shape:
-                count *= dim
-            sizes[key] = count * _ELEMENT_BYTES[tensor_slice.get_dtype()]
-            shapes[key] = shape
+    layout = file_layout(path)
+    sizes = {key: math.prod(shape) * dtype.itemsize for key, (dtype, shape) in layout.items()}
+    shapes = {key: shape for key, (_, shape) in layout.items()}
     inventory = []
     for name, facts in sorted(layers.items()):
         own = [key for key in sizes if key.startswith(f"{name}.")]
@@ -109,10 +103,6 @@ def layer_inventory(path: Path, layers: dict[str, dict[str, str]]) -> tuple[list
                           "act": facts["act"], "bytes": sum(sizes[key] for key in own)})
     quantized = {key for entry in inventory for key in sizes if key.startswith(f"{entry['name']}.")}
     return inventory, sum(size for key, size in sizes.items() if key not in quantized)
-
-
-_ELEMENT_BYTES = {"F64": 8, "F32": 4, "I64": 8, "I32": 4, "F16": 2, "BF16": 2, "I16": 2, "U8": 1, "I8": 1,
-                  "F8_E4M3": 1, "F8_E5M2": 1, "BOOL": 1}
 
 
 def layer_state(tensors: dict[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:

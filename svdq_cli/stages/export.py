@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import json
 
-import torch
-
 from .. import __version__
-from ..artifacts import DATA_SHA256, SEAL, CorruptArtifactError
+from ..artifacts import CorruptArtifactError, file_layout
 from ..export_format import FORMAT_VERSION, export_name
 from . import Stage, block_artifact
 
@@ -52,7 +50,8 @@ def run(run, workspace) -> dict:
             out.write(key, state[key].detach())
         for index, names in enumerate(block_names):
             tensors, _ = run.read("quantize", block_artifact("quantize", index))
-            tensors.update({n: t for n, t in workspace.block_state(index).items() if n in set(names)})
+            wanted = set(names)
+            tensors.update({n: t for n, t in workspace.block_state(index).items() if n in wanted})
             for key in sorted(tensors):
                 out.write(key, tensors[key])
     return {"file": f"export/{name}", "bytes": (run.path / "export" / name).stat().st_size}
@@ -65,21 +64,9 @@ def _owner(tensor_name: str) -> str:
 def quantized_tensors_layout(run, index: int) -> tuple[dict, dict[str, dict]]:
     """The (dtype, shape) of every tensor of block ``index``'s quantize artifact, and its layers' format
     facts, from the file's header alone."""
-    from safetensors import safe_open
-
-    with safe_open(str(run.path / block_artifact("quantize", index)), "pt") as handle:
-        layout = {}
-        for key in handle.keys():
-            piece = handle.get_slice(key)
-            layout[key] = (_TORCH_DTYPES[piece.get_dtype()], tuple(piece.get_shape()))
-        metadata = handle.metadata()
-    layers = {name: json.loads(text)["layer"] for name, text in metadata.items() if name not in (SEAL, DATA_SHA256)}
-    return layout, layers
-
-
-_TORCH_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                 "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-                 "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+    relative = block_artifact("quantize", index)
+    layers = {name: json.loads(text)["layer"] for name, text in run.read_metadata("quantize", relative).items()}
+    return file_layout(run.path / relative), layers
 
 
 def export_metadata(run, config, transformer, layers: dict[str, dict]) -> dict[str, str]:
