@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -44,11 +43,3 @@ class Cache:
     def put(self, kind: str, fields: dict, tensors: Tensors, metadata: dict[str, str] | None = None) -> None:
         key = cache_key(fields)
         atomic_write_bytes(self._path(kind, key), safetensors_bytes(tensors, metadata, seal=f"{kind}:{key}"))
-
-    def get_or_compute(self, kind: str, fields: dict,
-                       compute: Callable[[], tuple[Tensors, dict[str, str]]]) -> tuple[Tensors, dict[str, str]]:
-        found = self.get(kind, fields)
-        if found is None:
-            found = compute()
-            self.put(kind, fields, *found)
-        return found

@@ -26,6 +26,7 @@ from .artifacts import (
     load_metadata,
     load_tensors,
     sealed_sha256,
+    sha256_bytes,
     sha256_file,
     write_tensors,
 )
@@ -65,8 +66,7 @@ class Run:
         self.manifest: dict = {"format": MANIFEST_FORMAT, "stages": {}}
         self.corrupt: str | None = None  # why the manifest on disk cannot be used, if it cannot
         self._digests: dict[str, tuple[tuple[int, int, int], str]] = {}  # relative → (file identity, sha256)
-        if (self.path / MANIFEST).exists():
-            self.manifest, self.corrupt = self._read_manifest()
+        self.reload()
 
     @classmethod
     def existing(cls, path: Path) -> Run:
@@ -163,7 +163,7 @@ class Run:
         atomic_write_json(self.path / MANIFEST, self.manifest)
 
     def reload(self) -> None:
-        """Read the manifest again (a follower, after rank 0 has updated it)."""
+        """Read the manifest from disk, when there is one (again: a follower, after rank 0 has updated it)."""
         if (self.path / MANIFEST).exists():
             self.manifest, self.corrupt = self._read_manifest()
 
@@ -260,8 +260,6 @@ class Run:
         self._record(stage, relative, digest)
 
     def write_file(self, stage: str, relative: str, data: bytes) -> None:
-        from .artifacts import sha256_bytes
-
         atomic_write_bytes(self.path / relative, data)
         self._record(stage, relative, sha256_bytes(data))
 
