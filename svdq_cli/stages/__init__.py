@@ -195,6 +195,11 @@ class Workspace:
         say(f"encoding prompts with {self.config.model}'s text encoders")
         return load_pipeline(self.config.model, self.adapter, self.dtype, self.device, without=("transformer",))
 
+    def stage_world(self, stage: str) -> World:
+        """The ranks that share ``stage``: the run's world, or a one-rank world for a stage rank 0 runs alone
+        (:func:`leader_only`; the other ranks skip it)."""
+        return World() if leader_only(stage, self.config) else self.world
+
     def calibration_prompts(self) -> tuple[list[str], list[int]]:
         """The calibration prompts, and the indices of those this rank runs (all of them in one process)."""
         from ..prompts import load_prompts
@@ -211,12 +216,9 @@ class Workspace:
             prompts, mine = self.calibration_prompts()
             self.encodings([prompts[index] for index in mine], self.config.calibration)
         if "validate" in todo:
-            section = self.config.validation
+            section, world = self.config.validation, self.stage_world("validate")
             prompts = load_prompts(section.prompts, section.num_prompts)
-            if not leader_only("validate", self.config):
-                self.encodings([p for index, p in enumerate(prompts) if self.world.owns(index)], section)
-            elif self.world.leader:
-                self.encodings(prompts, section)
+            self.encodings([p for index, p in enumerate(prompts) if world.owns(index)], section)
         self.__dict__.pop("_text_pipeline", None)
 
     def generate(self, prompts: list[str], seeds: list[int], section, output_type: str = "pt",
@@ -389,7 +391,8 @@ def run_stages(run: Run, config: RunConfig, until: str | None = None, redo: str 
     run directory, and — once the model is loaded — the layers against the rank and group size and the
     resolutions against the model's patch size. In a distributed ``world`` every rank runs this with its own
     share of collect and of the per-block stages (``distributed.py``), after checking that all ranks agree on
-    the config and on what is left to do; rank 0 alone updates the manifest, validates and exports.
+    the config and on what is left to do; rank 0 alone updates the manifest, measures the validation and
+    exports.
 
     Raises:
         BadInputError: unknown stage names, another model's run, ranks that disagree; and whatever the stages
@@ -421,7 +424,7 @@ def run_stages(run: Run, config: RunConfig, until: str | None = None, redo: str 
     for name in mine:
         start = time.perf_counter()
         done_before = _begin_stage(run, stages[name], hashes[name], redo) if world.leader else 0
-        shared = world.size > 1 and not leader_only(name, config)
+        shared = workspace.stage_world(name).size > 1
         if shared:  # followers see rank 0's manifest: which blocks are done, the stage's seal
             world.barrier(f"the start of {name}")
             if not world.leader:

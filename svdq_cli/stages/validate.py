@@ -24,7 +24,7 @@ from ..prompts import load_prompts, prompt_seed
 from ..quant.config import QuantConfig
 from ..runtime.kernels import describe
 from ..threads import single_threaded
-from . import Stage, block_artifact, leader_only, library_versions
+from . import Stage, block_artifact, library_versions
 from .quantize import load_block_layers
 from .report_images import comparison_png, layers_png
 from .smooth import group_stats
@@ -237,10 +237,10 @@ def failed_gates(report: dict) -> str:
 
 def run(run, workspace) -> dict:
     """Generate, then (rank 0) measure, report and check the gates. Under torchrun the ranks share the
-    generations; an emulated-kernels validation runs on rank 0 alone (see ``leader_only``)."""
+    generations; an emulated-kernels validation runs on rank 0 alone (``Workspace.stage_world``)."""
     config = workspace.config
     validation = config.validation
-    world = World() if leader_only("validate", config) else workspace.world
+    world = workspace.stage_world("validate")
     prompts = load_prompts(validation.prompts, validation.num_prompts)
     seeds = [prompt_seed(p, validation.seed) for p in prompts]
     reference_images, reference_latents = reference(workspace, prompts, seeds, world)
