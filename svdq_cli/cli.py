@@ -654,6 +654,16 @@ def _fail(message: str, code: int) -> None:
 
 def main() -> None:
     """Console entry point: every failure is one line on stderr and a documented exit code (DESIGN.md §5)."""
+    from .distributed import leave
+
+    try:
+        _main()
+    except SystemExit as done:
+        leave(done.code)
+        raise
+
+
+def _main() -> None:
     args = sys.argv[1:]
     _state["debug"] = "--debug" in args  # accepted before or after the command
     args = [arg for arg in args if arg != "--debug"]

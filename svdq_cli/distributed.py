@@ -24,6 +24,7 @@ from __future__ import annotations
 import os
 import pickle
 import re
+import sys
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -123,6 +124,21 @@ def _first_sentence(error: Exception) -> str:
     return text.split(". ")[0][:160]
 
 
+_joined = [False]  # whether this process ever joined a process group (see leave)
+
+
+def leave(code: object) -> None:
+    """End this process now, its output flushed, if it ever joined a process group; else return. At
+    interpreter exit torch.distributed's C++ teardown can abort ("terminate called without an active
+    exception", about 1 exit in 12 measured) when the process that hosted the rendezvous store — rank 0, when
+    ranks are started without torchrun's agent — has gone."""
+    if not _joined[0]:
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code if isinstance(code, int) else 0 if code is None else 1)
+
+
 def world_size() -> int:
     """The number of processes torchrun started for this run (1 without torchrun)."""
     value = os.environ.get("WORLD_SIZE", "1")
@@ -179,6 +195,7 @@ def joined(device: str) -> Iterator[World]:
     except (RuntimeError, ValueError) as error:
         raise SvdqError(f"rank {rank}: cannot join the torch.distributed group of {size} "
                         f"({str(error).strip().splitlines()[0][:160]})") from None
+    _joined[0] = True
     try:
         yield World(rank, size, local_rank)
     finally:
