@@ -101,8 +101,9 @@ def select_targets(
         if _matches(name, skip):
             skipped[name] = "skipped by request"
             continue
-        if module.in_features % config.group_size:
-            reason = f"in_features {module.in_features} is not divisible by the group size {config.group_size}"
+        divisor, what = (config.vq_dim, "vector dimension") if config.is_vector else (config.group_size, "group size")
+        if module.in_features % divisor:
+            reason = f"in_features {module.in_features} is not divisible by the {what} {divisor}"
             if targets is not None:
                 raise BadInputError(f"layer {name}: {reason}")
             skipped[name] = reason
@@ -119,7 +120,7 @@ def select_targets(
         if missing:
             raise BadInputError(f"no nn.Linear matches target(s) {', '.join(missing)}")
     if not chosen:
-        raise BadInputError("no linear layer to quantize (check targets, skip and the group size)")
+        raise BadInputError("no linear layer to quantize (check targets, skip and the group size or vector dimension)")
     return chosen, skipped
 
 
@@ -437,6 +438,9 @@ def quantize_model(
             raise BadInputError(f"layer {name}: weight holds NaN or Inf")
     calibration = collect_statistics(model, layers, calibrate, config, groups)
     report = QuantReport(config=config, skipped=skipped)
+    if config.is_vector:
+        _quantize_vector(model, layers, calibration, config, report, progress)
+        return report
 
     def quantize_group(owner: str) -> list[tuple[str, SVDQLinear, LayerReport]]:
         names, stats = calibration.members[owner], calibration.stats[owner]
@@ -463,6 +467,28 @@ def quantize_model(
             if progress:
                 progress(name, len(report.layers), len(layers))
     return report
+
+
+def _quantize_vector(model: nn.Module, layers: dict[str, nn.Linear], calibration: Calibration, config: QuantConfig,
+                     report: QuantReport, progress: Progress | None) -> None:
+    """VQ4DiT (or k-means VQ) without blocks: each layer calibrated on its own output error over its input's
+    calibration rows (``vector.quantize_linear``), replaced by a VQLinear."""
+    from .vector import quantize_linear
+
+    owners = {name: owner for owner, names in calibration.members.items() for name in names}
+    order = list(layers)
+
+    def quantize_one(name: str):
+        rows = calibration.stats[owners[name]].sample(config.calib_rows)
+        return quantize_linear(layers[name], rows, config, config.seed + order.index(name))
+
+    for name, result in zip(order, parallel_map(quantize_one, order), strict=True):
+        replace_module(model, name, result.layers[""])
+        fields = {k: v for k, v in result.reports[""].items() if k in LayerReport.__dataclass_fields__}
+        report.layers.append(LayerReport(**{**fields, "name": name, "group": owners[name],
+                                            "seconds": result.seconds}))
+        if progress:
+            progress(name, len(report.layers), len(layers))
 
 
 def _check_calibration(collector: _Collector) -> None:

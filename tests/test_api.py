@@ -149,7 +149,7 @@ def test_bad_inputs_name_the_layer(gen):
 
 
 def test_config_rejects_bad_values():
-    with pytest.raises(ValueError, match="precision='fp3'.*allowed: int4, int8, nvfp4"):
+    with pytest.raises(ValueError, match="precision='fp3'.*allowed: int4, int8, int2, int3, nvfp4"):
         QuantConfig(precision="fp3")
     with pytest.raises(ValueError, match="rank=20"):
         QuantConfig(rank=20)

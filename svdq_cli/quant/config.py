@@ -3,10 +3,12 @@
 Recipe snippet (the recipe's ``quant:`` section maps onto these fields one to one)::
 
     quant:
-      method: svdquant      # svdquant | smoothquant | rtn
-      precision: int4       # int4 | nvfp4 | int8
+      method: svdquant      # svdquant | smoothquant | rtn | vq4dit | kmeans
+      precision: int4       # int4 | nvfp4 | int8 (int2 | int3: weight-only rtn baselines)
       rank: 32
       gptq: false
+
+    quant: {method: vq4dit, bits: 2}   # 2-bit vector quantization, 4-wide sub-vectors, 256 codewords
 """
 
 from __future__ import annotations
@@ -15,7 +17,10 @@ from dataclasses import dataclass, field, fields
 
 from .formats import FORMATS, Format, get_format
 
-METHODS = ("svdquant", "smoothquant", "rtn")
+METHODS = ("svdquant", "smoothquant", "rtn", "vq4dit", "kmeans")
+VQ_METHODS = ("vq4dit", "kmeans")  # vector quantization: codebook + indices, no smoothing, no branch
+VQ_BITS = (2, 3)
+LOW_BIT_PRECISIONS = ("int2", "int3")  # uniform baselines of the VQ methods: weight-only RTN
 SCALE_DTYPES = ("model", "float32")
 SEARCHES = ("local", "exhaustive")
 CONFIG_VERSION = 2
@@ -32,10 +37,23 @@ class QuantConfig:
 
     Attributes:
         method: ``svdquant`` (smoothing + low-rank branch + 4-bit residual), ``smoothquant`` (smoothing
-            only) or ``rtn`` (plain round-to-nearest, no smoothing, no branch).
-        precision: ``int4`` (group 64), ``nvfp4`` (group 16, fp8 scales) or ``int8`` (group 64).
+            only), ``rtn`` (plain round-to-nearest, no smoothing, no branch), ``vq4dit`` (vector quantization
+            with calibrated codebook *and* assignments, ``quant/vq.py``) or ``kmeans`` (the same vectors with
+            k-means assignments kept and the codebook alone calibrated: VQ4DiT's baseline).
+        precision: ``int4`` (group 64), ``nvfp4`` (group 16, fp8 scales) or ``int8`` (group 64); ``int2`` /
+            ``int3`` (group 64) only for weight-only ``rtn``, the uniform baseline of the VQ methods. The VQ
+            methods ignore it.
         weight_only: keep activations in 16 bits (W4A16) instead of quantizing them per token.
-        rank: low-rank branch rank, a multiple of 16; 0 disables it. Only ``svdquant`` uses it.
+        rank: low-rank branch rank, a multiple of 16; 0 disables it. Only ``svdquant`` uses it. Unset: 32,
+            and 0 for the VQ methods, which refuse any other.
+        bits: bits per weight of the VQ methods, 2 or 3 (default 2); unset for the others.
+        vq_dim: sub-vector dimension d of the VQ methods (along K); ``2^(bits·d)`` codewords, at most 2^16.
+        vq_candidates: candidate codewords per sub-vector whose ratios vq4dit calibrates.
+        vq_steps: Adam steps of the calibration per block (or per layer through the API without blocks).
+        vq_lr: Adam learning rate of the codebooks, relative to their RMS (the ratio logits take 10×).
+        vq_ratio_weight: final weight λ_r of the one-hot term; it rises linearly from 0 over the soft phase.
+        vq_calls: block inputs sampled (seeded, over every prompt and step) per block for its calibration.
+        kmeans_iters: Lloyd iterations of the codebook initialisation.
         group_size: elements per scale along K; None takes the precision's (64, or 16 for nvfp4).
         alphas: smoothing migration strengths searched, each with β = 0 and β = 1−α, plus "no smoothing"
             (α = β = 0). Default 0.05 … 0.95 (39 candidates); :meth:`fast` uses 0.25, 0.5, 0.75 (7).
@@ -67,7 +85,7 @@ class QuantConfig:
     method: str = "svdquant"
     precision: str = "int4"
     weight_only: bool = False
-    rank: int = 32
+    rank: int | None = None
     group_size: int | None = None
     alphas: tuple[float, ...] = field(default_factory=lambda: alpha_grid(20))
     gptq: bool = False
@@ -83,6 +101,14 @@ class QuantConfig:
     scale_search: bool | None = None
     search: str | None = None
     seed: int = 0
+    bits: int | None = None
+    vq_dim: int = 4
+    vq_candidates: int = 4
+    vq_steps: int = 200
+    vq_lr: float = 0.01
+    vq_ratio_weight: float = 1.0
+    vq_calls: int = 16
+    kmeans_iters: int = 25
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
@@ -106,6 +132,7 @@ class QuantConfig:
             raise bad("precision", self.precision, ", ".join(FORMATS))
         if self.scale_dtype not in SCALE_DTYPES:
             raise bad("scale_dtype", self.scale_dtype, ", ".join(SCALE_DTYPES))
+        self._check_vq(bad)
         if self.rank < 0 or self.rank % 16:
             raise bad("rank", self.rank, "0 or a positive multiple of 16")
         natural = FORMATS[self.precision].group_size
@@ -125,6 +152,40 @@ class QuantConfig:
                 raise bad(name, getattr(self, name), "an integer >= 1")
         if self.search_channels < 0:
             raise bad("search_channels", self.search_channels, "0 (all) or a positive integer")
+
+    def _check_vq(self, bad) -> None:
+        """Resolve and check what differs between the VQ methods and the others: rank, bits, precision."""
+        if self.is_vector:
+            if self.rank not in (None, 0):
+                raise bad("rank", self.rank, f"unset or 0 for {self.method}: it has no low-rank branch")
+            object.__setattr__(self, "rank", 0)
+            if self.bits is None:
+                object.__setattr__(self, "bits", 2)
+            if self.bits not in VQ_BITS:
+                raise bad("bits", self.bits, f"{' or '.join(map(str, VQ_BITS))} for {self.method}")
+            if not 1 <= self.vq_dim <= 8 or self.bits * self.vq_dim > 16:
+                raise bad("vq_dim", self.vq_dim, f"1 to {16 // self.bits} at {self.bits} bits (2^16 codewords at most)")
+            for name in ("vq_candidates", "vq_calls", "kmeans_iters"):
+                if getattr(self, name) < 1:
+                    raise bad(name, getattr(self, name), "an integer >= 1")
+            if self.vq_steps < 0:
+                raise bad("vq_steps", self.vq_steps, "an integer >= 0")
+            if not self.vq_lr > 0 or self.vq_ratio_weight < 0:
+                name = "vq_lr" if not self.vq_lr > 0 else "vq_ratio_weight"
+                raise bad(name, getattr(self, name), "a positive number" if name == "vq_lr" else "a number >= 0")
+            return
+        if self.rank is None:
+            object.__setattr__(self, "rank", 32)
+        if self.bits is not None:
+            raise bad("bits", self.bits, f"unset for {self.method} (bits belong to {', '.join(VQ_METHODS)}; "
+                                         "precision sets the others' format)")
+        if self.precision in LOW_BIT_PRECISIONS and not (self.method == "rtn" and self.weight_only):
+            raise bad("precision", self.precision, "int2/int3 only with method rtn and weight_only (a baseline)")
+
+    @property
+    def is_vector(self) -> bool:
+        """Whether the method is vector quantization (codebook and indices) rather than SVDQuant's formats."""
+        return self.method in VQ_METHODS
 
     @classmethod
     def fast(cls, **overrides: object) -> QuantConfig:
@@ -156,7 +217,7 @@ class QuantConfig:
 
     @property
     def smooths(self) -> bool:
-        return self.method != "rtn"
+        return self.method not in ("rtn", *VQ_METHODS)
 
     @property
     def smoothing_candidates(self) -> tuple[tuple[float, float], ...]:

@@ -41,7 +41,7 @@ class Format:
     """A group-wise quantization format.
 
     Attributes:
-        name: ``int4``, ``int8`` or ``nvfp4``.
+        name: ``int4``, ``int8``, ``nvfp4``; ``int2``/``int3`` for weight-only baselines.
         bits: code width.
         group_size: elements sharing one scale, along the last axis.
     """
@@ -72,6 +72,8 @@ class Format:
 FORMATS: dict[str, Format] = {
     "int4": Format("int4", 4, 64),
     "int8": Format("int8", 8, 64),
+    "int2": Format("int2", 2, 64),  # weight-only baselines of the 2- and 3-bit VQ methods (codes stored as int8)
+    "int3": Format("int3", 3, 64),
     "nvfp4": Format("nvfp4", 4, 16),
 }
 

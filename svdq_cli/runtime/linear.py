@@ -66,6 +66,8 @@ class SVDQLinear(nn.Module):
         super().__init__()
         fmt = get_format(precision)
         check_act_mode(act, fmt)
+        if fmt.bits < 4 and act != "none":
+            raise ValueError(f"{precision} is a weight-only format (the VQ methods' baseline): act must be none")
         if in_features % fmt.group_size:
             raise ValueError(
                 f"in_features {in_features} is not divisible by the {precision} group size {fmt.group_size}"

@@ -22,7 +22,7 @@ from tests.reference import (
     weighted_error_reference,
 )
 
-INT_CASES = [("int4", True, 7), ("int4", False, 15), ("int8", True, 127)]
+INT_CASES = [("int4", True, 7), ("int4", False, 15), ("int8", True, 127), ("int2", True, 1), ("int3", True, 3)]
 
 
 def heavy_tailed(gen, rows, cols):
@@ -146,8 +146,8 @@ def test_nvfp4_error_is_within_half_the_local_spacing(values):
 
 
 def test_bad_input_is_a_value_error():
-    with pytest.raises(ValueError, match="unknown precision 'int3'"):
-        get_format("int3")
+    with pytest.raises(ValueError, match="unknown precision 'int5'"):
+        get_format("int5")
     with pytest.raises(ValueError, match="not divisible by the group size 64"):
         quantize(torch.ones(2, 96), FORMATS["int4"])
     with pytest.raises(ValueError, match="NaN or Inf"):

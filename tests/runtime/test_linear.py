@@ -194,6 +194,8 @@ def test_bad_inputs_raise_value_errors(gen):
     with pytest.raises(ValueError, match="rank"):
         SVDQLinear.from_linear(gaussian_linear(gen, 64, 16), QuantConfig(rank=32))
     with pytest.raises(ValueError, match="unknown precision"):
+        SVDQLinear(128, 64, precision="int5")
+    with pytest.raises(ValueError, match="int2 is a weight-only format"):
         SVDQLinear(128, 64, precision="int2")
     with pytest.raises(ValueError, match="unknown activation mode"):
         SVDQLinear(128, 64, act="maybe")

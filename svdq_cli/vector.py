@@ -1,0 +1,149 @@
+"""Vector quantization of whole blocks and of single layers (VQ4DiT and its k-means baseline).
+
+:func:`quantize_block` is the block-wise calibration of the paper: a float32 copy of the block runs its
+sampled 16-bit inputs once for the reference outputs, its target linears are replaced by
+:class:`~svdq_cli.quant.vq.SoftVQLinear` layers, and Adam lowers the relative error of the block's outputs
+(``quant/vq.py`` says how). The original block is never modified. :func:`quantize_linear` is the same with
+the layer as its own block and batches of its calibration rows as inputs (the API on modules without blocks).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .quant.config import QuantConfig
+from .quant.svdquant import relative_error
+from .quant.vq import SoftVQLinear, VQShape, calibrate, relative_output_error
+from .runtime.vq_linear import VQLinear
+
+Call = tuple[tuple, dict]  # one forward call of a block: positional and keyword arguments
+REPORT_ROWS = 256  # input rows per layer the per-layer report is measured on
+
+
+@dataclass
+class BlockResult:
+    """A block's VQ layers (by name relative to the block), their reports, and the block's output error."""
+
+    layers: dict[str, VQLinear]
+    reports: dict[str, dict]
+    error_before: float  # k-means, nearest codeword
+    error_after: float
+    seconds: float
+
+
+def _to_float(value, device: torch.device):
+    """Floating tensors of a call in float32 on ``device`` (the calibration's precision), others moved."""
+    if isinstance(value, torch.Tensor):
+        return (value.float() if value.is_floating_point() else value).to(device)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_to_float(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: _to_float(v, device) for k, v in value.items()}
+    return value
+
+
+def _detached(value):
+    if isinstance(value, torch.Tensor):
+        return value.detach()
+    if isinstance(value, (tuple, list)):
+        return type(value)(_detached(v) for v in value)
+    if hasattr(value, "to_tuple"):
+        return _detached(value.to_tuple())
+    return value
+
+
+def quantize_block(block: nn.Module, names: Sequence[str], calls: Sequence[Call], config: QuantConfig,
+                   seed: int = 0) -> BlockResult:
+    """Vector-quantize the linears ``names`` (paths inside ``block``) by block-wise calibration on ``calls``.
+
+    Step ``s`` of the calibration uses call ``s mod len(calls)``. With ``config.method == "kmeans"`` the
+    assignments stay k-means' and only the codebooks are tuned (the baseline).
+    """
+    from .api import replace_module
+
+    start = time.perf_counter()
+    work = copy.deepcopy(block).float()
+    device = next(work.parameters()).device
+    calls = [(_to_float(args, device), _to_float(kwargs, device)) for args, kwargs in calls]
+    modules = {name: work.get_submodule(name) for name in names}
+    captured: dict[str, list[torch.Tensor]] = {name: [] for name in names}
+    hooks = [module.register_forward_pre_hook(lambda _m, args, name=name: captured[name].append(args[0].detach()))
+             for name, module in modules.items()]
+    with torch.no_grad():
+        references = [_detached(work(*args, **kwargs)) for args, kwargs in calls]
+    for hook in hooks:
+        hook.remove()
+    shape = VQShape(config.vq_dim, config.bits)
+    trainable = config.method == "vq4dit"
+    soft = {name: SoftVQLinear(module, shape, seed * 1_000_003 + index, config.vq_candidates, config.kmeans_iters,
+                               trainable)
+            for index, (name, module) in enumerate(modules.items())}
+    for name, layer in soft.items():
+        replace_module(work, name, layer)
+
+    def distortion(step: int) -> torch.Tensor:
+        args, kwargs = calls[step % len(calls)]
+        return relative_output_error(work(*args, **kwargs), references[step % len(calls)])
+
+    result = calibrate(list(soft.values()), distortion, config.vq_steps, config.vq_lr, config.vq_ratio_weight)
+    originals = {name: block.get_submodule(name) for name in names}
+    layers = {name: VQLinear.from_parts(layer.final_codebook(), layer.assignments(), originals[name].bias,
+                                        bits=config.bits, dtype=originals[name].weight.dtype, method=config.method)
+              for name, layer in soft.items()}
+    reports = {name: layer_report(originals[name], layers[name], _rows(captured[name], seed), config)
+               for name in names}
+    return BlockResult(layers, reports, result.error_before, result.error_after, time.perf_counter() - start)
+
+
+def _rows(inputs: list[torch.Tensor], seed: int) -> torch.Tensor:
+    """At most :data:`REPORT_ROWS` seeded rows of a layer's captured inputs."""
+    rows = torch.cat([x.reshape(-1, x.shape[-1]).cpu() for x in inputs])
+    if rows.shape[0] > REPORT_ROWS:
+        rows = rows[torch.randperm(rows.shape[0], generator=torch.Generator().manual_seed(seed))[:REPORT_ROWS]]
+    return rows
+
+
+def uniform_baseline(config: QuantConfig) -> QuantConfig:
+    """RTN weight-only at the VQ config's bits (group 64): the uniform baseline VQ is measured against."""
+    return QuantConfig(method="rtn", precision=f"int{config.bits}", weight_only=True, scale_search=False,
+                       seed=config.seed)
+
+
+def layer_report(module: nn.Linear, layer: VQLinear, rows: torch.Tensor, config: QuantConfig) -> dict:
+    """Output errors of ``layer`` and of RTN at the same bits against the 16-bit ``module`` on ``rows`` (the
+    report's ``before`` is that uniform baseline, as SVDQuant's is naive RTN)."""
+    from .runtime.linear import SVDQLinear
+
+    x = rows.to(module.weight.dtype)
+    with torch.no_grad():
+        reference = nn.functional.linear(x.float(), module.weight.float(),
+                                         None if module.bias is None else module.bias.float())
+        after = layer.reference_forward(x).float()
+        before = SVDQLinear.from_linear(module, uniform_baseline(config))(x).float()
+    return {
+        "name": "", "group": "", "act": "none", "alpha": 0.0, "beta": 0.0, "shift": 0.0, "rank": 0,
+        "mse_before": torch.mean((before - reference) ** 2).item(),
+        "mse_after": torch.mean((after - reference) ** 2).item(),
+        "relative_error_before": relative_error(before, reference),
+        "relative_error_after": relative_error(after, reference),
+        "bytes_before": sum(p.numel() * p.element_size() for p in module.parameters()),
+        "bytes_after": layer.nbytes(),
+        "bits_per_weight": layer.bits_per_weight(),
+    }
+
+
+LAYER_BATCH = 128  # calibration rows per step when a layer is calibrated on its own
+
+
+def quantize_linear(module: nn.Linear, rows: torch.Tensor, config: QuantConfig, seed: int = 0) -> BlockResult:
+    """Vector-quantize one layer on its own output error over ``rows`` (batches of :data:`LAYER_BATCH`)."""
+    calls = [((rows[start:start + LAYER_BATCH],), {}) for start in range(0, rows.shape[0], LAYER_BATCH)]
+    result = quantize_block(nn.Sequential(module), ["0"], calls, config, seed)
+    return BlockResult({"": result.layers["0"]}, {"": result.reports["0"]}, result.error_before,
+                       result.error_after, result.seconds)
