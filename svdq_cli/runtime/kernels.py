@@ -264,6 +264,76 @@ def launch_gemm(layer, packed: torch.Tensor, scales: torch.Tensor, down: torch.T
     return out
 
 
+# --- VQ layers (kernels/vq_gemm.cu) ---------------------------------------------------------------------------
+
+VQ_STEP = 32  # K per stage of vq_gemm.cu
+VQ_TILE = 64  # its block tile, M and N
+
+
+def vq_unsupported(layer, x: torch.Tensor, backend=None) -> str | None:
+    """Why a VQLinear cannot run ``x`` on vq_gemm.cu through ``backend``, or None when it can."""
+    backend = backend or backend_for(x)
+    if backend is None:
+        return "CuPy is not installed" if x.is_cuda else "input is not on a CUDA device"
+    if (backend.name == "cuda") != x.is_cuda:
+        return "input is not on the backend's device"
+    if x.dtype not in _CPP_TYPES or x.dtype != layer.dtype:
+        return f"input dtype {x.dtype} (layer {layer.dtype}); vq_gemm takes bf16/fp16 matching the layer"
+    if layer.in_features % VQ_STEP or VQ_STEP % layer.shape.dim:
+        return f"in_features {layer.in_features} / dim {layer.shape.dim}: vq_gemm steps K by {VQ_STEP}"
+    if layer.shape.codewords * layer.shape.dim * 2 > 32 * 1024:
+        return f"{layer.shape.codewords} codewords of {layer.shape.dim} exceed the 32 KB shared codebook"
+    if backend.capability(x.device)[0] < 8:
+        return "compute capability below 8.0 has no mma.m16n8k16 bf16"
+    return None
+
+
+def vq_kernel_name(dtype: torch.dtype, dim: int, index_bits: int) -> str:
+    return f"svdq::vq_gemm<{_CPP_TYPES[dtype]}, {dim}, {index_bits}>"
+
+
+@functools.cache
+def _vq_kernel(backend, capability: tuple[int, int], dtype: torch.dtype, dim: int, index_bits: int):
+    name = vq_kernel_name(dtype, dim, index_bits)
+    return backend.module(kernel_source("vq_gemm"), [name], "vq_gemm.cu").get_function(name)
+
+
+def vq_forward(layer, x: torch.Tensor, out: torch.Tensor | None = None, backend=None) -> torch.Tensor:
+    """``x · Wᵀ + bias`` of a VQLinear through vq_gemm.cu (``out`` receives it when given)."""
+    backend = backend or backend_for(x)
+    rows = x.reshape(-1, layer.in_features).contiguous()
+    m, n = rows.shape[0], layer.out_features
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device) if out is None else out
+    if m:
+        kernel = _vq_kernel(backend, tuple(backend.capability(x.device)), x.dtype, layer.shape.dim,
+                            layer.shape.index_bits)
+        bias = layer.bias if layer.bias is not None else torch.zeros(n, dtype=layer.dtype, device=x.device)
+        array = backend.array
+        with backend.launching(x.device):
+            kernel((-(-n // VQ_TILE), -(-m // VQ_TILE)), (128,),
+                   (array(rows), array(layer.codebook), array(layer.codes), array(bias), array(out),
+                    np.int32(m), np.int32(n), np.int32(layer.in_features), np.int32(layer.codes.shape[1])))
+    return out.reshape(*x.shape[:-1], n)
+
+
+def try_vq(layer, x: torch.Tensor) -> torch.Tensor | None:
+    """vq_gemm.cu's result for a VQLinear when a backend applies to ``x``, else None (reference path); tallied
+    under :func:`emulated` like the SVDQ layers."""
+    backend = backend_for(x)
+    if backend is None and not x.is_cuda:
+        return None
+    reason = vq_unsupported(layer, x, backend)
+    tally = _tally.get()
+    if tally is not None:
+        tally["fused" if reason is None else reason] += 1
+    if reason is None:
+        return vq_forward(layer, x, backend=backend)
+    if x.is_cuda and reason not in _warned:
+        _warned.add(reason)
+        warnings.warn(f"svdq: VQ layer on the reference path on the GPU: {reason}", stacklevel=3)
+    return None
+
+
 def fused_forward(layer, x: torch.Tensor, out: torch.Tensor | None = None, backend=None) -> torch.Tensor:
     """The fused forward: one kernel quantizes x and computes x̂·lora_downᵀ, one GEMM adds the rest.
 
