@@ -218,6 +218,10 @@ def quantize(
     rank: Annotated[int | None, typer.Option(help="Low-rank branch rank, a multiple of 16 (default: the "
                                                   "recipe's; `svdq recipes MODEL` shows it).")] = None,
     precision: Annotated[str | None, typer.Option(help="int4, nvfp4 or int8 (default: the recipe's).")] = None,
+    method: Annotated[str | None, typer.Option(help="svdquant, smoothquant, rtn, vq4dit (2-/3-bit vector "
+                                                    "quantization) or kmeans (its baseline) (default: the "
+                                                    "recipe's).")] = None,
+    bits: Annotated[int | None, typer.Option(help="Bits per weight of vq4dit/kmeans: 2 or 3 (default 2).")] = None,
     out_dir: Annotated[Path | None, typer.Option("--out", help="Run directory (default: runs/RECIPE).")] = None,
     prompts: Annotated[str | None, typer.Option(help="Calibration prompts: builtin:calibration, a text/JSON/CSV "
                                                      "file or hf:org/name[:split[:column]].")] = None,
@@ -249,7 +253,8 @@ def quantize(
     from .run import opened
     from .stages import check_config, run_stages
 
-    overrides = {"quant.rank": rank, "quant.precision": precision, "calibration.prompts": prompts,
+    overrides = {"quant.rank": rank, "quant.precision": precision, "quant.method": method, "quant.bits": bits,
+                 "calibration.prompts": prompts,
                  "calibration.num_prompts": num_prompts, "calibration.steps": steps,
                  "calibration.resolution": resolution, "device": device, "dtype": dtype, "offload": offload,
                  "stream": stream,
@@ -356,6 +361,8 @@ def status(run_dir: RunDirArg, as_json: JsonOpt = False) -> None:
         state = record.get("status", "pending")
         if state == "running" and interrupted:
             state = "interrupted"
+        if state == "done" and record.get("applies") is False:
+            state = "not applicable"
         rows.append({"stage": name, "status": state, "hash": record.get("hash"), "artifacts": len(artifacts),
                      "broken": run.broken_artifacts(name) if artifacts else [], "seconds": record.get("seconds")})
     previous = sorted(run.manifest["stages"].get("export", {}).get("previous", {}))
@@ -420,6 +427,7 @@ def inspect(file: Annotated[Path, typer.Argument(help="An exported .safetensors 
                              for layer in layers)
     result = {"file": str(file), "format_version": metadata["format_version"], "model": metadata["recipe"]["model"],
               "method": quant["method"], "precision": quant["precision"], "rank": quant["rank"],
+              **({"bits": quant["bits"], "vq_dim": quant["vq_dim"]} if quant.get("bits") else {}),
               "quantized_layers": len(layers), "bytes": file.stat().st_size, "bytes_bf16": bf16,
               "loras": metadata.get("loras", []), "validate": metadata["validate"], "layers": layers}
     if as_json:

@@ -1,9 +1,10 @@
 """The single-file export (DESIGN.md §4) and loading it back into a diffusers pipeline.
 
-``svdq-{int4|fp4}_r{rank}-{model}.safetensors`` holds every tensor of the transformer — quantized layers as
-their SVDQLinear tensors under the layer's path, every other parameter and buffer in 16 bits — and string
-metadata: ``format_version``, ``quantization_config``, ``model_config`` (transformer class and config,
-family), ``recipe``, ``svdq_version``, ``validate`` (summary) and ``layers`` (per-layer format facts).
+``svdq-{int4|fp4}_r{rank}-{model}.safetensors`` (``svdq-vq{bits}_d{dim}-{model}`` for VQ4DiT) holds every
+tensor of the transformer — quantized layers as their SVDQLinear (or VQLinear) tensors under the layer's
+path, every other parameter and buffer in 16 bits — and string metadata: ``format_version``,
+``quantization_config``, ``model_config`` (transformer class and config, family), ``recipe``, ``svdq_version``,
+``validate`` (summary) and ``layers`` (per-layer format facts).
 """
 
 from __future__ import annotations
@@ -27,9 +28,16 @@ PLAIN_KEYS = ("format_version", "svdq_version")  # plain strings; every other me
 PRECISION_TAGS = {"int4": "int4", "nvfp4": "fp4", "int8": "int8"}
 
 
-def export_name(precision: str, rank: int, model: str) -> str:
+VQ_TAGS = {"vq4dit": "vq", "kmeans": "kmvq"}
+
+
+def export_name(config, model: str) -> str:
+    """``svdq-int4_r32-…`` (SVDQuant formats), ``svdq-vq2_d4-…`` (VQ4DiT at 2 bits, 4-wide vectors) or
+    ``svdq-kmvq2_d4-…`` (the k-means baseline) for a QuantConfig."""
     stem = re.sub(r"[^A-Za-z0-9._-]+", "-", Path(model.rstrip("/")).name).strip("-") or "model"
-    return f"svdq-{PRECISION_TAGS[precision]}_r{rank}-{stem}.safetensors"
+    if config.is_vector:
+        return f"svdq-{VQ_TAGS[config.method]}{config.bits}_d{config.vq_dim}-{stem}.safetensors"
+    return f"svdq-{PRECISION_TAGS[config.precision]}_r{config.effective_rank}-{stem}.safetensors"
 
 
 def read_raw_metadata(path: Path) -> dict[str, str]:
@@ -98,9 +106,11 @@ def layer_inventory(path: Path, layers: dict[str, dict[str, str]]) -> tuple[list
     inventory = []
     for name, facts in sorted(layers.items()):
         own = [key for key in sizes if key.startswith(f"{name}.")]
+        vector = facts.get("format") == "vq"
         inventory.append({"name": name, "in_features": int(facts["in_features"]),
-                          "out_features": int(facts["out_features"]), "rank": shapes[f"{name}.lora_down"][0],
-                          "act": facts["act"], "bytes": sum(sizes[key] for key in own)})
+                          "out_features": int(facts["out_features"]),
+                          "rank": 0 if vector else shapes[f"{name}.lora_down"][0],
+                          "act": "none" if vector else facts["act"], "bytes": sum(sizes[key] for key in own)})
     quantized = {key for entry in inventory for key in sizes if key.startswith(f"{entry['name']}.")}
     return inventory, sum(size for key, size in sizes.items() if key not in quantized)
 
@@ -128,7 +138,7 @@ def load_quantized(path: Path | str, pipeline=None, device: str | torch.device =
     from .api import replace_module
     from .device import resolve_device
     from .models.streaming import empty_model
-    from .runtime.linear import SVDQLinear
+    from .stages.quantize import load_layer
 
     metadata = read_metadata(Path(path))
     if metadata["format_version"] not in READABLE_FORMATS:
@@ -150,7 +160,7 @@ def load_quantized(path: Path | str, pipeline=None, device: str | torch.device =
             (layer_keys[owner] if owner in layer_keys else other_keys).append(key)
         for name, keys in layer_keys.items():
             state = {key[len(name) + 1:]: handle.get_tensor(key) for key in keys}
-            replace_module(transformer, name, SVDQLinear.from_state_dict(state, layers[name]))
+            replace_module(transformer, name, load_layer(state, layers[name]))
         expected = transformer.state_dict(keep_vars=True)
         unexpected = [key for key in other_keys if key not in expected]
         for key in other_keys:

@@ -112,8 +112,11 @@ def apply_lora(export: Path, lora: Path, scale: float, out: Path) -> dict[str, o
         if digest is not None and earlier.get("sha256") == digest:
             raise BadInputError(f"{Path(lora).name} is already applied to {Path(export).name} (applying it again "
                                 "would double its effect)")
-    tensors = load_file(str(export))
     quantized = metadata["layers"]
+    if any(facts.get("format") == "vq" for facts in quantized.values()):
+        raise BadInputError(f"{Path(export).name} holds VQ layers, which have no low-rank branch to join a LoRA to; "
+                            "merge the LoRA into the 16-bit model and quantize that")
+    tensors = load_file(str(export))
     sixteen_bit = [key[: -len(".weight")] for key in tensors if key.endswith(".weight")
                    and key[: -len(".weight")] not in quantized]
     joined, merged = [], []

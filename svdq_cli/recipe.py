@@ -29,7 +29,8 @@ from .quant.config import QuantConfig
 from .resources import data_dir
 
 DTYPES = ("float32", "bfloat16", "float16")
-BASELINES = ("rtn", "w4a16", "smoothquant")
+BASELINES = ("rtn", "w4a16", "smoothquant", "kmeans")
+VQ_BASELINES = ("rtn", "kmeans")  # a VQ run's: RTN at its bits, codebook-only k-means VQ
 RUNTIMES = ("auto", "emulated")
 RECIPE_VERSION = 1
 
@@ -107,9 +108,11 @@ class RunConfig:
         if self.validation.runtime not in RUNTIMES:
             raise BadInputError(f"validation.runtime={self.validation.runtime!r} is invalid (allowed: "
                                 f"{', '.join(RUNTIMES)})")
-        unknown = [b for b in self.validation.baselines if b not in BASELINES]
+        allowed = VQ_BASELINES if self.quant.is_vector else tuple(b for b in BASELINES if b != "kmeans")
+        unknown = [b for b in self.validation.baselines if b not in allowed]
         if unknown:
-            raise BadInputError(f"validation.baselines: unknown {', '.join(unknown)} (allowed: {', '.join(BASELINES)})")
+            raise BadInputError(f"validation.baselines: {', '.join(unknown)} not available for method "
+                                f"{self.quant.method} (allowed: {', '.join(allowed)})")
         for section in (self.calibration, self.validation):
             for name in ("num_prompts", "steps", "resolution"):
                 value = getattr(section, name)
@@ -165,7 +168,23 @@ def load_recipe(name_or_path: str, overrides: dict[str, object] | None = None) -
         section, _, leaf = key.rpartition(".")
         target = data.setdefault(section, {}) if section else data
         target[leaf] = value
+    _switch_to_vector(data, {key for key, value in (overrides or {}).items() if value is not None})
     return build_config(RunConfig, data, "")
+
+
+def _switch_to_vector(data: dict, overridden: set[str]) -> None:
+    """``--method vq4dit`` on a recipe written for SVDQuant: the recipe's rank and its baselines of the other
+    methods do not carry over (an explicit ``--rank`` or ``--baselines`` still does, and is checked)."""
+    from .quant.config import VQ_METHODS
+
+    quant = data.get("quant")
+    if "quant.method" not in overridden or not isinstance(quant, dict) or quant.get("method") not in VQ_METHODS:
+        return
+    if "quant.rank" not in overridden:
+        quant.pop("rank", None)
+    validation = data.get("validation")
+    if "validation.baselines" not in overridden and isinstance(validation, dict) and validation.get("baselines"):
+        validation["baselines"] = [b for b in validation["baselines"] if b in VQ_BASELINES]
 
 
 def build_config(cls, data: dict, prefix: str):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import flux, pixart, sana, sd3
+from . import dit, flux, pixart, sana, sd3
 from .base import Adapter, AdapterMismatchError, BlockList, Protocol
 
 ADAPTERS: dict[str, Adapter] = {
@@ -12,6 +12,7 @@ ADAPTERS: dict[str, Adapter] = {
         pixart.PIXART_SIGMA, pixart.TINY,
         sana.SANA, sana.TINY,
         sd3.SD3, sd3.TINY,
+        dit.DIT, dit.TINY,
     )
 }
 TINY_MODELS = tuple(name for name in ADAPTERS if name.startswith("tiny-"))

@@ -62,6 +62,7 @@ class Adapter:
     build_tiny: Callable[..., object]
     latent_patch: int | None = None  # latent pixels per token side; None: the transformer's patch_size
     guidance_distilled: bool = False  # guidance is an input (Flux): one transformer pass a step, not two
+    text_conditioned: bool = True  # prompts are text the pipeline encodes (DiT's are class labels)
 
     def passes_per_step(self, guidance: float) -> int:
         """Transformer passes a denoising step makes: two with classifier-free guidance."""
@@ -71,6 +72,14 @@ class Adapter:
         """Image sizes the pipeline can take are multiples of this: VAE downsampling × latent patch."""
         patch = self.latent_patch or pipeline.transformer.config.get("patch_size", 1) or 1
         return getattr(pipeline, "vae_scale_factor", 8) * patch
+
+    def resolution_error(self, pipeline, resolution: int, flag: str) -> str | None:
+        """Why the pipeline cannot generate at ``resolution`` (``flag`` names the option), or None."""
+        multiple = self.resolution_multiple(pipeline)
+        if resolution % multiple:
+            return (f"{flag} {resolution} is not a multiple of {multiple} (the model's VAE and patch size); try "
+                    f"{max(multiple, resolution // multiple * multiple)}")
+        return None
 
     def block_groups(self, transformer: nn.Module) -> list[tuple[str, list[list[str]]]]:
         """``[(block_name, [[linear path, …] per group])]`` in execution order, with full module paths.

@@ -12,7 +12,7 @@ from . import ADAPTERS, TINY_MODELS, Adapter
 
 PIPELINE_FAMILIES = {
     "FluxPipeline": "flux-dev", "PixArtSigmaPipeline": "pixart-sigma", "SanaPipeline": "sana",
-    "StableDiffusion3Pipeline": "sd3",
+    "StableDiffusion3Pipeline": "sd3", "DiTPipeline": "dit",
 }
 
 

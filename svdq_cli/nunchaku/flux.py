@@ -213,6 +213,8 @@ def convert(tensors: dict[str, torch.Tensor], metadata: dict[str, object], unifo
             bits, or block tensors this mapping does not know (a changed diffusers layout).
     """
     recipe, quant = metadata["recipe"], metadata["quantization_config"]
+    if quant.get("method") in ("vq4dit", "kmeans"):
+        raise ValueError(f"Nunchaku runs SVDQuant's W4A4 layers; this export is {quant['method']} vector quantization")
     check_supported(recipe)
     if metadata["model_config"]["class"] != "FluxTransformer2DModel":
         raise ValueError(f"Nunchaku export covers FluxTransformer2DModel; this is {metadata['model_config']['class']}")

@@ -167,6 +167,8 @@ class Workspace:
         ones in one pass of the text encoders, which a streamed run then frees)."""
         from ..models.text_first import encode, from_tensors, to_tensors
 
+        if not self.adapter.text_conditioned:  # class labels: nothing to encode
+            return [() for _ in prompts]
         steps, guidance, resolution = self.settings(section)
         found = {p: self.cache.get("text", self._encoding_fields(p, guidance)) if self.cache else None
                  for p in prompts}
@@ -237,7 +239,7 @@ class Workspace:
         from ..models.text_first import replaying
 
         steps, guidance, resolution = self.settings(section)
-        with replaying(self.pipeline, encoding):
+        with replaying(self.pipeline, encoding) if self.adapter.text_conditioned else nullcontext():
             return self.adapter.generate(self.pipeline, [prompt], [seed], steps, guidance, resolution,
                                          output_type=output_type)
 
@@ -249,19 +251,25 @@ class Workspace:
             BadInputError: a layer the group size does not divide, a rank larger than a layer, a resolution
                 the model cannot take, the emulated runtime on a GPU device.
         """
-        group, rank = self.config.quant.group_size, self.config.quant.effective_rank
+        quant = self.config.quant
+        group, rank = (quant.vq_dim, 0) if quant.is_vector else (quant.group_size, quant.effective_rank)
+        what = "the vector dimension (vq_dim)" if quant.is_vector else "the group size"
+        if quant.is_vector and self.world.size > 1:
+            raise BadInputError(f"{quant.method} runs as one process: its block-wise calibration is not shared "
+                                "across torchrun ranks yet")
         for name, module in self.originals.items():
             if module.in_features % group:
-                raise BadInputError(f"layer {name}: in_features {module.in_features} is not divisible by {group}")
+                raise BadInputError(f"layer {name}: in_features {module.in_features} is not divisible by {what} "
+                                    f"{group}")
             if rank > min(module.in_features, module.out_features):
                 raise BadInputError(f"--rank {rank} exceeds layer {name} "
                                     f"(min(in, out) = {min(module.in_features, module.out_features)})")
         multiple = self.adapter.resolution_multiple(self.pipeline)
         for section, flag in ((self.config.calibration, "--resolution"), (self.config.validation, "--val-resolution")):
-            resolution = section.resolution or self.adapter.protocol.resolution
-            if resolution % multiple:
-                raise BadInputError(f"{flag} {resolution} is not a multiple of {multiple} (the model's VAE and "
-                                    f"patch size); try {max(multiple, resolution // multiple * multiple)}")
+            error = self.adapter.resolution_error(self.pipeline, section.resolution or self.adapter.protocol.resolution,
+                                                  flag)
+            if error:
+                raise BadInputError(error)
         if "validate" in todo and self.config.validation.runtime == "emulated" and self.device != "cpu":
             raise BadInputError("--runtime emulated runs the kernels on the CPU emulator: add --device cpu")
         if self.device == "cpu":
@@ -298,13 +306,15 @@ class Workspace:
 @dataclass
 class Stage:
     """One stage: the config fields it reads, the stages it reads from, and its body. A stage that
-    ``keeps_previous`` artifacts (the export) leaves a changed config's earlier files in place."""
+    ``keeps_previous`` artifacts (the export) leaves a changed config's earlier files in place; one that does not
+    ``apply`` to the config's method (smoothing and SVD for vector quantization) is recorded as such."""
 
     name: str
     inputs: tuple[str, ...]
     reads: Callable[[RunConfig], dict]
     body: Callable[[Run, Workspace], dict | None]
     keeps_previous: bool = False
+    applies: Callable[[RunConfig], bool] = lambda _config: True  # noqa: E731 (False: recorded "not applicable")
 
 
 def _cpu_flop_rate() -> float:
@@ -429,8 +439,9 @@ def run_stages(run: Run, config: RunConfig, until: str | None = None, redo: str 
             world.barrier(f"the start of {name}")
             if not world.leader:
                 run.reload()
-        say(f"{name}: {'resuming' if done_before else 'running'}")
-        extra = stages[name].body(run, workspace) or {}
+        applies = stages[name].applies(config)
+        say(f"{name}: {('resuming' if done_before else 'running') if applies else 'not applicable'}")
+        extra = (stages[name].body(run, workspace) or {}) if applies else {"applies": False}
         if shared:
             world.barrier(f"the end of {name}")
         seconds = time.perf_counter() - start
@@ -438,7 +449,8 @@ def run_stages(run: Run, config: RunConfig, until: str | None = None, redo: str 
             if shared and name in BLOCK_STAGES:
                 _adopt_blocks(run, name, len(workspace.blocks))
             run.finish_stage(name, seconds, **extra)
-        summary[name] = {"status": "resumed" if done_before else "done", "seconds": round(seconds, 3), **extra}
+        status = ("resumed" if done_before else "done") if applies else "not applicable"
+        summary[name] = {"status": status, "seconds": round(seconds, 3), **extra}
     return {name: summary[name] for name in hashes if name in summary}
 
 

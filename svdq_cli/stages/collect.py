@@ -3,6 +3,9 @@ per-channel min/max and block-diagonal Gram over all tokens and a bounded seeded
 timesteps (plus the GPTQ Hessian when GPTQ is on). Memory is bounded by ``calib_rows`` per group, whatever
 the prompts × steps.
 
+VQ methods record something else: per block, a bounded seeded sample of its input calls (block_inputs.py),
+for block-wise calibration.
+
 One pass feeds every block, so an interrupted collect starts over; it is deterministic, so the per-block
 files it writes are the same either way. Under torchrun each rank runs its share of the prompts and the ranks
 merge their statistics exactly (``distributed.py``); each writes the artifacts of its own blocks.
@@ -11,6 +14,7 @@ merge their statistics exactly (``distributed.py``); each writes the artifacts o
 from __future__ import annotations
 
 from ..api import SAMPLES, collect_statistics
+from ..block_inputs import BlockInputSampler
 from ..progress import say, task
 from ..prompts import prompt_seed
 from . import Stage, block_artifact, json_meta
@@ -22,12 +26,12 @@ STATISTICS_VERSION = 3
 
 def reads(config) -> dict:
     quant = config.quant
-    return {
-        "model": config.model, "family": config.family, "dtype": config.dtype,
-        "calibration": config.to_dict()["calibration"],
-        "quant": {"calib_rows": quant.calib_rows, "gptq": quant.gptq, "seed": quant.seed},
-        "statistics": STATISTICS_VERSION,
-    }
+    common = {"model": config.model, "family": config.family, "dtype": config.dtype,
+              "calibration": config.to_dict()["calibration"]}
+    if quant.is_vector:  # VQ calibrates blocks on their sampled inputs, not on per-layer statistics
+        return {**common, "block_inputs": {"vq_calls": quant.vq_calls, "seed": quant.seed}}
+    return {**common, "quant": {"calib_rows": quant.calib_rows, "gptq": quant.gptq, "seed": quant.seed},
+            "statistics": STATISTICS_VERSION}
 
 
 def run(run, workspace) -> dict:
@@ -40,6 +44,8 @@ def run(run, workspace) -> dict:
     missing = [i for i in range(len(workspace.blocks)) if not run.artifact_ok("collect", block_artifact("collect", i))]
     if not missing:  # every block's statistics verify (adopted after a lost manifest): no calibration pass
         return summary
+    if config.quant.is_vector:
+        return {**summary, **collect_block_inputs(run, workspace, prompts, missing)}
     encodings = dict(zip(mine, workspace.encodings([prompts[i] for i in mine], calibration), strict=True))
 
     with task("collect", len(mine)) as advance:
@@ -67,6 +73,28 @@ def run(run, workspace) -> dict:
         summary["exchanged_sample_bytes"] = sum(tally.get(SAMPLES, 0) for tally in sent)
         say(f"collect: the {world.size} ranks exchanged {summary['exchanged_bytes'] / 1e6:.1f} MB of statistics")
     return summary
+
+
+def collect_block_inputs(run, workspace, prompts: list[str], missing: list[int]) -> dict:
+    """VQ methods: run the 16-bit pipeline over the prompts and keep, per block, a seeded sample of
+    ``vq_calls`` of its input calls (``block_inputs.py``); one artifact per block."""
+    calibration, quant = workspace.config.calibration, workspace.config.quant
+    modules = [workspace.transformer.get_submodule(name) for name, _ in workspace.blocks]
+    sampler = BlockInputSampler(modules, quant.vq_calls, quant.seed, run.path / "collect" / "calls.partial")
+    encodings = workspace.encodings(prompts, calibration)
+    try:
+        with task("collect", len(prompts)) as advance, sampler.recording():
+            for unit, (prompt, encoding) in enumerate(zip(prompts, encodings, strict=True)):
+                sampler.start_unit(unit)
+                workspace.generate_one(prompt, prompt_seed(prompt, calibration.seed), encoding, calibration,
+                                       output_type="latent")
+                advance(prompt[:40])
+        for index in missing:
+            tensors, metadata = sampler.block_artifact(index)
+            run.write("collect", block_artifact("collect", index), tensors, metadata)
+    finally:
+        sampler.discard()
+    return {"block_inputs": quant.vq_calls}
 
 
 STAGE = Stage("collect", (), reads, run)

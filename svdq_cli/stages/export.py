@@ -44,7 +44,7 @@ def run(run, workspace) -> dict:
     for (quantized, _), names in zip(blocks, block_names, strict=True):
         merged = {**quantized, **{n: (state[n].dtype, tuple(state[n].shape)) for n in names}}
         layout.update((n, merged[n]) for n in sorted(merged))
-    name = export_name(config.quant.precision, config.quant.effective_rank, config.model)
+    name = export_name(config.quant, config.model)
     with run.writer("export", f"export/{name}", layout, export_metadata(run, config, transformer, layers)) as out:
         for key in resident:
             out.write(key, state[key].detach())

@@ -1,5 +1,6 @@
 """quantize: the 4-bit residual of every layer (round-to-nearest or GPTQ) packed into SVDQLinear tensors,
-with each layer's output error on calibration rows against the 16-bit layer and naive quantization."""
+with each layer's output error on calibration rows against the 16-bit layer and naive quantization. VQ methods
+calibrate each block's codebooks and assignments here instead (``vector.py``), one artifact per block."""
 
 from __future__ import annotations
 
@@ -7,32 +8,52 @@ import dataclasses
 import json
 import time
 
+from torch import nn
+
 from ..api import group_hessian, input_gram, measure_layer, quantize_layer
+from ..block_inputs import calls_from_artifact
 from ..runtime.linear import SVDQLinear
+from ..runtime.vq_linear import VQLinear
 from ..threads import parallel_map
+from ..vector import BlockResult, quantize_block
 from . import Stage, block_artifact, for_each_block, json_meta, quant_fields
 from .smooth import group_stats, load_plans
 
+VQ_FIELDS = ("method", "bits", "vq_dim", "vq_candidates", "vq_steps", "vq_lr", "vq_ratio_weight", "kmeans_iters",
+             "seed")
+
 
 def reads(config) -> dict:
+    if config.quant.is_vector:
+        return quant_fields(config, *VQ_FIELDS)
     return quant_fields(config, "precision", "gptq", "gptq_damp", "gptq_block", "scale_dtype", "search_rows",
                         "full_range", "scale_search")
 
 
-def load_block_layers(run, index: int) -> dict[str, tuple[SVDQLinear, dict]]:
-    """The quantized layers of block ``index`` with their reports: name → (SVDQLinear, report dict)."""
+def load_layer(tensors: dict, facts: dict) -> nn.Module:
+    """A quantized layer from its tensors and format facts: a VQLinear (``format: vq``) or an SVDQLinear."""
+    if facts.get("format") == "vq":
+        return VQLinear.from_state_dict(tensors, facts)
+    return SVDQLinear.from_state_dict(tensors, facts)
+
+
+def load_block_layers(run, index: int) -> dict[str, tuple[nn.Module, dict]]:
+    """The quantized layers of block ``index`` with their reports: name → (SVDQLinear or VQLinear, report)."""
     tensors, metadata = run.read("quantize", block_artifact("quantize", index))
     layers = {}
     for name, text in metadata.items():
         entry = json.loads(text)
         prefix = f"{name}."
         own = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-        layers[name] = (SVDQLinear.from_state_dict(own, entry["layer"]), entry["report"])
+        layers[name] = (load_layer(own, entry["layer"]), entry["report"])
     return layers
 
 
 def run(run, workspace) -> dict:
     config = workspace.config
+    if config.quant.is_vector:
+        for_each_block(run, workspace, "quantize", lambda index, block, groups: vq_block(run, workspace, index)[:2])
+        return {"layers": len(workspace.originals)}
 
     def compute(index: int, block: str, groups: list[list[str]]):
         collected, _ = run.read("collect", block_artifact("collect", index))
@@ -63,6 +84,26 @@ def run(run, workspace) -> dict:
 
     for_each_block(run, workspace, "quantize", compute)
     return {"layers": len(workspace.originals)}
+
+
+def vq_block(run, workspace, index: int, quant=None) -> tuple[dict, dict, BlockResult]:
+    """Block ``index`` vector-quantized by block-wise calibration on its collected input calls (with ``quant``,
+    another VQ config than the run's: the k-means baseline): the artifact's tensors and metadata, and the
+    result itself."""
+    block, groups = workspace.blocks[index]
+    tensors, metadata = run.read("collect", block_artifact("collect", index))
+    names = [name[len(block) + 1:] for group in groups for name in group]
+    quant = quant or workspace.config.quant
+    result = quantize_block(workspace.transformer.get_submodule(block), names, calls_from_artifact(tensors, metadata),
+                            quant, seed=quant.seed * 7919 + index)
+    out, entries = {}, {}
+    for relative, layer in result.layers.items():
+        name = f"{block}.{relative}"
+        out.update({f"{name}.{key}": value for key, value in layer.state_dict().items()})
+        entries[name] = {"layer": layer.layer_metadata(), "report": {
+            **result.reports[relative], "name": name, "group": name,
+            "block_error_before": result.error_before, "block_error_after": result.error_after}}
+    return out, json_meta(entries), result
 
 
 STAGE = Stage("quantize", ("svd", "collect"), reads, run)

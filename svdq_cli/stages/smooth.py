@@ -57,4 +57,4 @@ def run(run, workspace) -> None:
     for_each_block(run, workspace, "smooth", compute)
 
 
-STAGE = Stage("smooth", ("collect",), reads, run)
+STAGE = Stage("smooth", ("collect",), reads, run, applies=lambda config: not config.quant.is_vector)

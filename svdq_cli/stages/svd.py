@@ -35,4 +35,4 @@ def run(run, workspace) -> None:
     for_each_block(run, workspace, "svd", compute)
 
 
-STAGE = Stage("svd", ("smooth",), reads, run)
+STAGE = Stage("svd", ("smooth",), reads, run, applies=lambda config: not config.quant.is_vector)

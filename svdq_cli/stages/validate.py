@@ -2,13 +2,15 @@
 and report what quantization cost — latent relative error, PSNR and SSIM of the images (LPIPS when its weights
 are available locally), per-layer output errors — as report.json, report.md, comparison.png and layers.png.
 
-``validation.baselines`` (rtn, w4a16, smoothquant) adds the same metrics for those methods, quantized in
-memory from the same calibration statistics, so a user sees what SVDQuant bought them. Gates
+``validation.baselines`` (rtn, w4a16, smoothquant; for VQ runs rtn at the run's bits and kmeans) adds the same
+metrics for those methods, quantized in memory from the same calibration data, so a user sees what the method
+bought them. Gates
 (``min_psnr``, ``min_ssim``, ``max_latent_error``) are checked here; the CLI exits 3 when one fails.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import math
@@ -17,15 +19,16 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from ..api import input_gram, plan_group, quantize_layer
+from ..api import GroupPlan, input_gram, plan_group, quantize_layer
 from ..distributed import World
 from ..progress import warn
 from ..prompts import load_prompts, prompt_seed
-from ..quant.config import QuantConfig
+from ..quant.config import LOW_BIT_PRECISIONS, QuantConfig
 from ..runtime.kernels import describe
 from ..threads import single_threaded
+from ..vector import uniform_baseline
 from . import Stage, block_artifact, library_versions
-from .quantize import load_block_layers
+from .quantize import load_block_layers, vq_block
 from .report_images import comparison_png, layers_png
 from .smooth import group_stats
 
@@ -56,7 +59,10 @@ def layer_reports(run, workspace) -> list[dict]:
 
 
 def baseline_config(config: QuantConfig, method: str) -> QuantConfig:
-    """A baseline method at the run's precision and number formats."""
+    """A baseline method at the run's precision and number formats; for a VQ run, RTN weight-only at its bits
+    (``rtn``) or codebook-only k-means VQ (``kmeans``)."""
+    if config.is_vector:
+        return dataclasses.replace(config, method="kmeans") if method == "kmeans" else uniform_baseline(config)
     return QuantConfig(precision=config.precision, scale_dtype=config.scale_dtype, seed=config.seed,
                        search_rows=config.search_rows, calib_rows=config.calib_rows, version=config.version,
                        full_range=config.full_range, scale_search=config.scale_search, search=config.search,
@@ -66,6 +72,15 @@ def baseline_config(config: QuantConfig, method: str) -> QuantConfig:
 def baseline_block(run, workspace, config: QuantConfig, index: int) -> dict[str, nn.Module]:
     """Block ``index``'s layers quantized in memory by a baseline method from the collected statistics."""
     adapter, layers = workspace.adapter, {}
+    if config.is_vector:  # k-means VQ, calibrated on the block's inputs like the run's own layers
+        with workspace.block_resident(index), single_threaded():
+            return {f"{workspace.blocks[index][0]}.{name}": layer
+                    for name, layer in vq_block(run, workspace, index, config)[2].layers.items()}
+    if config.precision in LOW_BIT_PRECISIONS:  # RTN at a VQ run's bits: weights only, no statistics needed
+        with workspace.block_resident(index):
+            plan = GroupPlan("none", 0.0, 0.0, 0.0, None)
+            return {name: quantize_layer(workspace.originals[name], config, plan)
+                    for group in workspace.blocks[index][1] for name in group}
     collected, _ = run.read("collect", block_artifact("collect", index))
     with workspace.block_resident(index), single_threaded():  # numerics independent of the thread count
         for group in workspace.blocks[index][1]:

@@ -1,0 +1,129 @@
+"""A bounded, seeded sample of each transformer block's inputs, for block-wise calibration (VQ4DiT).
+
+A block's forward call (positional and keyword arguments: hidden states, conditioning, rotary embeddings…)
+is flattened into named tensors and a JSON spec of the rest, whatever the family. Every call over every
+prompt and denoising step gets a key from a hash of (seed, block, prompt, call number); each block keeps
+the ``keep`` calls with the smallest keys, so the sample is fixed by the seed and the prompts, not by the
+order of the calls. A kept call is written to a spill file at once and dropped from memory, so memory holds
+one call, whatever the prompts × steps; the block's artifact is assembled from its spill files at the end.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import json
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from .errors import BadInputError
+
+
+def flatten(value, prefix: str, tensors: dict[str, torch.Tensor]):
+    """A JSON spec of ``value`` whose tensors go into ``tensors`` under names starting with ``prefix``."""
+    if isinstance(value, torch.Tensor):
+        name = f"{prefix}{len(tensors)}"
+        tensors[name] = value.detach().cpu().contiguous()
+        return {"tensor": name}
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return {"value": value}
+    if isinstance(value, (tuple, list)):
+        return {type(value).__name__: [flatten(v, prefix, tensors) for v in value]}
+    if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+        return {"dict": {k: flatten(v, prefix, tensors) for k, v in value.items()}}
+    raise BadInputError(f"a block input of type {type(value).__name__} cannot be recorded for calibration")
+
+
+def unflatten(spec, tensors: dict[str, torch.Tensor]):
+    (kind, body), = spec.items()
+    if kind == "tensor":
+        return tensors[body]
+    if kind == "value":
+        return body
+    if kind in ("tuple", "list"):
+        items = [unflatten(item, tensors) for item in body]
+        return tuple(items) if kind == "tuple" else items
+    return {k: unflatten(v, tensors) for k, v in body.items()}
+
+
+def call_key(seed: int, block: int, unit: int, call: int) -> int:
+    """The sampling key of a block's ``call``-th call during calibration unit (prompt) ``unit``."""
+    digest = hashlib.blake2b(f"{seed}:{block}:{unit}:{call}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")
+
+
+class BlockInputSampler:
+    """Forward pre-hooks on the blocks that keep each block's ``keep`` smallest-key calls in spill files."""
+
+    def __init__(self, blocks: list[torch.nn.Module], keep: int, seed: int, spill: Path) -> None:
+        self.blocks, self.keep, self.seed, self.spill = blocks, keep, seed, spill
+        self.kept: list[list[tuple[int, Path]]] = [[] for _ in blocks]  # max-heaps by key (negated)
+        self.unit, self.calls = 0, [0] * len(blocks)
+        spill.mkdir(parents=True, exist_ok=True)
+
+    def start_unit(self, unit: int) -> None:
+        self.unit, self.calls = unit, [0] * len(self.blocks)
+
+    def observe(self, index: int, args: tuple, kwargs: dict) -> None:
+        key = call_key(self.seed, index, self.unit, self.calls[index])
+        self.calls[index] += 1
+        heap = self.kept[index]
+        if len(heap) >= self.keep and key >= -heap[0][0]:
+            return
+        tensors: dict[str, torch.Tensor] = {}
+        spec = {"args": flatten(tuple(args), "t", tensors), "kwargs": flatten(dict(kwargs), "t", tensors)}
+        path = self.spill / f"block-{index:03d}-{key:016x}.safetensors"
+        save_file(tensors, str(path), metadata={"spec": json.dumps(spec)})
+        heapq.heappush(heap, (-key, path))
+        if len(heap) > self.keep:
+            _, evicted = heapq.heappop(heap)
+            evicted.unlink()
+
+    @contextmanager
+    def recording(self):
+        handles = [block.register_forward_pre_hook(
+            lambda _m, args, kwargs, index=index: self.observe(index, args, kwargs), with_kwargs=True)
+            for index, block in enumerate(self.blocks)]
+        try:
+            yield self
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def block_artifact(self, index: int) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """Block ``index``'s kept calls in key order, as one artifact: tensors ``c{j}.t{i}`` and a ``calls``
+        metadata list of specs."""
+        tensors, specs = {}, []
+        for number, (_, path) in enumerate(sorted(self.kept[index], key=lambda item: -item[0])):
+            with safe_open(str(path), "pt") as opened:
+                spec = json.loads(opened.metadata()["spec"])
+                tensors.update({f"c{number}.{name}": opened.get_tensor(name) for name in opened.keys()})
+            specs.append({part: _renamed(value, f"c{number}.") for part, value in spec.items()})
+        return tensors, {"calls": json.dumps(specs)}
+
+    def discard(self) -> None:
+        shutil.rmtree(self.spill, ignore_errors=True)
+
+
+def _renamed(spec, prefix: str):
+    (kind, body), = spec.items()
+    if kind == "tensor":
+        return {"tensor": prefix + body}
+    if kind == "value":
+        return spec
+    if kind in ("tuple", "list"):
+        return {kind: [_renamed(item, prefix) for item in body]}
+    return {"dict": {k: _renamed(v, prefix) for k, v in body.items()}}
+
+
+def calls_from_artifact(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> list[tuple[tuple, dict]]:
+    """The ``(args, kwargs)`` calls of a block artifact written by :meth:`BlockInputSampler.block_artifact`."""
+    calls = []
+    for spec in json.loads(metadata["calls"]):
+        calls.append((unflatten(spec["args"], tensors), unflatten(spec["kwargs"], tensors)))
+    return calls
