@@ -1,0 +1,131 @@
+"""VQ4DiT against its two baselines — codebook-only k-means VQ and RTN weight-only (group 64) — at 2 and 3 bits.
+
+1. Layers: structured synthetic layers with planted outliers (``svdq_cli/synthetic.py``) at FLUX.1's aspect
+   ratios, quarter width by default (``--full``: FLUX widths, 3072/12288), each method calibrated on the
+   layer's own output error over 512 calibration rows (the API's path without blocks) and scored on 512
+   held-out rows: relative error ``‖y − y_bf16‖ / ‖y_bf16‖``. Also printed: bits per weight including the
+   codebook (bf16), and seconds per layer (single-threaded, the stages' policy).
+2. End to end: ``svdq quantize`` on tiny-dit and tiny-flux with ``--method vq4dit --bits B --baselines
+   rtn,kmeans``: PSNR/SSIM/latent error against the 16-bit model on the validation prompts, and seconds of
+   block-wise calibration per block.
+
+    python benchmarks/vq_quality.py            # quarter-width layers + tiny models (about 10 min on 2 cores)
+    python benchmarks/vq_quality.py --full     # FLUX-width layers too (much longer)
+    python benchmarks/vq_quality.py --json
+
+Figures, not tests: nothing here asserts; the tests hold the bars on small shapes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from svdq_cli import QuantConfig
+from svdq_cli.quant.vq import relative_output_error
+from svdq_cli.runtime.linear import SVDQLinear
+from svdq_cli.synthetic import planted_outlier_layer
+from svdq_cli.threads import single_threaded
+from svdq_cli.vector import quantize_linear, uniform_baseline
+
+QUARTER_SHAPES = ((768, 768), (768, 3072), (3072, 768))  # (K, N): attention, MLP up, MLP down at 1/4 width
+FLUX_SHAPES = ((3072, 3072), (3072, 12288), (12288, 3072))
+MODELS = ("tiny-dit", "tiny-flux")
+
+
+def layer_row(shape: tuple[int, int], bits: int, seed: int = 0) -> dict[str, object]:
+    layer, calibration, held_out = planted_outlier_layer(*shape, seed, calibration_rows=512)
+    with torch.no_grad():
+        reference = layer(held_out).float()
+    row: dict[str, object] = {"K": shape[0], "N": shape[1], "bits": bits}
+    for method in ("vq4dit", "kmeans"):
+        start = time.perf_counter()
+        with single_threaded():
+            result = quantize_linear(layer, calibration, QuantConfig(method=method, bits=bits, seed=seed), seed)
+        quantized = result.layers[""]
+        with torch.no_grad():
+            row[method] = relative_output_error(quantized(held_out).float(), reference).item() ** 0.5
+        row[f"{method}_seconds"] = time.perf_counter() - start
+        row["bits_per_weight"] = quantized.bits_per_weight()
+    rtn = SVDQLinear.from_linear(layer, uniform_baseline(QuantConfig(method="vq4dit", bits=bits)))
+    with torch.no_grad():
+        row["rtn"] = relative_output_error(rtn(held_out).float(), reference).item() ** 0.5
+    return row
+
+
+def model_row(model: str, bits: int, work: Path) -> dict[str, object]:
+    from tests.stages.conftest import svdq  # the CLI in-process, as a user runs it
+
+    run = work / f"{model}-{bits}"
+    code, _, stderr = svdq("quantize", model, "--method", "vq4dit", "--bits", str(bits), "--baselines", "rtn,kmeans",
+                           "--device", "cpu", "--out", run)
+    if code:
+        raise SystemExit(f"{model} at {bits} bits failed: {stderr.strip()[-500:]}")
+    manifest = json.loads((run / "manifest.json").read_text())
+    report = json.loads((run / "validate" / "report.json").read_text())
+    blocks = len(manifest["stages"]["quantize"]["artifacts"])
+    row: dict[str, object] = {"model": model, "bits": bits,
+                              "seconds_per_block": manifest["stages"]["quantize"]["seconds"] / blocks}
+    for method, values in report["methods"].items():
+        row[method] = {key: values[key] for key in ("psnr", "ssim", "latent_error")}
+    return row
+
+
+def render(layers: list[dict], models: list[dict], console: Console) -> None:
+    table = Table(title="layer output relative error on held-out rows (structured synthetic, planted outliers)")
+    for column in ("K×N", "bits", "VQ4DiT", "k-means VQ", "RTN g64", "bits/weight", "VQ4DiT s", "k-means s"):
+        table.add_column(column, justify="right")
+    for r in layers:
+        table.add_row(f"{r['K']}×{r['N']}", str(r["bits"]), f"{r['vq4dit']:.4f}", f"{r['kmeans']:.4f}",
+                      f"{r['rtn']:.4f}", f"{r['bits_per_weight']:.4f}", f"{r['vq4dit_seconds']:.1f}",
+                      f"{r['kmeans_seconds']:.1f}")
+    console.print(table)
+    table = Table(title="end to end vs the 16-bit model (validation prompts, same seeds)")
+    for column in ("model", "bits", "method", "PSNR dB", "SSIM", "latent rel. error", "s/block (calibration)"):
+        table.add_column(column, justify="right")
+    for r in models:
+        for method in ("vq4dit", "kmeans", "rtn"):
+            m = r[method]
+            table.add_row(r["model"], str(r["bits"]), method, f"{m['psnr']:.2f}", f"{m['ssim']:.4f}",
+                          f"{m['latent_error']:.4f}", f"{r['seconds_per_block']:.1f}" if method == "vq4dit" else "")
+    console.print(table)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--full", action="store_true", help="FLUX-width layers too")
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--skip-models", action="store_true", help="layers only")
+    args = parser.parse_args()
+    console = Console(stderr=args.json)
+    shapes = QUARTER_SHAPES + (FLUX_SHAPES if args.full else ())
+    layers = []
+    for shape in shapes:
+        for bits in (2, 3):
+            layers.append(layer_row(shape, bits))
+            console.print(f"layer {shape[0]}×{shape[1]} at {bits} bits: done", style="dim")
+    models = []
+    if not args.skip_models:
+        with tempfile.TemporaryDirectory() as work:
+            for model in MODELS:
+                for bits in (2, 3):
+                    models.append(model_row(model, bits, Path(work)))
+                    console.print(f"{model} at {bits} bits: done", style="dim")
+    if args.json:
+        print(json.dumps({"layers": layers, "models": models}, indent=2))
+    else:
+        render(layers, models, console)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    sys.exit(main())
