@@ -31,6 +31,7 @@ from .resources import data_dir
 DTYPES = ("float32", "bfloat16", "float16")
 BASELINES = ("rtn", "w4a16", "smoothquant", "kmeans")
 VQ_BASELINES = ("rtn", "kmeans")  # a VQ run's: RTN at its bits, codebook-only k-means VQ
+NON_VQ_BASELINES = ("rtn", "w4a16", "smoothquant")
 RUNTIMES = ("auto", "emulated")
 RECIPE_VERSION = 1
 
@@ -108,7 +109,7 @@ class RunConfig:
         if self.validation.runtime not in RUNTIMES:
             raise BadInputError(f"validation.runtime={self.validation.runtime!r} is invalid (allowed: "
                                 f"{', '.join(RUNTIMES)})")
-        allowed = VQ_BASELINES if self.quant.is_vector else tuple(b for b in BASELINES if b != "kmeans")
+        allowed = VQ_BASELINES if self.quant.is_vector else NON_VQ_BASELINES
         unknown = [b for b in self.validation.baselines if b not in allowed]
         if unknown:
             raise BadInputError(f"validation.baselines: {', '.join(unknown)} not available for method "
@@ -168,23 +169,27 @@ def load_recipe(name_or_path: str, overrides: dict[str, object] | None = None) -
         section, _, leaf = key.rpartition(".")
         target = data.setdefault(section, {}) if section else data
         target[leaf] = value
-    _switch_to_vector(data, {key for key, value in (overrides or {}).items() if value is not None})
+    _switch_method(data, {key for key, value in (overrides or {}).items() if value is not None})
     return build_config(RunConfig, data, "")
 
 
-def _switch_to_vector(data: dict, overridden: set[str]) -> None:
-    """``--method vq4dit`` on a recipe written for SVDQuant: the recipe's rank and its baselines of the other
-    methods do not carry over (an explicit ``--rank`` or ``--baselines`` still does, and is checked)."""
+def _switch_method(data: dict, overridden: set[str]) -> None:
+    """``--method`` on a recipe written for another kind of method: a recipe's rank does not carry over to a VQ
+    method, nor its bits to the others, nor its baselines of the other kind (an explicit ``--rank``, ``--bits``
+    or ``--baselines`` still does, and is checked)."""
     from .quant.config import VQ_METHODS
 
     quant = data.get("quant")
-    if "quant.method" not in overridden or not isinstance(quant, dict) or quant.get("method") not in VQ_METHODS:
+    if "quant.method" not in overridden or not isinstance(quant, dict):
         return
-    if "quant.rank" not in overridden:
-        quant.pop("rank", None)
+    vector = quant.get("method") in VQ_METHODS
+    dropped = "quant.rank" if vector else "quant.bits"
+    if dropped not in overridden:
+        quant.pop(dropped.partition(".")[2], None)
+    allowed = VQ_BASELINES if vector else NON_VQ_BASELINES
     validation = data.get("validation")
     if "validation.baselines" not in overridden and isinstance(validation, dict) and validation.get("baselines"):
-        validation["baselines"] = [b for b in validation["baselines"] if b in VQ_BASELINES]
+        validation["baselines"] = [b for b in validation["baselines"] if b in allowed]
 
 
 def build_config(cls, data: dict, prefix: str):
