@@ -6,6 +6,8 @@ prompt and denoising step gets a key from a hash of (seed, block, prompt, call n
 the ``keep`` calls with the smallest keys, so the sample is fixed by the seed and the prompts, not by the
 order of the calls. A kept call is written to a spill file at once and dropped from memory, so memory holds
 one call, whatever the prompts × steps; the block's artifact is assembled from its spill files at the end.
+Under torchrun each rank samples the calls of its own prompts; since keys do not depend on which rank ran a
+prompt, the smallest keys over every rank's kept calls are the one-process sample, exactly.
 """
 
 from __future__ import annotations
@@ -64,7 +66,8 @@ class BlockInputSampler:
         self.blocks, self.keep, self.seed, self.spill = blocks, keep, seed, spill
         self.kept: list[list[tuple[int, Path]]] = [[] for _ in blocks]  # max-heaps by key (negated)
         self.unit, self.calls = 0, [0] * len(blocks)
-        spill.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(spill, ignore_errors=True)  # an interrupted collect's files: none is referenced any more
+        spill.mkdir(parents=True)
 
     def start_unit(self, unit: int) -> None:
         self.unit, self.calls = unit, [0] * len(self.blocks)
@@ -95,19 +98,30 @@ class BlockInputSampler:
             for handle in handles:
                 handle.remove()
 
-    def block_artifact(self, index: int) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-        """Block ``index``'s kept calls in key order, as one artifact: tensors ``c{j}.t{i}`` and a ``calls``
-        metadata list of specs."""
-        tensors, specs = {}, []
-        for number, (_, path) in enumerate(sorted(self.kept[index], key=lambda item: -item[0])):
-            with safe_open(str(path), "pt") as opened:
-                spec = json.loads(opened.metadata()["spec"])
-                tensors.update({f"c{number}.{name}": opened.get_tensor(name) for name in opened.keys()})
-            specs.append({part: _renamed(value, f"c{number}.") for part, value in spec.items()})
-        return tensors, {"calls": json.dumps(specs)}
+    def kept_calls(self) -> list[list[tuple[int, str]]]:
+        """Per block, the kept calls as ``(key, spill file)``, in key order."""
+        return [sorted((-negated, str(path)) for negated, path in heap) for heap in self.kept]
 
     def discard(self) -> None:
         shutil.rmtree(self.spill, ignore_errors=True)
+
+
+def smallest_calls(shares: list[list[tuple[int, str]]], keep: int) -> list[tuple[int, str]]:
+    """The ``keep`` smallest-key calls of one block over every rank's kept calls (keys are unique: they hash
+    the prompt and the call number)."""
+    return sorted(call for share in shares for call in share)[:keep]
+
+
+def block_artifact(calls: list[tuple[int, str]]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """One block's calls, in key order, as one artifact: tensors ``c{j}.t{i}`` and a ``calls`` metadata list of
+    specs."""
+    tensors, specs = {}, []
+    for number, (_, path) in enumerate(calls):
+        with safe_open(path, "pt") as opened:
+            spec = json.loads(opened.metadata()["spec"])
+            tensors.update({f"c{number}.{name}": opened.get_tensor(name) for name in opened.keys()})
+        specs.append({part: _renamed(value, f"c{number}.") for part, value in spec.items()})
+    return tensors, {"calls": json.dumps(specs)}
 
 
 def _renamed(spec, prefix: str):

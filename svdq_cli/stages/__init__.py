@@ -254,9 +254,6 @@ class Workspace:
         quant = self.config.quant
         group, rank = (quant.vq_dim, 0) if quant.is_vector else (quant.group_size, quant.effective_rank)
         what = "the vector dimension (vq_dim)" if quant.is_vector else "the group size"
-        if quant.is_vector and self.world.size > 1:
-            raise BadInputError(f"{quant.method} runs as one process: its block-wise calibration is not shared "
-                                "across torchrun ranks yet")
         for name, module in self.originals.items():
             if module.in_features % group:
                 raise BadInputError(f"layer {name}: in_features {module.in_features} is not divisible by {what} "
@@ -446,7 +443,7 @@ def run_stages(run: Run, config: RunConfig, until: str | None = None, redo: str 
             world.barrier(f"the end of {name}")
         seconds = time.perf_counter() - start
         if world.leader:
-            if shared and name in BLOCK_STAGES:
+            if shared and applies and name in BLOCK_STAGES:
                 _adopt_blocks(run, name, len(workspace.blocks))
             run.finish_stage(name, seconds, **extra)
         status = ("resumed" if done_before else "done") if applies else "not applicable"

@@ -13,8 +13,11 @@ merge their statistics exactly (``distributed.py``); each writes the artifacts o
 
 from __future__ import annotations
 
+import shutil
+
 from ..api import SAMPLES, collect_statistics
-from ..block_inputs import BlockInputSampler
+from ..block_inputs import BlockInputSampler, smallest_calls
+from ..block_inputs import block_artifact as block_inputs_artifact
 from ..progress import say, task
 from ..prompts import prompt_seed
 from . import Stage, block_artifact, json_meta
@@ -45,7 +48,7 @@ def run(run, workspace) -> dict:
     if not missing:  # every block's statistics verify (adopted after a lost manifest): no calibration pass
         return summary
     if config.quant.is_vector:
-        return {**summary, **collect_block_inputs(run, workspace, prompts, missing)}
+        return {**summary, **collect_block_inputs(run, workspace, prompts, mine, missing)}
     encodings = dict(zip(mine, workspace.encodings([prompts[i] for i in mine], calibration), strict=True))
 
     with task("collect", len(mine)) as advance:
@@ -75,25 +78,32 @@ def run(run, workspace) -> dict:
     return summary
 
 
-def collect_block_inputs(run, workspace, prompts: list[str], missing: list[int]) -> dict:
-    """VQ methods: run the 16-bit pipeline over the prompts and keep, per block, a seeded sample of
-    ``vq_calls`` of its input calls (``block_inputs.py``); one artifact per block."""
-    calibration, quant = workspace.config.calibration, workspace.config.quant
+def collect_block_inputs(run, workspace, prompts: list[str], mine: list[int], missing: list[int]) -> dict:
+    """VQ methods: run the 16-bit pipeline over this rank's prompts and keep, per block, a seeded sample of
+    ``vq_calls`` of its input calls (``block_inputs.py``); the ranks exchange which calls they kept (keys and
+    spill files on the shared run directory) and each writes the artifacts of its own blocks."""
+    calibration, quant, world = workspace.config.calibration, workspace.config.quant, workspace.world
     modules = [workspace.transformer.get_submodule(name) for name, _ in workspace.blocks]
-    sampler = BlockInputSampler(modules, quant.vq_calls, quant.seed, run.path / "collect" / "calls.partial")
-    encodings = workspace.encodings(prompts, calibration)
+    spill = run.path / "collect" / "calls.partial"
+    sampler = BlockInputSampler(modules, quant.vq_calls, quant.seed, spill / f"rank-{world.rank}")
+    encodings = workspace.encodings([prompts[index] for index in mine], calibration)
     try:
-        with task("collect", len(prompts)) as advance, sampler.recording():
-            for unit, (prompt, encoding) in enumerate(zip(prompts, encodings, strict=True)):
+        with task("collect", len(mine)) as advance, sampler.recording():
+            for unit, encoding in zip(mine, encodings, strict=True):
                 sampler.start_unit(unit)
-                workspace.generate_one(prompt, prompt_seed(prompt, calibration.seed), encoding, calibration,
-                                       output_type="latent")
-                advance(prompt[:40])
+                workspace.generate_one(prompts[unit], prompt_seed(prompts[unit], calibration.seed), encoding,
+                                       calibration, output_type="latent")
+                advance(prompts[unit][:40])
+        shares = world.exchange(sampler.kept_calls(), "the exchange of sampled block inputs")
         for index in missing:
-            tensors, metadata = sampler.block_artifact(index)
-            run.write("collect", block_artifact("collect", index), tensors, metadata)
+            if world.owns(index):
+                calls = smallest_calls([share[index] for share in shares], quant.vq_calls)
+                run.write("collect", block_artifact("collect", index), *block_inputs_artifact(calls))
+        world.barrier("the writing of the block inputs")  # every rank has read the spill files it needs
     finally:
         sampler.discard()
+    if world.leader:
+        shutil.rmtree(spill, ignore_errors=True)
     return {"block_inputs": quant.vq_calls}
 
 

@@ -115,3 +115,19 @@ def test_a_vector_dimension_that_does_not_divide_k_is_refused_before_collect(tmp
     assert code == 2, stderr
     assert "not divisible by the vector dimension (vq_dim) 3" in stderr
     assert not (tmp_path / "run" / "collect").exists()
+
+
+@pytest.mark.slow
+def test_two_torchrun_ranks_write_the_one_process_vq_run_byte_for_byte(vq_run, vq_recipe, tmp_path):
+    """Each rank samples its own prompts' block inputs; the smallest keys over both ranks are the one-process
+    sample, so every artifact (collect to export) is the same bytes."""
+    from tests.stages.test_torchrun import artifacts, torchrun
+
+    run = tmp_path / "two"
+    done = torchrun("quantize", "tiny-dit", "--recipe", vq_recipe, "--out", run)
+    assert done.returncode == 0, done.stderr[-3000:]
+    mine, reference = artifacts(run), artifacts(vq_run)
+    assert sorted(mine) == sorted(reference)
+    for name, data in reference.items():
+        assert mine[name] == data, name
+    assert not (run / "collect" / "calls.partial").exists()
