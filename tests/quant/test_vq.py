@@ -19,6 +19,7 @@ from svdq_cli.quant.vq import (
     kmeans,
     nearest,
     pack_indices,
+    ratio_average,
     ratio_loss,
     relative_output_error,
     unpack_indices,
@@ -76,13 +77,27 @@ def test_soft_weight_is_the_ratio_weighted_average_of_the_candidates(seed):
         soft.logits.copy_(torch.randn(soft.logits.shape, generator=g))
         codebook = soft.codebook.double() * soft.scale
         ratios = torch.softmax(soft.logits.double(), dim=-1)
-        expected = (ratios[..., None] * codebook[soft.candidates]).sum(1).reshape(24, 32)
+        expected = (ratios[..., None] * codebook[soft.candidates.long()]).sum(1).reshape(24, 32)
         assert torch.allclose(soft.weight().double(), expected, atol=1e-5)
         assert ratio_loss(soft.logits) > 0
         assert ratio_loss(torch.tensor([[30.0, -30.0, -30.0]])) < 1e-12
         soft.harden()
-        chosen = soft.candidates.gather(1, soft.logits.argmax(1, keepdim=True))[:, 0]
+        chosen = soft.candidates.long().gather(1, soft.logits.argmax(1, keepdim=True))[:, 0]
         assert torch.allclose(soft.weight().double(), codebook[chosen].reshape(24, 32), atol=1e-5)
+
+
+def test_ratio_average_and_its_recomputing_backward_against_float64_autograd(seed):
+    g = torch.Generator().manual_seed(seed)
+    ratios = torch.softmax(torch.randn(50, 3, generator=g, dtype=torch.float64), -1).requires_grad_()
+    codebook = torch.randn(16, 4, generator=g, dtype=torch.float64, requires_grad=True)
+    candidates = torch.randint(0, 16, (50, 3), generator=g, dtype=torch.int32)
+    assert torch.autograd.gradcheck(ratio_average, (ratios, codebook, candidates))
+    upstream = torch.randn(50, 4, generator=g, dtype=torch.float64)
+    plain = (ratios[..., None] * codebook[candidates.long()]).sum(1)
+    expected = torch.autograd.grad(plain, (ratios, codebook), upstream)
+    lean = torch.autograd.grad(ratio_average(ratios, codebook, candidates), (ratios, codebook), upstream)
+    assert all(torch.allclose(a, b) for a, b in zip(lean, expected, strict=True))
+    assert torch.allclose(ratio_average(ratios, codebook, candidates), plain)
 
 
 @pytest.mark.parametrize("shape", [(256, 128), (128, 384)])
