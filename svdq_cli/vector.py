@@ -48,13 +48,13 @@ def _to_float(value, device: torch.device):
     return value
 
 
-def _detached(value):
+def detached(value):
     if isinstance(value, torch.Tensor):
         return value.detach()
     if isinstance(value, (tuple, list)):
-        return type(value)(_detached(v) for v in value)
+        return type(value)(detached(v) for v in value)
     if hasattr(value, "to_tuple"):
-        return _detached(value.to_tuple())
+        return detached(value.to_tuple())
     return value
 
 
@@ -76,7 +76,7 @@ def quantize_block(block: nn.Module, names: Sequence[str], calls: Sequence[Call]
     hooks = [module.register_forward_pre_hook(lambda _m, args, name=name: captured[name].append(args[0].detach()))
              for name, module in modules.items()]
     with torch.no_grad():
-        references = [_detached(work(*args, **kwargs)) for args, kwargs in calls]
+        references = [detached(work(*args, **kwargs)) for args, kwargs in calls]
     for hook in hooks:
         hook.remove()
     shape = VQShape(config.vq_dim, config.bits)

@@ -266,21 +266,21 @@ def _hard_error(layers: Sequence[SoftVQLinear], distortion: Callable[[int], torc
 
 def relative_output_error(output: torch.Tensor | Sequence, reference: torch.Tensor | Sequence) -> torch.Tensor:
     """``Σ‖y − y_ref‖² / Σ‖y_ref‖²`` over the tensors of a (possibly nested) output."""
-    outputs, references = _tensors(output), _tensors(reference)
+    outputs, references = output_tensors(output), output_tensors(reference)
     error = sum(((o.float() - r.float()) ** 2).sum() for o, r in zip(outputs, references, strict=True))
     power = sum((r.float() ** 2).sum() for r in references)
     return error / power.clamp_min(1e-30)
 
 
-def _tensors(value) -> list[torch.Tensor]:
+def output_tensors(value) -> list[torch.Tensor]:
     if isinstance(value, torch.Tensor):
         return [value]
     if isinstance(value, (tuple, list)):
-        return [t for item in value for t in _tensors(item)]
+        return [t for item in value for t in output_tensors(item)]
     if isinstance(value, dict):
-        return [t for key in sorted(value) for t in _tensors(value[key])]
+        return [t for key in sorted(value) for t in output_tensors(value[key])]
     if hasattr(value, "to_tuple"):  # diffusers/transformers ModelOutput
-        return _tensors(value.to_tuple())
+        return output_tensors(value.to_tuple())
     return []
 
 

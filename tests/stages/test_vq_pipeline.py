@@ -151,3 +151,24 @@ def test_validate_runs_vq_layers_through_vq_gemm_on_the_emulator(tmp_path, vq_re
     check = json.loads((run / "validate" / "report.json").read_text())["kernels_vs_reference_path"]
     assert check["fused_calls"] > 0 and not check["reference_path_calls"], check
     assert check["worst_layer_snr_db"] >= 60, check
+
+
+@pytest.mark.parametrize("family", ["tiny-flux", "tiny-pixart", "tiny-sana", "tiny-sd3"])
+def test_vq4dit_runs_on_every_family(tmp_path, family):
+    """Each family's blocks take other arguments (joint streams, rotary tuples, cross-attention masks, dicts):
+    the recorded calls must replay to the same block outputs, and the export must load back."""
+    recipe = tmp_path / "family.yaml"
+    recipe.write_text(f"""
+model: {family}
+family: {family}
+dtype: float32
+device: cpu
+quant: {{method: vq4dit, bits: 2, vq_steps: 4, vq_calls: 2, kmeans_iters: 2}}
+calibration: {{num_prompts: 1, steps: 1, resolution: 64}}
+validation: {{num_prompts: 1, steps: 1, resolution: 64}}
+""")
+    run = tmp_path / "run"
+    code, _, stderr = svdq("quantize", family, "--recipe", recipe, "--out", run)
+    assert code == 0, stderr
+    transformer = load_quantized(export_file(run))
+    assert any(isinstance(module, VQLinear) for module in transformer.modules())
