@@ -12,6 +12,8 @@
     python benchmarks/vq_quality.py            # quarter-width layers + tiny models (about 10 min on 2 cores)
     python benchmarks/vq_quality.py --full     # FLUX-width layers too (much longer)
     python benchmarks/vq_quality.py --json
+    python benchmarks/vq_quality.py --flux-block   # one FLUX.1 double block (3072 wide, bf16, random weights):
+                                                   # seconds per calibration step and peak memory, 2 cores
 
 Figures, not tests: nothing here asserts; the tests hold the bars on small shapes.
 """
@@ -79,6 +81,35 @@ def model_row(model: str, bits: int, work: Path) -> dict[str, object]:
     return row
 
 
+def flux_block(tokens: int = 256, text: int = 64, steps: int = 3) -> dict[str, object]:
+    """Block-wise calibration of one FLUX.1-sized double block (19 of them in FLUX.1-dev) on one call of
+    ``tokens`` image and ``text`` text tokens: seconds per Adam step and this process's peak memory."""
+    import resource
+
+    from diffusers.models.transformers.transformer_flux import FluxTransformerBlock
+
+    from svdq_cli.models.flux import JOINT_GROUPS
+    from svdq_cli.vector import quantize_block
+
+    torch.manual_seed(0)
+    block = FluxTransformerBlock(dim=3072, num_attention_heads=24, attention_head_dim=128).to(torch.bfloat16).eval()
+    for parameter in block.parameters():
+        torch.nn.init.normal_(parameter, std=0.02)
+    names = [name for group in JOINT_GROUPS for name in group]
+    call = ((), {"hidden_states": torch.randn(1, tokens, 3072, dtype=torch.bfloat16),
+                 "encoder_hidden_states": torch.randn(1, text, 3072, dtype=torch.bfloat16),
+                 "temb": torch.randn(1, 3072, dtype=torch.bfloat16)})
+    weights = sum(block.get_submodule(name).weight.numel() for name in names)
+    timings = {}
+    for count in (0, steps):  # k-means and setup alone, then with the steps: the difference is the steps
+        start = time.perf_counter()
+        quantize_block(block, names, [call], QuantConfig(method="vq4dit", bits=2, vq_steps=count))
+        timings[count] = time.perf_counter() - start
+    return {"weights": weights, "tokens": tokens + text, "setup_seconds": timings[0],
+            "seconds_per_step": (timings[steps] - timings[0]) / steps,
+            "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+
+
 def render(layers: list[dict], models: list[dict], console: Console) -> None:
     table = Table(title="layer output relative error on held-out rows (structured synthetic, planted outliers)")
     for column in ("K×N", "bits", "VQ4DiT", "k-means VQ", "RTN g64", "bits/weight", "VQ4DiT s", "k-means s"):
@@ -104,8 +135,16 @@ def main() -> int:
     parser.add_argument("--full", action="store_true", help="FLUX-width layers too")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--skip-models", action="store_true", help="layers only")
+    parser.add_argument("--flux-block", action="store_true", help="only: one FLUX.1 double block's calibration cost")
     args = parser.parse_args()
     console = Console(stderr=args.json)
+    if args.flux_block:
+        result = flux_block()
+        print(json.dumps(result, indent=2) if args.json else
+              f"FLUX.1 double block ({result['weights'] / 1e6:.0f} M weights, {result['tokens']} tokens): k-means and "
+              f"setup {result['setup_seconds']:.0f} s, {result['seconds_per_step']:.1f} s per Adam step, peak "
+              f"{result['peak_rss_gib']:.1f} GiB")
+        return 0
     shapes = QUARTER_SHAPES + (FLUX_SHAPES if args.full else ())
     layers = []
     for shape in shapes:

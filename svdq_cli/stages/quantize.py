@@ -52,7 +52,8 @@ def load_block_layers(run, index: int) -> dict[str, tuple[nn.Module, dict]]:
 def run(run, workspace) -> dict:
     config = workspace.config
     if config.quant.is_vector:
-        for_each_block(run, workspace, "quantize", lambda index, block, groups: vq_block(run, workspace, index)[:2])
+        for_each_block(run, workspace, "quantize",
+                       lambda index, block, groups: vq_artifact(block, vq_block(run, workspace, index)))
         return {"layers": len(workspace.originals)}
 
     def compute(index: int, block: str, groups: list[list[str]]):
@@ -86,24 +87,28 @@ def run(run, workspace) -> dict:
     return {"layers": len(workspace.originals)}
 
 
-def vq_block(run, workspace, index: int, quant=None) -> tuple[dict, dict, BlockResult]:
-    """Block ``index`` vector-quantized by block-wise calibration on its collected input calls (with ``quant``,
-    another VQ config than the run's: the k-means baseline): the artifact's tensors and metadata, and the
-    result itself."""
+def vq_block(run, workspace, index: int, quant=None) -> BlockResult:
+    """Block ``index`` vector-quantized by block-wise calibration on its collected input calls (``quant``: another
+    VQ config than the run's, the k-means baseline)."""
     block, groups = workspace.blocks[index]
     tensors, metadata = run.read("collect", block_artifact("collect", index))
     names = [name[len(block) + 1:] for group in groups for name in group]
     quant = quant or workspace.config.quant
-    result = quantize_block(workspace.transformer.get_submodule(block), names, calls_from_artifact(tensors, metadata),
-                            quant, seed=quant.seed * 7919 + index)
-    out, entries = {}, {}
+    return quantize_block(workspace.transformer.get_submodule(block), names, calls_from_artifact(tensors, metadata),
+                          quant, seed=quant.seed * 7919 + index)
+
+
+def vq_artifact(block: str, result: BlockResult) -> tuple[dict, dict]:
+    """A VQ block's quantize artifact: the layers' tensors by full name, and per layer its format facts and
+    report (with the block's output error before and after calibration)."""
+    tensors, entries = {}, {}
     for relative, layer in result.layers.items():
         name = f"{block}.{relative}"
-        out.update({f"{name}.{key}": value for key, value in layer.state_dict().items()})
+        tensors.update({f"{name}.{key}": value for key, value in layer.state_dict().items()})
         entries[name] = {"layer": layer.layer_metadata(), "report": {
             **result.reports[relative], "name": name, "group": name,
             "block_error_before": result.error_before, "block_error_after": result.error_after}}
-    return out, json_meta(entries), result
+    return tensors, json_meta(entries)
 
 
 STAGE = Stage("quantize", ("svd", "collect"), reads, run)

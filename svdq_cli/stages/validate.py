@@ -4,8 +4,8 @@ are available locally), per-layer output errors — as report.json, report.md, c
 
 ``validation.baselines`` (rtn, w4a16, smoothquant; for VQ runs rtn at the run's bits and kmeans) adds the same
 metrics for those methods, quantized in memory from the same calibration data, so a user sees what the method
-bought them. Gates
-(``min_psnr``, ``min_ssim``, ``max_latent_error``) are checked here; the CLI exits 3 when one fails.
+bought them. Gates (``min_psnr``, ``min_ssim``, ``max_latent_error``) are checked here; the CLI exits 3 when one
+fails.
 """
 
 from __future__ import annotations
@@ -70,12 +70,12 @@ def baseline_config(config: QuantConfig, method: str) -> QuantConfig:
 
 
 def baseline_block(run, workspace, config: QuantConfig, index: int) -> dict[str, nn.Module]:
-    """Block ``index``'s layers quantized in memory by a baseline method from the collected statistics."""
+    """Block ``index``'s layers quantized in memory by a baseline method from the collected data."""
     adapter, layers = workspace.adapter, {}
     if config.is_vector:  # k-means VQ, calibrated on the block's inputs like the run's own layers
         with workspace.block_resident(index), single_threaded():
             return {f"{workspace.blocks[index][0]}.{name}": layer
-                    for name, layer in vq_block(run, workspace, index, config)[2].layers.items()}
+                    for name, layer in vq_block(run, workspace, index, config).layers.items()}
     if config.precision in LOW_BIT_PRECISIONS:  # RTN at a VQ run's bits: weights only, no statistics needed
         with workspace.block_resident(index):
             plan = GroupPlan("none", 0.0, 0.0, 0.0, None)
