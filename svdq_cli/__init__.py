@@ -1,4 +1,4 @@
-"""svdq: SVDQuant W4A4 post-training quantization for diffusion transformers.
+"""svdq: SVDQuant W4A4 (and VQ4DiT 2-/3-bit) post-training quantization for diffusion transformers.
 
 Public API::
 
@@ -12,6 +12,7 @@ from .api import LayerReport, QuantReport, quantize_model  # noqa: E402
 from .errors import BadInputError, SvdqError  # noqa: E402
 from .quant.config import QuantConfig  # noqa: E402
 from .runtime.linear import SVDQLinear  # noqa: E402
+from .runtime.vq_linear import VQLinear  # noqa: E402
 
 __all__ = [
     "BadInputError",
@@ -20,6 +21,7 @@ __all__ = [
     "QuantReport",
     "SVDQLinear",
     "SvdqError",
+    "VQLinear",
     "__version__",
     "quantize_model",
 ]

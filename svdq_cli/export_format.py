@@ -138,7 +138,7 @@ def load_quantized(path: Path | str, pipeline=None, device: str | torch.device =
     from .api import replace_module
     from .device import resolve_device
     from .models.streaming import empty_model
-    from .stages.quantize import load_layer
+    from .runtime import load_layer
 
     metadata = read_metadata(Path(path))
     if metadata["format_version"] not in READABLE_FORMATS:

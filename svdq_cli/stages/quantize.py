@@ -12,8 +12,7 @@ from torch import nn
 
 from ..api import group_hessian, input_gram, measure_layer, quantize_layer
 from ..block_inputs import calls_from_artifact
-from ..runtime.linear import SVDQLinear
-from ..runtime.vq_linear import VQLinear
+from ..runtime import SVDQLinear, load_layer
 from ..threads import parallel_map
 from ..vector import BlockResult, quantize_block
 from . import Stage, block_artifact, for_each_block, json_meta, quant_fields
@@ -28,13 +27,6 @@ def reads(config) -> dict:
         return quant_fields(config, *VQ_FIELDS)
     return quant_fields(config, "precision", "gptq", "gptq_damp", "gptq_block", "scale_dtype", "search_rows",
                         "full_range", "scale_search")
-
-
-def load_layer(tensors: dict, facts: dict) -> nn.Module:
-    """A quantized layer from its tensors and format facts: a VQLinear (``format: vq``) or an SVDQLinear."""
-    if facts.get("format") == "vq":
-        return VQLinear.from_state_dict(tensors, facts)
-    return SVDQLinear.from_state_dict(tensors, facts)
 
 
 def load_block_layers(run, index: int) -> dict[str, tuple[nn.Module, dict]]:
