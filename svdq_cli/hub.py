@@ -12,6 +12,7 @@ import yaml
 
 from .errors import BadInputError, SvdqError
 from .export_format import read_metadata
+from .quant.config import VQ_METHODS
 
 # Licenses of the base models we ship recipes for, so the card can inherit them.
 BASE_LICENSES = {
@@ -72,24 +73,40 @@ def plan_upload(run_dir: Path, repo_id: str, force: bool = False) -> Upload:
     return Upload(files, model_card(metadata, export_path.name, repo_id, "comparison.png" in files), recipe)
 
 
+def _description(quant: dict) -> tuple[str, str]:
+    """What the model card says the quantization is, and how it stores the weights."""
+    if quant["method"] in VQ_METHODS:
+        kind = "VQ4DiT" if quant["method"] == "vq4dit" else "k-means (codebook-only)"
+        return (f"{kind} {quant['bits']}-bit vector quantization",
+                f"sub-vectors of {quant['vq_dim']} weights index one codebook of "
+                f"{2 ** (quant['bits'] * quant['vq_dim'])} codewords per layer; activations stay 16-bit")
+    return (f"{quant['method']} {quant['precision']} quantization",
+            f"smoothing, a rank-{quant['rank']} 16-bit low-rank branch and "
+            f"{'4' if quant['precision'] != 'int8' else '8'}-bit weights and activations (group "
+            f"{quant['group_size']}{', GPTQ' if quant['gptq'] else ''})")
+
+
 def model_card(metadata: dict, filename: str, repo_id: str, with_picture: bool) -> str:
     """README.md for the Hub: YAML front matter, config summary, validation table, loading snippet."""
     recipe, quant = metadata["recipe"], metadata["quantization_config"]
     base = recipe["model"]
-    front = {"library_name": "diffusers", "pipeline_tag": "text-to-image",
-             "tags": ["svdquant", "svdq", quant["precision"], "diffusers", "text-to-image", "quantized"]}
+    vector = quant["method"] in VQ_METHODS
+    text = metadata.get("model_config", {}).get("class") != "DiTTransformer2DModel"  # DiT: class labels
+    tags = ["vq4dit", "svdq", f"vq{quant['bits']}"] if vector else ["svdquant", "svdq", quant["precision"]]
+    front = {"library_name": "diffusers", **({"pipeline_tag": "text-to-image"} if text else {}),
+             "tags": [*tags, "diffusers", *(["text-to-image"] if text else []), "quantized"]}
     if "/" in base and not Path(base).exists():
         front.update(base_model=base, base_model_relation="quantized")
         front.update(BASE_LICENSES.get(base, {}))
     validate = metadata.get("validate", {})
+    title, details = _description(quant)
     lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
              f"# {repo_id.split('/')[-1]}", "",
-             f"{quant['method']} {quant['precision']} quantization of `{base}` made with svdq "
-             f"{metadata.get('svdq_version', '')}: smoothing, a rank-{quant['rank']} 16-bit low-rank branch and "
-             f"{'4' if quant['precision'] != 'int8' else '8'}-bit weights and activations "
-             f"(group {quant['group_size']}{', GPTQ' if quant['gptq'] else ''}).", "",
+             f"{title} of `{base}` made with svdq {metadata.get('svdq_version', '')}: {details}.", "",
              "| setting | value |", "|---|---|"]
-    for key in ("method", "precision", "rank", "group_size", "gptq", "weight_only"):
+    keys = ("method", "bits", "vq_dim", "vq_candidates", "vq_steps") if vector else \
+        ("method", "precision", "rank", "group_size", "gptq", "weight_only")
+    for key in keys:
         lines.append(f"| {key} | {quant[key]} |")
     lines.append(f"| layers quantized | {len(metadata['layers'])} |")
     lines.append("")
@@ -108,7 +125,8 @@ def model_card(metadata: dict, filename: str, repo_id: str, with_picture: bool) 
               "from svdq_cli.export_format import load_quantized_pipeline", "",
               f'path = hf_hub_download("{repo_id}", "{filename}")',
               'pipe = load_quantized_pipeline(path, device="cuda")',
-              'image = pipe("a red fox in fresh snow").images[0]', "```", "",
+              'image = pipe("a red fox in fresh snow").images[0]' if text else
+              "image = pipe(class_labels=[207]).images[0]  # ImageNet class 207, golden retriever", "```", "",
               "The resolved recipe is in `recipe.yaml`.", ""]
     return "\n".join(lines)
 

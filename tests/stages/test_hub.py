@@ -77,6 +77,22 @@ def test_card_inherits_the_base_model_and_its_license():
     assert meta["license"] == "apache-2.0"
 
 
+def test_model_card_of_a_vq_export_describes_vector_quantization():
+    from svdq_cli.hub import model_card
+
+    metadata = {"recipe": {"model": "facebook/DiT-XL-2-256"}, "svdq_version": "0.1.0",
+                "model_config": {"class": "DiTTransformer2DModel"},
+                "quantization_config": {"method": "vq4dit", "precision": "int4", "rank": 0, "bits": 2, "vq_dim": 4,
+                                        "vq_candidates": 4, "vq_steps": 200},
+                "layers": {"a": {}}, "validate": {"ran": True, "methods": {"vq4dit": {
+                    "psnr": 30.0, "ssim": 0.9, "latent_error": 0.1}}}}
+    card = model_card(metadata, "f.safetensors", "me/x", False)
+    meta = front_matter(card)
+    assert "vq4dit" in meta["tags"] and "vq2" in meta["tags"] and "pipeline_tag" not in meta
+    assert "VQ4DiT 2-bit vector quantization" in card and "256 codewords" in card and "low-rank" not in card
+    assert "class_labels=" in card
+
+
 def test_push_bad_input(finished_run, tmp_path, fake_hub, monkeypatch):
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))  # no cached login
