@@ -111,6 +111,13 @@ def flux_block(tokens: int = 256, text: int = 64, steps: int = 3) -> dict[str, o
 
 
 def render(layers: list[dict], models: list[dict], console: Console) -> None:
+    if layers:
+        console.print(layer_table(layers))
+    if models:
+        console.print(model_table(models))
+
+
+def layer_table(layers: list[dict]) -> Table:
     table = Table(title="layer output relative error on held-out rows (structured synthetic, planted outliers)")
     for column in ("K×N", "bits", "VQ4DiT", "k-means VQ", "RTN g64", "bits/weight", "VQ4DiT s", "k-means s"):
         table.add_column(column, justify="right")
@@ -118,7 +125,10 @@ def render(layers: list[dict], models: list[dict], console: Console) -> None:
         table.add_row(f"{r['K']}×{r['N']}", str(r["bits"]), f"{r['vq4dit']:.4f}", f"{r['kmeans']:.4f}",
                       f"{r['rtn']:.4f}", f"{r['bits_per_weight']:.4f}", f"{r['vq4dit_seconds']:.1f}",
                       f"{r['kmeans_seconds']:.1f}")
-    console.print(table)
+    return table
+
+
+def model_table(models: list[dict]) -> Table:
     table = Table(title="end to end vs the 16-bit model (validation prompts, same seeds)")
     for column in ("model", "bits", "method", "PSNR dB", "SSIM", "latent rel. error", "s/block (calibration)"):
         table.add_column(column, justify="right")
@@ -127,7 +137,7 @@ def render(layers: list[dict], models: list[dict], console: Console) -> None:
             m = r[method]
             table.add_row(r["model"], str(r["bits"]), method, f"{m['psnr']:.2f}", f"{m['ssim']:.4f}",
                           f"{m['latent_error']:.4f}", f"{r['seconds_per_block']:.1f}" if method == "vq4dit" else "")
-    console.print(table)
+    return table
 
 
 def main() -> int:
@@ -135,6 +145,7 @@ def main() -> int:
     parser.add_argument("--full", action="store_true", help="FLUX-width layers too")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--skip-models", action="store_true", help="layers only")
+    parser.add_argument("--skip-layers", action="store_true", help="tiny models only")
     parser.add_argument("--flux-block", action="store_true", help="only: one FLUX.1 double block's calibration cost")
     args = parser.parse_args()
     console = Console(stderr=args.json)
@@ -145,7 +156,7 @@ def main() -> int:
               f"setup {result['setup_seconds']:.0f} s, {result['seconds_per_step']:.1f} s per Adam step, peak "
               f"{result['peak_rss_gib']:.1f} GiB")
         return 0
-    shapes = QUARTER_SHAPES + (FLUX_SHAPES if args.full else ())
+    shapes = () if args.skip_layers else QUARTER_SHAPES + (FLUX_SHAPES if args.full else ())
     layers = []
     for shape in shapes:
         for bits in (2, 3):
