@@ -23,7 +23,7 @@ from .quant.vq import SoftVQLinear, VQShape, calibrate, relative_output_error
 from .runtime.vq_linear import VQLinear
 
 Call = tuple[tuple, dict]  # one forward call of a block: positional and keyword arguments
-REPORT_ROWS = 256  # input rows per layer the per-layer report is measured on
+REPORT_ROWS = 256  # input rows per layer (drawn evenly from the calls) the per-layer report is measured on
 
 
 @dataclass
@@ -73,7 +73,14 @@ def quantize_block(block: nn.Module, names: Sequence[str], calls: Sequence[Call]
     calls = [(_to_float(args, device), _to_float(kwargs, device)) for args, kwargs in calls]
     modules = {name: work.get_submodule(name) for name in names}
     captured: dict[str, list[torch.Tensor]] = {name: [] for name in names}
-    hooks = [module.register_forward_pre_hook(lambda _m, args, name=name: captured[name].append(args[0].detach()))
+    per_call = -(-REPORT_ROWS // max(1, len(calls)))
+    generators = {name: torch.Generator().manual_seed(seed + index) for index, name in enumerate(names)}
+
+    def capture(name: str, x: torch.Tensor) -> None:  # a seeded few rows per call: bounded whatever the tokens
+        rows = x.detach().reshape(-1, x.shape[-1])
+        captured[name].append(rows[torch.randperm(rows.shape[0], generator=generators[name])[:per_call]].cpu())
+
+    hooks = [module.register_forward_pre_hook(lambda _m, args, name=name: capture(name, args[0]))
              for name, module in modules.items()]
     with torch.no_grad():
         references = [detached(work(*args, **kwargs)) for args, kwargs in calls]
@@ -96,17 +103,8 @@ def quantize_block(block: nn.Module, names: Sequence[str], calls: Sequence[Call]
     layers = {name: VQLinear.from_parts(layer.final_codebook(), layer.assignments(), originals[name].bias,
                                         bits=config.bits, dtype=originals[name].weight.dtype, method=config.method)
               for name, layer in soft.items()}
-    reports = {name: layer_report(originals[name], layers[name], _rows(captured[name], seed), config)
-               for name in names}
+    reports = {name: layer_report(originals[name], layers[name], torch.cat(captured[name]), config) for name in names}
     return BlockResult(layers, reports, result.error_before, result.error_after, time.perf_counter() - start)
-
-
-def _rows(inputs: list[torch.Tensor], seed: int) -> torch.Tensor:
-    """At most :data:`REPORT_ROWS` seeded rows of a layer's captured inputs."""
-    rows = torch.cat([x.reshape(-1, x.shape[-1]).cpu() for x in inputs])
-    if rows.shape[0] > REPORT_ROWS:
-        rows = rows[torch.randperm(rows.shape[0], generator=torch.Generator().manual_seed(seed))[:REPORT_ROWS]]
-    return rows
 
 
 def uniform_baseline(config: QuantConfig) -> QuantConfig:
