@@ -134,21 +134,27 @@ def fused_unsupported(layer, x: torch.Tensor, backend=None) -> str | None:
 
 
 def try_fused(layer, x: torch.Tensor) -> torch.Tensor | None:
-    """The fused forward of ``layer`` when a backend applies to ``x``, else None (the caller takes the
-    reference path). A CUDA input that falls back warns once per reason; under :func:`emulated` every
-    decision is tallied."""
+    """The fused forward of an SVDQLinear when a backend applies to ``x``, else None (the caller takes the
+    reference path)."""
+    return _dispatch(layer, x, fused_unsupported, fused_forward)
+
+
+def _dispatch(layer, x: torch.Tensor, unsupported, forward) -> torch.Tensor | None:
+    """``forward(layer, x)`` on the kernels when ``unsupported`` finds nothing against it, else None. A CUDA input
+    that falls back warns once per reason; under :func:`emulated` every decision is tallied."""
     backend = backend_for(x)
     if backend is None and not x.is_cuda:
         return None
-    reason = fused_unsupported(layer, x, backend)
+    reason = unsupported(layer, x, backend)
     tally = _tally.get()
     if tally is not None:
         tally["fused" if reason is None else reason] += 1
     if reason is None:
-        return fused_forward(layer, x, backend=backend)
+        return forward(layer, x, backend=backend)
     if x.is_cuda and reason not in _warned:
         _warned.add(reason)
-        warnings.warn(f"svdq: using the reference path on the GPU: {reason}", stacklevel=3)
+        warnings.warn(f"svdq: using the reference path on the GPU for {type(layer).__name__}: {reason}",
+                      stacklevel=4)
     return None
 
 
@@ -317,21 +323,8 @@ def vq_forward(layer, x: torch.Tensor, out: torch.Tensor | None = None, backend=
 
 
 def try_vq(layer, x: torch.Tensor) -> torch.Tensor | None:
-    """vq_gemm.cu's result for a VQLinear when a backend applies to ``x``, else None (reference path); tallied
-    under :func:`emulated` like the SVDQ layers."""
-    backend = backend_for(x)
-    if backend is None and not x.is_cuda:
-        return None
-    reason = vq_unsupported(layer, x, backend)
-    tally = _tally.get()
-    if tally is not None:
-        tally["fused" if reason is None else reason] += 1
-    if reason is None:
-        return vq_forward(layer, x, backend=backend)
-    if x.is_cuda and reason not in _warned:
-        _warned.add(reason)
-        warnings.warn(f"svdq: VQ layer on the reference path on the GPU: {reason}", stacklevel=3)
-    return None
+    """vq_gemm.cu's result for a VQLinear when a backend applies to ``x``, else None (reference path)."""
+    return _dispatch(layer, x, vq_unsupported, vq_forward)
 
 
 def fused_forward(layer, x: torch.Tensor, out: torch.Tensor | None = None, backend=None) -> torch.Tensor:
