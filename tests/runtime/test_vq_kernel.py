@@ -23,10 +23,10 @@ def backend():
     return EmulatedBackend((8, 9), checked=True, threads=2)
 
 
-def make_vq_layer(n, k, bits, dtype, gen, bias=True):
-    codewords = 1 << (4 * bits)
-    codebook = torch.randn(codewords, 4, generator=gen) * 0.1
-    assignments = torch.randint(0, codewords, (n, k // 4), generator=gen)
+def make_vq_layer(n, k, bits, dtype, gen, bias=True, dim=4):
+    codewords = 1 << (dim * bits)
+    codebook = torch.randn(codewords, dim, generator=gen) * 0.1
+    assignments = torch.randint(0, codewords, (n, k // dim), generator=gen)
     return VQLinear.from_parts(codebook, assignments, torch.randn(n, generator=gen) if bias else None, bits=bits,
                                dtype=dtype)
 
@@ -39,10 +39,10 @@ def reference(layer, x):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("bits", [2, 3])
-def test_vq_gemm_matches_a_float64_reference(backend, gen, dtype, bits):
+@pytest.mark.parametrize(("bits", "dim"), [(2, 4), (3, 4), (3, 2)])  # 8-, 12- and 6-bit indices
+def test_vq_gemm_matches_a_float64_reference(backend, gen, dtype, bits, dim):
     for m, n, k in SHAPES:
-        layer = make_vq_layer(n, k, bits, dtype, gen, bias=m != 1)
+        layer = make_vq_layer(n, k, bits, dtype, gen, bias=m != 1, dim=dim)
         x = torch.randn(m, k, generator=gen).to(dtype)
         out = torch.full((m, n), float("nan"), dtype=dtype)
         y = kernels.vq_forward(layer, x, out=out, backend=backend)
