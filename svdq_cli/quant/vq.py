@@ -161,8 +161,9 @@ class SoftVQLinear(nn.Module):
         count = min(candidates, shape.codewords) if assignments_trainable else 1
         index, distance = nearest(vectors, codebook, count)
         self.register_buffer("candidates", index.int())  # int32: half the memory of int64 indices
-        # Ratios start as a softmax of −distance², in units of the mean distance² to the nearest codeword.
-        temperature = distance[:, 0].mean().clamp_min(1e-20)
+        # Ratios start as a softmax of −distance², in units of the mean spread between the nearest and the farthest
+        # candidate (so initial logits differ by O(1) whatever the scale, even where the nearest codeword is exact).
+        temperature = (distance[:, -1] - distance[:, 0]).mean().clamp_min(1e-20)
         self.logits = nn.Parameter(-distance / temperature, requires_grad=assignments_trainable and count > 1)
         self.bias = None if linear.bias is None else linear.bias.detach().float()
         self.hard: torch.Tensor | None = None if self.logits.requires_grad else self.candidates[:, 0]
