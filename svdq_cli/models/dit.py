@@ -41,7 +41,7 @@ def build_tiny(seed: int = 0, dtype: torch.dtype = torch.float32, blocks: int = 
             num_attention_heads=4, attention_head_dim=32, in_channels=4, out_channels=8, num_layers=blocks,
             sample_size=32, patch_size=2, num_embeds_ada_norm=1000,
         )
-        pipeline = DiTPipeline(transformer=transformer, vae=tiny.kl_vae(4), scheduler=DDIMScheduler())
+        pipeline = DiTPipeline(transformer=transformer, vae=tiny.kl_vae(4), scheduler=DDIMScheduler(clip_sample=False))
     generator = torch.Generator().manual_seed(seed + 1)
     for block in transformer.transformer_blocks:
         channels, gains = tiny.outlier_channels(transformer.inner_dim, generator)

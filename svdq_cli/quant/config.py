@@ -103,11 +103,11 @@ class QuantConfig:
     seed: int = 0
     bits: int | None = None
     vq_dim: int = 4
-    vq_candidates: int = 4
+    vq_candidates: int = 2
     vq_steps: int = 200
     vq_lr: float = 0.01
     vq_ratio_weight: float = 1.0
-    vq_calls: int = 16
+    vq_calls: int = 32
     kmeans_iters: int = 25
     version: int = CONFIG_VERSION
 
