@@ -67,6 +67,11 @@ def class_label(prompt: str, pipeline) -> int:
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") % classes
 
 
+def _vae_scale(pipeline) -> int:
+    """Image pixels per latent pixel (DiTPipeline has no ``vae_scale_factor``)."""
+    return 2 ** (len(pipeline.vae.config.block_out_channels) - 1)
+
+
 class _Latents(Exception):
     def __init__(self, latents: torch.Tensor) -> None:
         super().__init__("latents")
@@ -80,11 +85,10 @@ class ClassConditionalAdapter(Adapter):
     text_conditioned: bool = False
 
     def native_resolution(self, pipeline) -> int:
-        vae_scale = 2 ** (len(pipeline.vae.config.block_out_channels) - 1)
-        return pipeline.transformer.config.sample_size * vae_scale
+        return pipeline.transformer.config.sample_size * _vae_scale(pipeline)
 
     def resolution_multiple(self, pipeline) -> int:
-        return 2 ** (len(pipeline.vae.config.block_out_channels) - 1) * pipeline.transformer.config.patch_size
+        return _vae_scale(pipeline) * pipeline.transformer.config.patch_size
 
     def resolution_error(self, pipeline, resolution: int, flag: str) -> str | None:
         native = self.native_resolution(pipeline)
@@ -125,6 +129,7 @@ def _adapter(family: str, protocol: Protocol) -> ClassConditionalAdapter:
     )
 
 
-# DiT-XL/2's sampling as VQ4DiT evaluates it: 50 steps, classifier-free guidance 1.5 (DiT's FID setting).
+# 50 steps with the checkpoint's scheduler and classifier-free guidance 1.5 (DiT's FID setting); a recipe sets more
+# steps for DiT's 250-step protocol.
 DIT = _adapter("dit", Protocol(steps=50, guidance=1.5, resolution=256))
 TINY = _adapter("tiny-dit", Protocol(steps=4, guidance=1.5, resolution=64))
