@@ -56,8 +56,15 @@ class VQLinear(nn.Module):
         return layer
 
     def assignments(self) -> torch.Tensor:
-        """Codeword index of every sub-vector, ``[N, K/d]`` int64."""
-        return unpack_indices(self.codes.cpu(), self.in_features // self.shape.dim, self.shape.index_bits)
+        """Codeword index of every sub-vector, ``[N, K/d]`` int64, unpacked once per state of ``codes``: the
+        reference forward needs them on every call, and unpacking goes through every bit (64× the codes'
+        bytes)."""
+        key = (self.codes.data_ptr(), self.codes._version)
+        cached = getattr(self, "_assignments", None)
+        if cached is None or cached[0] != key:
+            unpacked = unpack_indices(self.codes.cpu(), self.in_features // self.shape.dim, self.shape.index_bits)
+            cached = self._assignments = (key, unpacked)
+        return cached[1]
 
     def weight_float(self) -> torch.Tensor:
         """The decoded weight ``[N, K]``, float32 (on the codebook's device)."""
