@@ -15,6 +15,7 @@ import io
 import json
 import math
 from contextlib import contextmanager
+from functools import cache, partial
 
 import torch
 from torch import nn
@@ -265,10 +266,13 @@ def run(run, workspace) -> dict:
         with workspace.with_layers(lambda index: quantized_block(run, index)):
             images, latents = generate(workspace, prompts, seeds, world)
         runtime, kernels_check = describe(workspace.device), None
-    outputs = {"svdquant" if config.quant.method == "svdquant" else config.quant.method: (images, latents)}
+    outputs = {config.quant.method: (images, latents)}
     for baseline in validation.baselines:
         method_config = baseline_config(config.quant, baseline)
-        with workspace.with_layers(lambda index, c=method_config: baseline_block(run, workspace, c, index)):
+        layers_of_block = partial(baseline_block, run, workspace, method_config)
+        if method_config.is_vector:  # a calibration per block: once, not at each entry of a streamed block
+            layers_of_block = cache(layers_of_block)
+        with workspace.with_layers(layers_of_block):
             outputs[baseline] = generate(workspace, prompts, seeds, world)
     if not world.leader:
         return {}
