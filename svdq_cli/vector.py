@@ -37,25 +37,21 @@ class BlockResult:
     seconds: float
 
 
-def _to_float(value, device: torch.device):
-    """Floating tensors of a call in float32 on ``device`` (the calibration's precision), others moved."""
+def map_tensors(fn, value):
+    """``value`` with ``fn`` applied to every tensor inside it (tuples, lists, dicts, model outputs as tuples)."""
     if isinstance(value, torch.Tensor):
-        return (value.float() if value.is_floating_point() else value).to(device)
+        return fn(value)
+    if hasattr(value, "to_tuple"):  # diffusers/transformers ModelOutput
+        value = value.to_tuple()
     if isinstance(value, (tuple, list)):
-        return type(value)(_to_float(v, device) for v in value)
+        return type(value)(map_tensors(fn, v) for v in value)
     if isinstance(value, dict):
-        return {k: _to_float(v, device) for k, v in value.items()}
+        return {k: map_tensors(fn, v) for k, v in value.items()}
     return value
 
 
 def detached(value):
-    if isinstance(value, torch.Tensor):
-        return value.detach()
-    if isinstance(value, (tuple, list)):
-        return type(value)(detached(v) for v in value)
-    if hasattr(value, "to_tuple"):
-        return detached(value.to_tuple())
-    return value
+    return map_tensors(torch.Tensor.detach, value)
 
 
 def quantize_block(block: nn.Module, names: Sequence[str], calls: Sequence[Call], config: QuantConfig,
@@ -70,7 +66,10 @@ def quantize_block(block: nn.Module, names: Sequence[str], calls: Sequence[Call]
     start = time.perf_counter()
     work = copy.deepcopy(block).float()
     device = next(work.parameters()).device
-    calls = [(_to_float(args, device), _to_float(kwargs, device)) for args, kwargs in calls]
+    def to_work(tensor: torch.Tensor) -> torch.Tensor:  # the calibration's precision, on the block's device
+        return (tensor.float() if tensor.is_floating_point() else tensor).to(device)
+
+    calls = [map_tensors(to_work, call) for call in calls]
     modules = {name: work.get_submodule(name) for name in names}
     captured: dict[str, list[torch.Tensor]] = {name: [] for name in names}
     per_call = -(-REPORT_ROWS // max(1, len(calls)))
