@@ -79,7 +79,7 @@ class BlockInputSampler:
         if len(heap) >= self.keep and key >= -heap[0][0]:
             return
         tensors: dict[str, torch.Tensor] = {}
-        spec = {"args": flatten(tuple(args), "t", tensors), "kwargs": flatten(dict(kwargs), "t", tensors)}
+        spec = flatten((tuple(args), dict(kwargs)), "t", tensors)
         path = self.spill / f"block-{index:03d}-{key:016x}.safetensors"
         save_file(tensors, str(path), metadata={"spec": json.dumps(spec)})
         heapq.heappush(heap, (-key, path))
@@ -113,31 +113,21 @@ def smallest_calls(shares: list[list[tuple[int, str]]], keep: int) -> list[tuple
 
 
 def block_artifact(calls: list[tuple[int, str]]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """One block's calls, in key order, as one artifact: tensors ``c{j}.t{i}`` and a ``calls`` metadata list of
-    specs."""
+    """One block's calls, in key order, as one artifact: call j's tensors under ``c{j}.``, and a ``calls``
+    metadata list of their specs (names without the prefix)."""
     tensors, specs = {}, []
     for number, (_, path) in enumerate(calls):
         with safe_open(path, "pt") as opened:
-            spec = json.loads(opened.metadata()["spec"])
+            specs.append(json.loads(opened.metadata()["spec"]))
             tensors.update({f"c{number}.{name}": opened.get_tensor(name) for name in opened.keys()})
-        specs.append({part: _renamed(value, f"c{number}.") for part, value in spec.items()})
     return tensors, {"calls": json.dumps(specs)}
 
 
-def _renamed(spec, prefix: str):
-    (kind, body), = spec.items()
-    if kind == "tensor":
-        return {"tensor": prefix + body}
-    if kind == "value":
-        return spec
-    if kind in ("tuple", "list"):
-        return {kind: [_renamed(item, prefix) for item in body]}
-    return {"dict": {k: _renamed(v, prefix) for k, v in body.items()}}
-
-
 def calls_from_artifact(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> list[tuple[tuple, dict]]:
-    """The ``(args, kwargs)`` calls of a block artifact written by :meth:`BlockInputSampler.block_artifact`."""
+    """The ``(args, kwargs)`` calls of a block artifact written by :func:`block_artifact`."""
     calls = []
-    for spec in json.loads(metadata["calls"]):
-        calls.append((unflatten(spec["args"], tensors), unflatten(spec["kwargs"], tensors)))
+    for number, spec in enumerate(json.loads(metadata["calls"])):
+        prefix = f"c{number}."
+        own = {name[len(prefix):]: tensor for name, tensor in tensors.items() if name.startswith(prefix)}
+        calls.append(unflatten(spec, own))
     return calls
