@@ -12,6 +12,7 @@ import yaml
 
 from .errors import BadInputError, SvdqError
 from .export_format import read_metadata
+from .models import get_adapter
 from .quant.config import VQ_METHODS
 
 # Licenses of the base models we ship recipes for, so the card can inherit them.
@@ -91,7 +92,8 @@ def model_card(metadata: dict, filename: str, repo_id: str, with_picture: bool) 
     recipe, quant = metadata["recipe"], metadata["quantization_config"]
     base = recipe["model"]
     vector = quant["method"] in VQ_METHODS
-    text = metadata.get("model_config", {}).get("class") != "DiTTransformer2DModel"  # DiT: class labels
+    family = metadata.get("model_config", {}).get("family")
+    text = family is None or get_adapter(family).text_conditioned  # DiT takes class labels
     tags = ["vq4dit", "svdq", f"vq{quant['bits']}"] if vector else ["svdquant", "svdq", quant["precision"]]
     front = {"library_name": "diffusers", **({"pipeline_tag": "text-to-image"} if text else {}),
              "tags": [*tags, "diffusers", *(["text-to-image"] if text else []), "quantized"]}

@@ -81,7 +81,7 @@ def test_model_card_of_a_vq_export_describes_vector_quantization():
     from svdq_cli.hub import model_card
 
     metadata = {"recipe": {"model": "facebook/DiT-XL-2-256"}, "svdq_version": "0.1.0",
-                "model_config": {"class": "DiTTransformer2DModel"},
+                "model_config": {"class": "DiTTransformer2DModel", "family": "dit"},
                 "quantization_config": {"method": "vq4dit", "precision": "int4", "rank": 0, "bits": 2, "vq_dim": 4,
                                         "vq_candidates": 4, "vq_steps": 200},
                 "layers": {"a": {}}, "validate": {"ran": True, "methods": {"vq4dit": {
