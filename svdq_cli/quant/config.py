@@ -170,9 +170,10 @@ class QuantConfig:
                     raise bad(name, getattr(self, name), "an integer >= 1")
             if self.vq_steps < 0:
                 raise bad("vq_steps", self.vq_steps, "an integer >= 0")
-            if not self.vq_lr > 0 or self.vq_ratio_weight < 0:
-                name = "vq_lr" if not self.vq_lr > 0 else "vq_ratio_weight"
-                raise bad(name, getattr(self, name), "a positive number" if name == "vq_lr" else "a number >= 0")
+            if not self.vq_lr > 0:
+                raise bad("vq_lr", self.vq_lr, "a positive number")
+            if self.vq_ratio_weight < 0:
+                raise bad("vq_ratio_weight", self.vq_ratio_weight, "a number >= 0")
             return
         if self.rank is None:
             object.__setattr__(self, "rank", 32)
