@@ -43,20 +43,18 @@ def run(run, workspace) -> dict:
     prompts, mine = workspace.calibration_prompts()
     steps, _, resolution = workspace.settings(calibration)
     summary = {"prompts": len(prompts), "steps": steps, "resolution": resolution}
-    groups = [group for _, block_groups in workspace.blocks for group in block_groups]
     missing = [i for i in range(len(workspace.blocks)) if not run.artifact_ok("collect", block_artifact("collect", i))]
     if not missing:  # every block's statistics verify (adopted after a lost manifest): no calibration pass
         return summary
     if config.quant.is_vector:
         return {**summary, **collect_block_inputs(run, workspace, prompts, mine, missing)}
     encodings = dict(zip(mine, workspace.encodings([prompts[i] for i in mine], calibration), strict=True))
+    groups = [group for _, block_groups in workspace.blocks for group in block_groups]
 
     with task("collect", len(mine)) as advance:
         def calibrate(_transformer, unit: int) -> None:
-            prompt = prompts[unit]
-            workspace.generate_one(prompt, prompt_seed(prompt, calibration.seed), encodings[unit], calibration,
-                                   output_type="latent")
-            advance(prompt[:40])
+            denoise(workspace, prompts[unit], encodings[unit])
+            advance(prompts[unit][:40])
 
         result = collect_statistics(workspace.transformer, workspace.originals, calibrate, config.quant, groups,
                                     units=len(prompts), world=world)
@@ -78,6 +76,12 @@ def run(run, workspace) -> dict:
     return summary
 
 
+def denoise(workspace, prompt: str, encoding) -> None:
+    """One calibration generation of ``prompt`` (its own seed, latents out: the VAE decode is not needed)."""
+    calibration = workspace.config.calibration
+    workspace.generate_one(prompt, prompt_seed(prompt, calibration.seed), encoding, calibration, output_type="latent")
+
+
 def collect_block_inputs(run, workspace, prompts: list[str], mine: list[int], missing: list[int]) -> dict:
     """VQ methods: run the 16-bit pipeline over this rank's prompts and keep, per block, a seeded sample of
     ``vq_calls`` of its input calls (``block_inputs.py``); the ranks exchange which calls they kept (keys and
@@ -91,8 +95,7 @@ def collect_block_inputs(run, workspace, prompts: list[str], mine: list[int], mi
         with task("collect", len(mine)) as advance, sampler.recording():
             for unit, encoding in zip(mine, encodings, strict=True):
                 sampler.start_unit(unit)
-                workspace.generate_one(prompts[unit], prompt_seed(prompts[unit], calibration.seed), encoding,
-                                       calibration, output_type="latent")
+                denoise(workspace, prompts[unit], encoding)
                 advance(prompts[unit][:40])
         shares = world.exchange(sampler.kept_calls(), "the exchange of sampled block inputs")
         for index in missing:
