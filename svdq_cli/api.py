@@ -476,13 +476,13 @@ def _quantize_vector(model: nn.Module, layers: dict[str, nn.Linear], calibration
     from .vector import quantize_linear
 
     owners = {name: owner for owner, names in calibration.members.items() for name in names}
-    order = list(layers)
 
-    def quantize_one(name: str):
+    def quantize_one(item: tuple[int, str]):
+        index, name = item
         rows = calibration.stats[owners[name]].sample(config.calib_rows)
-        return quantize_linear(layers[name], rows, config, config.seed + order.index(name))
+        return quantize_linear(layers[name], rows, config, config.seed + index)
 
-    for name, result in zip(order, parallel_map(quantize_one, order), strict=True):
+    for name, result in zip(layers, parallel_map(quantize_one, list(enumerate(layers))), strict=True):
         replace_module(model, name, result.layers[""])
         fields = {k: v for k, v in result.reports[""].items() if k in LayerReport.__dataclass_fields__}
         report.layers.append(LayerReport(**{**fields, "name": name, "group": owners[name],
