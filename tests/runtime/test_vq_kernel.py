@@ -2,6 +2,8 @@
 float64 reference of the VQLinear's decoded weight, on fresh random inputs at shapes that are not tile
 multiples, outputs poisoned first; and what the checked build counts (MMAs, bytes) against the tiling."""
 
+import importlib.util
+
 import pytest
 import torch
 
@@ -32,7 +34,9 @@ def make_vq_layer(n, k, bits, dtype, gen, bias=True, dim=4):
 
 
 def reference(layer, x):
-    weight = layer.codebook.double()[layer.assignments()].reshape(layer.out_features, layer.in_features)
+    weight = layer.codebook.double()[layer.assignments().to(layer.codebook.device)]
+    weight = weight.reshape(layer.out_features, layer.in_features)
+    x = x.to(weight.device)
     y = x.double() @ weight.T
     magnitude = x.double().abs() @ weight.abs().T
     return (y + layer.bias.double() if layer.bias is not None else y), magnitude
@@ -83,3 +87,21 @@ def test_the_layer_dispatches_to_the_kernel_under_the_emulator_and_explains_fall
     assert torch.allclose(fused.float(), layer.reference_forward(x.float()).float(), rtol=2e-2, atol=2e-2)
     odd = make_vq_layer(8, 40, 2, torch.bfloat16, gen)  # K = 40: not a multiple of the kernel's step of 32
     assert "steps K" in kernels.vq_unsupported(odd, torch.randn(2, 40).to(torch.bfloat16), EmulatedBackend((8, 9)))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or importlib.util.find_spec("cupy") is None,
+                    reason="no CUDA device or CuPy")
+@pytest.mark.parametrize(("m", "k", "n"), [(77, 3072, 3072), (4608, 3072, 12288), (333, 12288, 3072)])
+def test_vq_gemm_on_a_gpu_matches_the_reference_and_the_emulator(gen, m, k, n):
+    layer = make_vq_layer(n, k, 2, torch.bfloat16, gen)
+    x = torch.randn(m, k, generator=gen).to(torch.bfloat16)
+    layer.cuda()
+    hardware = kernels.vq_forward(layer, x.cuda(), out=torch.full((m, n), float("nan"), dtype=x.dtype, device="cuda"))
+    expected, magnitude = reference(layer, x)  # float64 on the GPU
+    assert ((hardware.double() - expected).abs() <= UNIT[torch.bfloat16] * expected.abs() + 1e-6 * magnitude).all()
+    hardware = hardware.cpu()
+    if m <= 333:  # the emulator at FLUX widths takes a while on a CPU
+        emulated = kernels.vq_forward(layer.cpu(), x, backend=EmulatedBackend(torch.cuda.get_device_capability()))
+        differing = (emulated.view(torch.int16) != hardware.view(torch.int16)).float().mean().item()
+        assert differing < 1e-3  # summation order inside the hardware mma may move a few last bits
