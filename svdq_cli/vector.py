@@ -66,6 +66,7 @@ def quantize_block(block: nn.Module, names: Sequence[str], calls: Sequence[Call]
     start = time.perf_counter()
     work = copy.deepcopy(block).float()
     device = next(work.parameters()).device
+
     def to_work(tensor: torch.Tensor) -> torch.Tensor:  # the calibration's precision, on the block's device
         return (tensor.float() if tensor.is_floating_point() else tensor).to(device)
 
