@@ -32,10 +32,11 @@ from rich.table import Table
 from torch import nn
 
 from svdq_cli import QuantConfig, quantize_model
-from svdq_cli.api import collect_statistics, input_gram, measure_layer, plan_group, quantize_layer
+from svdq_cli.calibration.collector import collect_statistics
+from svdq_cli.engines.uniform import input_gram, measure_layer, plan_group, quantize_layer
+from svdq_cli.models.synthetic import planted_outlier_layer
 from svdq_cli.quant.svdquant import branch_factors
-from svdq_cli.synthetic import planted_outlier_layer
-from svdq_cli.threads import parallel_map, workers
+from svdq_cli.system.threads import parallel_map, workers
 
 FLUX_SHAPES = ((3072, 3072), (3072, 12288), (12288, 3072))  # (in_features K, out_features N)
 QUICK_SHAPES = ((1024, 1024),)

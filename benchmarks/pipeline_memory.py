@@ -27,7 +27,7 @@ CASES = (("tiny-flux", 4), ("tiny-flux", 16), ("tiny-flux", 64), ("tiny-flux-dee
 
 def measure(model: str, prompts: int, steps: int) -> dict[str, object]:
     with tempfile.TemporaryDirectory() as run_dir:
-        command = [sys.executable, "-m", "svdq_cli.cli", "quantize", model, "--out", run_dir,
+        command = [sys.executable, "-m", "svdq_cli", "quantize", model, "--out", run_dir,
                    "--num-prompts", str(prompts), "--steps", str(steps), "--json"]
         start = time.perf_counter()
         child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)

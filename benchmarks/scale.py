@@ -87,7 +87,7 @@ def measure(blocks: int, work: Path, keep: bool) -> dict[str, object]:
     start = time.perf_counter()
     checkpoint = write_flux_shaped(model, double=double, single=single)
     write_seconds = time.perf_counter() - start
-    command = [sys.executable, "-m", "svdq_cli.cli", "quantize", str(model), "--out", str(run), "--stream",
+    command = [sys.executable, "-m", "svdq_cli", "quantize", str(model), "--out", str(run), "--stream",
                *SMALLEST_PROTOCOL, "--json"]
     measured = run_measured(command, {**os.environ})
     stages = measured["result"]["stages"]

@@ -74,7 +74,7 @@ def tiny_flux(talk: Console) -> dict[str, dict]:
             recipe = scratch / f"v{version}.yaml"
             recipe.write_text(TINY_RECIPE.format(version=version))
             run = scratch / f"run-v{version}"
-            subprocess.run([sys.executable, "-m", "svdq_cli.cli", "quantize", "tiny-flux", "--recipe", str(recipe),
+            subprocess.run([sys.executable, "-m", "svdq_cli", "quantize", "tiny-flux", "--recipe", str(recipe),
                             "--out", str(run)], check=True, capture_output=True)
             report = json.loads((run / "validate" / "report.json").read_text())
             results[f"v{version}"] = {m: {k: v[k] for k in ("psnr", "ssim", "latent_error")}

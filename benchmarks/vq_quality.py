@@ -32,11 +32,12 @@ from rich.console import Console
 from rich.table import Table
 
 from svdq_cli import QuantConfig
+from svdq_cli.engines.vector import quantize_linear
+from svdq_cli.methods.baselines import uniform_at_bits
+from svdq_cli.models.synthetic import planted_outlier_layer
 from svdq_cli.quant.vq import relative_output_error
 from svdq_cli.runtime.linear import SVDQLinear
-from svdq_cli.synthetic import planted_outlier_layer
-from svdq_cli.threads import single_threaded
-from svdq_cli.vector import quantize_linear, uniform_baseline
+from svdq_cli.system.threads import single_threaded
 
 QUARTER_SHAPES = ((768, 768), (768, 3072), (3072, 768))  # (K, N): attention, MLP up, MLP down at 1/4 width
 FLUX_SHAPES = ((3072, 3072), (3072, 12288), (12288, 3072))
@@ -58,7 +59,7 @@ def layer_row(shape: tuple[int, int], bits: int, seed: int = 0) -> dict[str, obj
             row[method] = relative_output_error(quantized(held_out).float(), reference).item() ** 0.5
         row[f"{method}_seconds"] = time.perf_counter() - start
         row["bits_per_weight"] = quantized.bits_per_weight()
-    rtn = SVDQLinear.from_linear(layer, uniform_baseline(QuantConfig(method="vq4dit", bits=bits)))
+    rtn = SVDQLinear.from_linear(layer, uniform_at_bits(QuantConfig(method="vq4dit", bits=bits)))
     with torch.no_grad():
         row["rtn"] = relative_output_error(rtn(held_out).float(), reference).item() ** 0.5
     return row
@@ -89,8 +90,8 @@ def flux_block(tokens: int = 256, text: int = 64, steps: int = 3) -> dict[str, o
 
     from diffusers.models.transformers.transformer_flux import FluxTransformerBlock
 
+    from svdq_cli.engines.vector import quantize_block
     from svdq_cli.models.flux import JOINT_GROUPS
-    from svdq_cli.vector import quantize_block
 
     torch.manual_seed(0)
     block = FluxTransformerBlock(dim=3072, num_attention_heads=24, attention_head_dim=128).to(torch.bfloat16).eval()

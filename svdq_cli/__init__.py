@@ -4,24 +4,36 @@ Public API::
 
     from svdq_cli import QuantConfig, quantize_model
     report = quantize_model(model, calibrate=lambda m: m(example), config=QuantConfig(rank=32))
+
+    from svdq_cli import load_quantized_pipeline
+    pipeline = load_quantized_pipeline("svdq-int4_r32-FLUX.1-dev.safetensors")
+
+The names load on first use (PEP 562), so importing one part of svdq (the CLI, a stage) does not import the
+rest. docs/DESIGN.md §3 lays out the packages and the direction their imports go.
 """
 
-__version__ = "0.1.0"
+from importlib import import_module
 
-from .api import LayerReport, QuantReport, quantize_model  # noqa: E402
-from .errors import BadInputError, SvdqError  # noqa: E402
-from .quant.config import QuantConfig  # noqa: E402
-from .runtime.linear import SVDQLinear  # noqa: E402
-from .runtime.vq_linear import VQLinear  # noqa: E402
+from .version import __version__
 
-__all__ = [
-    "BadInputError",
-    "LayerReport",
-    "QuantConfig",
-    "QuantReport",
-    "SVDQLinear",
-    "SvdqError",
-    "VQLinear",
-    "__version__",
-    "quantize_model",
-]
+_PUBLIC = {  # name → the module that defines it
+    "quantize_model": "api", "select_targets": "api",
+    "LayerReport": "engines.reports", "QuantReport": "engines.reports",
+    "BadInputError": "errors", "SvdqError": "errors",
+    "QuantConfig": "methods.config",
+    "SVDQLinear": "runtime.linear", "VQLinear": "runtime.vq_linear",
+    "load_quantized": "formats.svdq_file", "load_quantized_pipeline": "formats.svdq_file",
+}
+__all__ = ["__version__", *sorted(_PUBLIC)]
+
+
+def __getattr__(name: str):
+    if name not in _PUBLIC:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(f".{_PUBLIC[name]}", __name__), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

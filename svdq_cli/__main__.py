@@ -1,5 +1,5 @@
 """``python -m svdq_cli`` (what ``torchrun -m svdq_cli quantize …`` runs): the ``svdq`` command."""
 
-from .cli import main
+from .cli.main import main
 
 main()

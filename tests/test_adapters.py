@@ -1,7 +1,8 @@
 import diffusers
 import pytest
 
-from svdq_cli.models import ADAPTERS, AdapterMismatchError
+from svdq_cli.models.base import AdapterMismatchError
+from svdq_cli.models.registry import ADAPTERS
 
 
 def test_a_missing_block_list_names_the_diffusers_version():

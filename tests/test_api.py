@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from svdq_cli import BadInputError, QuantConfig, SVDQLinear, quantize_model
-from svdq_cli.synthetic import planted_outlier_layer
+from svdq_cli.models.synthetic import planted_outlier_layer
 
 
 def held_out_error(config: QuantConfig, seed: int, shape=(1024, 768)) -> float:

@@ -4,7 +4,7 @@ import pytest
 import torch
 from safetensors.torch import load
 
-from svdq_cli.artifacts import TensorFileWriter, layout_of, safetensors_bytes, sha256_file
+from svdq_cli.system.files import TensorFileWriter, layout_of, safetensors_bytes, sha256_file
 
 
 def tensors(gen) -> dict[str, torch.Tensor]:

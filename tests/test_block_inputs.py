@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from svdq_cli.block_inputs import (
+from svdq_cli.calibration.block_inputs import (
     BlockInputSampler,
     block_artifact,
     call_key,
@@ -15,10 +15,10 @@ from svdq_cli.block_inputs import (
     smallest_calls,
     unflatten,
 )
+from svdq_cli.engines.vector import detached
 from svdq_cli.errors import BadInputError
-from svdq_cli.models import ADAPTERS
+from svdq_cli.models.registry import ADAPTERS
 from svdq_cli.quant.vq import output_tensors
-from svdq_cli.vector import detached
 
 
 @pytest.mark.parametrize("family", ["tiny-flux", "tiny-pixart", "tiny-sana", "tiny-sd3", "tiny-dit"])

@@ -10,11 +10,11 @@ import pytest
 import torch
 from torch import nn
 
-from svdq_cli.api import collect_statistics
-from svdq_cli.distributed import World
+from svdq_cli.calibration.collector import collect_statistics
 from svdq_cli.errors import BadInputError
-from svdq_cli.quant.calibration import InputStats
-from svdq_cli.quant.config import QuantConfig
+from svdq_cli.methods.config import QuantConfig
+from svdq_cli.quant.statistics import InputStats
+from svdq_cli.system.distributed import World
 
 
 class ThreadWorld(World):

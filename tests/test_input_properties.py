@@ -7,9 +7,9 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from svdq_cli.calibration.prompts import load_prompts
 from svdq_cli.errors import BadInputError
-from svdq_cli.prompts import load_prompts
-from svdq_cli.recipe import RunConfig, load_recipe
+from svdq_cli.run.recipe import RunConfig, load_recipe
 
 KEYS = ["model", "family", "dtype", "device", "offload", "quant", "calibration", "validation", "recipe", "version",
         "method", "precision", "rank", "alphas", "gptq", "num_prompts", "steps", "resolution", "prompts", "seed",

@@ -2,8 +2,8 @@ import json
 
 import pytest
 
+from svdq_cli.calibration.prompts import load_prompts, prompt_seed
 from svdq_cli.errors import BadInputError
-from svdq_cli.prompts import load_prompts, prompt_seed
 
 
 def test_builtin_sets_are_large_diverse_and_disjoint():
@@ -29,10 +29,10 @@ def test_bad_sources(tmp_path, monkeypatch):
         load_prompts("builtin:nope")
     with pytest.raises(BadInputError, match="at least 1"):
         load_prompts("builtin:calibration", 0)
-    monkeypatch.setattr("svdq_cli.online.hub_reachable", lambda: False)
+    monkeypatch.setattr("svdq_cli.system.online.hub_reachable", lambda: False)
     with pytest.raises(BadInputError, match="cannot reach the Hugging Face Hub to load dataset 'org/name'"):
         load_prompts("hf:org/name:train:text")
-    monkeypatch.setattr("svdq_cli.online.hub_reachable", lambda: True)  # reachable, but the dataset fails
+    monkeypatch.setattr("svdq_cli.system.online.hub_reachable", lambda: True)  # reachable, but the dataset fails
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     with pytest.raises(BadInputError, match="could not load dataset 'org/name'"):
         load_prompts("hf:org/name:train:text")

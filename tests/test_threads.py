@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from svdq_cli.quant.lowrank import low_rank
-from svdq_cli.threads import parallel_map, workers
+from svdq_cli.system.threads import parallel_map, workers
 
 
 def test_results_are_the_serial_ones_in_order_whatever_the_worker_count(gen, monkeypatch):

@@ -1,29 +1,5 @@
-"""Model families: one adapter module each, registered by name (DESIGN.md §6)."""
-
-from __future__ import annotations
-
-from . import dit, flux, pixart, sana, sd3
-from .base import Adapter, AdapterMismatchError, BlockList, Protocol
-
-ADAPTERS: dict[str, Adapter] = {
-    adapter.family: adapter
-    for adapter in (
-        flux.FLUX_DEV, flux.FLUX_SCHNELL, flux.TINY, flux.TINY_DEEP,
-        pixart.PIXART_SIGMA, pixart.TINY,
-        sana.SANA, sana.TINY,
-        sd3.SD3, sd3.TINY,
-        dit.DIT, dit.TINY,
-    )
-}
-TINY_MODELS = tuple(name for name in ADAPTERS if name.startswith("tiny-"))
-
-__all__ = ["ADAPTERS", "TINY_MODELS", "Adapter", "AdapterMismatchError", "BlockList", "Protocol", "get_adapter"]
-
-
-def get_adapter(family: str) -> Adapter:
-    from ..errors import BadInputError
-
-    try:
-        return ADAPTERS[family]
-    except KeyError:
-        raise BadInputError(f"unknown model family {family!r} (known: {', '.join(ADAPTERS)})") from None
+"""Model families and loading: one adapter module per family, listed in ``registry``; loading a pipeline
+(``loading``), block streaming (``streaming``), text encodings replayed (``text_first``), the built-in tiny
+models (``tiny``) and synthetic data (``synthetic``, ``flux_shaped``). The one package that knows diffusers
+pipelines. May import calibration/ and everything below it.
+"""

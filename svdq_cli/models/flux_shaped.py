@@ -17,8 +17,9 @@ from pathlib import Path
 
 import torch
 
-from ..artifacts import TensorFileWriter
+from ..system.files import TensorFileWriter
 from . import tiny
+from .streaming import empty_model
 
 FLUX_DEV_CONFIG = {
     "attention_head_dim": 128, "guidance_embeds": True, "in_channels": 64, "joint_attention_dim": 4096,
@@ -33,8 +34,6 @@ SCALE_CHUNKS = {"norm1.linear": (6, (1, 4)), "norm1_context.linear": (6, (1, 4))
 def write_flux_shaped(directory: Path, double: int = 19, single: int = 38, seed: int = 0) -> int:
     """Write the pipeline to ``directory``; returns the transformer checkpoint's size in bytes."""
     from diffusers import FluxTransformer2DModel
-
-    from .streaming import empty_model
 
     directory = Path(directory)
     _write_small_components(directory, seed)

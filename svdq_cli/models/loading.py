@@ -8,7 +8,10 @@ from pathlib import Path
 import torch
 
 from ..errors import BadInputError, SvdqError
-from . import ADAPTERS, TINY_MODELS, Adapter
+from ..system import online
+from .base import Adapter
+from .registry import ADAPTERS, TINY_MODELS
+from .streaming import check_weights_match, transformer_checkpoint
 
 PIPELINE_FAMILIES = {
     "FluxPipeline": "flux-dev", "PixArtSigmaPipeline": "pixart-sigma", "SanaPipeline": "sana",
@@ -46,10 +49,8 @@ def model_directory(model: str) -> Path | None:
         return Path(model)
     import diffusers
 
-    from ..online import hub_reachable
-
     try:
-        return Path(diffusers.DiffusionPipeline.download(model, local_files_only=not hub_reachable()))
+        return Path(diffusers.DiffusionPipeline.download(model, local_files_only=not online.hub_reachable()))
     except Exception as error:  # huggingface_hub raises many types: offline, gated, not found
         raise ModelFetchError(
             f"could not fetch {model} from the Hugging Face Hub ({type(error).__name__}); download it with "
@@ -114,7 +115,5 @@ def text_encoder_names(directory: Path) -> list[str]:
 def check_weights_match_config(model_dir: Path, transformer: torch.nn.Module) -> None:
     """The transformer's safetensors weights hold exactly the tensors its config describes (see
     :func:`.streaming.check_weights_match`); other weight formats are not checked."""
-    from .streaming import check_weights_match, transformer_checkpoint
-
     if any((Path(model_dir) / "transformer").glob("*.safetensors")):
         check_weights_match(transformer_checkpoint(model_dir), transformer.state_dict())

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from ..errors import BadInputError
+from ..runtime.layers import replace_module
 
 Overlay = Callable[[int], dict[str, nn.Module]]  # block index → modules to put at these paths while it runs
 
@@ -193,7 +194,6 @@ class BlockStreamer:
         # The overlay is built before the block counts as entered: it may read the block through resident().
         replaced = self._overlay(index) if overlay and self._overlay is not None else {}
         self._count[index] = 1
-        from ..api import replace_module
 
         originals = {name: self.model.get_submodule(name) for name in replaced}
         for name, module in replaced.items():
@@ -216,7 +216,6 @@ class BlockStreamer:
         self._count[index] -= 1
         if self._count[index]:
             return
-        from ..api import replace_module
 
         overlaid = self._overlaid.pop(index)
         for name in self.names[self.blocks[index]]:

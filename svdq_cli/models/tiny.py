@@ -14,7 +14,7 @@ import re
 import torch
 from torch import nn
 
-from ..prompts import BUILTIN, load_prompts
+from ..calibration.prompts import BUILTIN, load_prompts
 
 SPECIAL = ("<pad>", "</s>", "<unk>", "<s>")
 

@@ -7,11 +7,10 @@ branch of the smoothed weight and :func:`quantize_residual` quantizes what is le
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
-from .config import QuantConfig
 from .formats import (
     Format,
     QTensor,
@@ -24,6 +23,7 @@ from .formats import (
 )
 from .gptq import gptq_quantize
 from .lowrank import low_rank, refine_low_rank
+from .settings import QuantSettings
 from .smoothing import smooth_factors, weight_absmax
 
 ACT_MODES = ("signed", "unsigned", "none")
@@ -44,7 +44,7 @@ def fake_quantize_activations(x: torch.Tensor, fmt: Format, mode: str, full_rang
     return fake_quantize(x, fmt, signed=mode == "signed", per_row_tensor_scale=True, full_range=full_range)
 
 
-def scale_dtype_for(config: QuantConfig, model_dtype: torch.dtype) -> torch.dtype:
+def scale_dtype_for(config: QuantSettings, model_dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if config.scale_dtype == "float32" else model_dtype
 
 
@@ -64,7 +64,7 @@ def branch_output(
     weight: torch.Tensor,
     smooth: torch.Tensor,
     shift: float,
-    config: QuantConfig,
+    config: QuantSettings,
     act_mode: str,
     model_dtype: torch.dtype,
 ) -> torch.Tensor:
@@ -100,7 +100,7 @@ def search_smoothing(
     weights: list[torch.Tensor],
     inputs: torch.Tensor,
     act_absmax: torch.Tensor,
-    config: QuantConfig,
+    config: QuantSettings,
     act_mode: str,
     model_dtype: torch.dtype,
     shift: float = 0.0,
@@ -130,7 +130,7 @@ def search_smoothing(
     search_config = config
     smallest = min(min(m.shape) for m in members)
     if config.effective_rank > smallest:
-        search_config = QuantConfig(**{**config.to_dict(), "rank": smallest // 16 * 16})
+        search_config = replace(config, rank=smallest // 16 * 16)
     references = [x @ m.T for m in members]
     scored: dict[tuple[float, float], SmoothingChoice] = {}
 
@@ -185,7 +185,7 @@ def _channel_sample(weight: torch.Tensor, count: int, seed: int) -> torch.Tensor
 
 
 def branch_factors(
-    weight: torch.Tensor, smooth: torch.Tensor, config: QuantConfig, model_dtype: torch.dtype
+    weight: torch.Tensor, smooth: torch.Tensor, config: QuantSettings, model_dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Low-rank branch ``(lora_down [r, K], lora_up [N, r])`` of the smoothed weight, in ``model_dtype``.
 
@@ -210,7 +210,7 @@ def quantize_residual(
     smooth: torch.Tensor,
     lora_down: torch.Tensor,
     lora_up: torch.Tensor,
-    config: QuantConfig,
+    config: QuantSettings,
     model_dtype: torch.dtype,
     hessian: torch.Tensor | None = None,
     gram: torch.Tensor | None = None,

@@ -1,15 +1,4 @@
-"""Run-time modules: SVDQLinear and VQLinear, with their reference (and, where available, CUDA kernel) forward."""
-
-from torch import nn
-
-from .linear import SVDQLinear
-from .vq_linear import VQLinear
-
-__all__ = ["SVDQLinear", "VQLinear", "load_layer"]
-
-
-def load_layer(tensors: dict, facts: dict) -> nn.Module:
-    """A quantized layer from its tensors and format facts: a VQLinear (``format: vq``) or an SVDQLinear."""
-    if facts.get("format") == "vq":
-        return VQLinear.from_state_dict(tensors, facts)
-    return SVDQLinear.from_state_dict(tensors, facts)
+"""Run-time layers: SVDQLinear and VQLinear with their reference forward, the fused CUDA path (``kernels``, its
+fragment layouts and cost model), the CPU emulator that runs the same kernels (``emulator/``) and the tensor
+key names (``keys``). May import methods/, quant/ and system/.
+"""

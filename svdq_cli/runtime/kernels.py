@@ -6,7 +6,7 @@ handling — is the same whatever runs the kernels:
 
 - :class:`CupyBackend`: NVRTC through CuPy on a CUDA device, DLPack views (no copies), torch's current
   stream; used whenever an SVDQLinear sees a CUDA input and the layer qualifies.
-- :class:`~svdq_cli.runtime.emulator.EmulatedBackend`: the same sources executed on the CPU (see
+- :class:`~svdq_cli.runtime.emulator.backend.EmulatedBackend`: the same sources executed on the CPU (see
   ``emulator/``); used for CPU inputs inside :func:`emulated` (``svdq validate --runtime emulated``).
 
 A layer qualifies when :func:`fused_unsupported` finds nothing against it: int4 with quantized activations,
@@ -28,7 +28,9 @@ from contextvars import ContextVar
 import numpy as np
 import torch
 
-from ..resources import data_dir
+from ..quant.packing import unpack_nibbles
+from ..system.resources import data_dir
+from .emulator.backend import EmulatedBackend
 from .fragments import pack_weight_fragments, pack_weight_scales, padded_columns, padded_rows
 
 MAX_RANK = 128
@@ -90,8 +92,6 @@ def emulated(backend=None):
 
     Yields a Counter of what the layers did: ``fused`` calls, and each fallback reason with its count.
     """
-    from .emulator import EmulatedBackend
-
     token = _emulated.set(backend or EmulatedBackend())
     tally = Counter()
     tally_token = _tally.set(tally)
@@ -201,7 +201,6 @@ def _device_weights(layer, device: torch.device) -> dict[str, torch.Tensor]:
     cache = getattr(layer, "_fused_cache", None)
     if cache is not None and cache["key"] == key:
         return cache
-    from ..quant.packing import unpack_nibbles
 
     codes = unpack_nibbles(layer.qweight.cpu(), signed=True)
     frag = pack_weight_fragments(codes).view(np.int32)

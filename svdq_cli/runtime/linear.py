@@ -15,8 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .. import keys
-from ..quant.config import QuantConfig
+from ..methods.config import QuantConfig
 from ..quant.formats import QTensor, dequantize, get_format
 from ..quant.packing import unpack_nibbles
 from ..quant.svdquant import (
@@ -26,6 +25,7 @@ from ..quant.svdquant import (
     quantize_residual,
     scale_dtype_for,
 )
+from . import kernels, keys
 
 _DTYPES = {str(d).removeprefix("torch."): d for d in (torch.float32, torch.float16, torch.bfloat16)}
 
@@ -216,7 +216,6 @@ class SVDQLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"input has {x.shape[-1]} features, layer expects {self.in_features}")
-        from . import kernels
 
         fused = kernels.try_fused(self, x)
         return self.reference_forward(x) if fused is None else fused

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..quant.vq import VQShape, pack_indices, packed_width, unpack_indices
+from . import kernels
 
 CODEBOOK, CODES, BIAS = "codebook", "codes", "bias"
 _DTYPES = {str(d).removeprefix("torch."): d for d in (torch.float32, torch.float16, torch.bfloat16)}
@@ -74,7 +75,6 @@ class VQLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"input has {x.shape[-1]} features, layer expects {self.in_features}")
-        from . import kernels
 
         fused = kernels.try_vq(self, x)
         return self.reference_forward(x) if fused is None else fused

@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import shutil
 
-from ..api import SAMPLES, collect_statistics
-from ..block_inputs import BlockInputSampler, smallest_calls
-from ..block_inputs import block_artifact as block_inputs_artifact
-from ..progress import say, task
-from ..prompts import prompt_seed
-from . import Stage, block_artifact, json_meta
+from ..calibration.block_inputs import BlockInputSampler, smallest_calls
+from ..calibration.block_inputs import block_artifact as block_inputs_artifact
+from ..calibration.collector import SAMPLES, collect_statistics
+from ..calibration.prompts import prompt_seed
+from ..system.progress import say, task
+from .base import Stage, block_artifact, json_meta
 
 # 2: block-diagonal Gram over every token (older artifacts lack it); 3: statistics gathered per prompt and merged in
 # prompt order, float64 sample keys (the same bits on any number of ranks). Older artifacts are collected again.

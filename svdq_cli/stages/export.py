@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import json
 
-from .. import __version__
-from ..artifacts import CorruptArtifactError, file_layout
-from ..export_format import FORMAT_VERSION, export_name
-from . import Stage, block_artifact
+from ..formats.svdq_file import FORMAT_VERSION, export_name
+from ..system.files import CorruptArtifactError, file_layout
+from ..version import __version__
+from .base import Stage, block_artifact
 
 
 def reads(config) -> dict:

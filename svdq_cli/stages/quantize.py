@@ -10,12 +10,13 @@ import time
 
 from torch import nn
 
-from ..api import group_hessian, input_gram, measure_layer, quantize_layer
-from ..block_inputs import calls_from_artifact
-from ..runtime import SVDQLinear, load_layer
-from ..threads import parallel_map
-from ..vector import BlockResult, quantize_block
-from . import Stage, block_artifact, for_each_block, json_meta, quant_fields
+from ..calibration.block_inputs import calls_from_artifact
+from ..engines.uniform import group_hessian, input_gram, measure_layer, quantize_layer
+from ..engines.vector import BlockResult, quantize_block
+from ..runtime.layers import load_layer
+from ..runtime.linear import SVDQLinear
+from ..system.threads import parallel_map
+from .base import Stage, block_artifact, for_each_block, json_meta, quant_fields
 from .smooth import group_stats, load_plans
 
 VQ_FIELDS = ("method", "bits", "vq_dim", "vq_candidates", "vq_steps", "vq_lr", "vq_ratio_weight", "kmeans_iters",

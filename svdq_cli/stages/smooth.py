@@ -7,10 +7,10 @@ import json
 
 import torch
 
-from ..api import GroupPlan, plan_group
-from ..quant.calibration import InputStats
-from ..threads import parallel_map
-from . import Stage, block_artifact, for_each_block, json_meta, quant_fields
+from ..engines.uniform import GroupPlan, plan_group
+from ..quant.statistics import InputStats
+from ..system.threads import parallel_map
+from .base import Stage, block_artifact, for_each_block, json_meta, quant_fields
 
 
 def reads(config) -> dict:

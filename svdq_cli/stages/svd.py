@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from ..quant.svdquant import branch_factors
-from ..threads import parallel_map
-from . import Stage, for_each_block, quant_fields
+from ..system.threads import parallel_map
+from .base import Stage, for_each_block, quant_fields
 from .smooth import load_plans
 
 

@@ -10,7 +10,6 @@ fails.
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import json
 import math
@@ -20,24 +19,22 @@ from functools import cache, partial
 import torch
 from torch import nn
 
-from ..api import GroupPlan, input_gram, plan_group, quantize_layer
-from ..distributed import World
-from ..progress import warn
-from ..prompts import load_prompts, prompt_seed
-from ..quant.config import LOW_BIT_PRECISIONS, QuantConfig
-from ..runtime.kernels import describe
-from ..threads import single_threaded
-from ..vector import uniform_baseline
-from . import Stage, block_artifact, library_versions
+from ..calibration.prompts import load_prompts, prompt_seed
+from ..engines.uniform import GroupPlan, input_gram, plan_group, quantize_layer
+from ..methods.baselines import baseline_config
+from ..methods.config import LOW_BIT_PRECISIONS, QuantConfig
+from ..run.directory import library_versions
+from ..run.gates import check_gates
+from ..runtime.emulator.backend import EmulatedBackend
+from ..runtime.kernels import describe, emulated
+from ..system.distributed import World
+from ..system.progress import warn
+from ..system.threads import single_threaded
+from ..version import __version__
+from .base import Stage, block_artifact
 from .quantize import load_block_layers, vq_block
 from .report_images import comparison_png, layers_png
 from .smooth import group_stats
-
-BASELINE_CONFIGS = {
-    "rtn": {"method": "rtn"},
-    "w4a16": {"method": "rtn", "weight_only": True},
-    "smoothquant": {"method": "smoothquant"},
-}
 
 
 def reads(config) -> dict:
@@ -57,17 +54,6 @@ def layer_reports(run, workspace) -> list[dict]:
         metadata = run.read_metadata("quantize", block_artifact("quantize", index))
         reports += [json.loads(metadata[name])["report"] for group in groups for name in group]
     return reports
-
-
-def baseline_config(config: QuantConfig, method: str) -> QuantConfig:
-    """A baseline method at the run's precision and number formats; for a VQ run, RTN weight-only at its bits
-    (``rtn``) or codebook-only k-means VQ (``kmeans``)."""
-    if config.is_vector:
-        return dataclasses.replace(config, method="kmeans") if method == "kmeans" else uniform_baseline(config)
-    return QuantConfig(precision=config.precision, scale_dtype=config.scale_dtype, seed=config.seed,
-                       search_rows=config.search_rows, calib_rows=config.calib_rows, version=config.version,
-                       full_range=config.full_range, scale_search=config.scale_search, search=config.search,
-                       **BASELINE_CONFIGS[method])
 
 
 def baseline_block(run, workspace, config: QuantConfig, index: int) -> dict[str, nn.Module]:
@@ -132,8 +118,6 @@ def reference(workspace, prompts: list[str], seeds: list[int],
     """The 16-bit model's images and latents, from the run's cache when this validation setting was generated
     before (re-validating then runs only the quantized side). Rank 0's cache decides for every rank; on a cache
     hit the other ranks get None (rank 0 alone computes the metrics)."""
-    from .. import __version__
-
     steps, guidance, resolution = workspace.settings(workspace.config.validation)
     fields = {"model": workspace.config.model, "family": workspace.config.family, "dtype": workspace.config.dtype,
               "prompts": prompts, "seeds": seeds, "steps": steps, "guidance": guidance, "resolution": resolution,
@@ -193,9 +177,6 @@ def through_emulated_kernels(run, workspace, prompts: list[str], seeds: list[int
     against the reference path's on the same input (signal-to-noise in dB, the worst layer reported), and end
     to end, the images of the two paths.
     """
-    from ..runtime.emulator import EmulatedBackend
-    from ..runtime.kernels import emulated
-
     energy: dict[str, list[float]] = {}  # layer → [Σ reference², Σ (kernels − reference)²]
 
     def compare(module, args, output, name):
@@ -227,28 +208,6 @@ def through_emulated_kernels(run, workspace, prompts: list[str], seeds: list[int
              "worst_layer_snr_db": snr[worst] if worst else None,
              **{key: agreement[key] for key in ("psnr", "ssim", "latent_error")}}
     return images, latents, runtime, check
-
-
-def check_gates(config, summary: dict) -> dict:
-    gates = {}
-    for name, key, better in (("min_psnr", "psnr", "higher"), ("min_ssim", "ssim", "higher"),
-                              ("max_latent_error", "latent_error", "lower")):
-        threshold = getattr(config, name)
-        if threshold is None:
-            continue
-        value = summary[key]
-        passed = value >= threshold if better == "higher" else value <= threshold
-        gates[name] = {"threshold": threshold, "value": value, "passed": passed}
-    return gates
-
-
-def failed_gates(report: dict) -> str:
-    """``min_psnr: 46.7 < 99`` for each gate of a report that failed, joined ("" when none did)."""
-    failed = []
-    for name, gate in report["gates"].items():
-        if not gate["passed"]:
-            failed.append(f"{name}: {gate['value']:.4g} {'>' if name.startswith('max') else '<'} {gate['threshold']}")
-    return "; ".join(failed)
 
 
 def run(run, workspace) -> dict:

@@ -11,8 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-from svdq_cli.nunchaku import flux
-from svdq_cli.quant.config import QuantConfig
+from svdq_cli.formats.nunchaku import flux
+from svdq_cli.methods.config import QuantConfig
 from svdq_cli.quant.formats import dequantize, get_format
 from svdq_cli.runtime.linear import SVDQLinear
 from tests.nunchaku import reference

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from svdq_cli.nunchaku import layout
+from svdq_cli.formats.nunchaku import layout
 from tests.nunchaku import reference
 
 

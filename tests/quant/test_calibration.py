@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from svdq_cli.quant.calibration import InputStats
+from svdq_cli.quant.statistics import InputStats
 
 
 def test_statistics_cover_every_token_and_the_sample_stays_bounded(gen):

@@ -11,8 +11,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from svdq_cli.api import quantize_model
+from svdq_cli.engines.vector import quantize_linear
 from svdq_cli.errors import BadInputError
-from svdq_cli.quant.config import QuantConfig
+from svdq_cli.methods.baselines import uniform_at_bits
+from svdq_cli.methods.config import QuantConfig
+from svdq_cli.models.synthetic import planted_outlier_layer
 from svdq_cli.quant.vq import (
     SoftVQLinear,
     VQShape,
@@ -26,8 +29,6 @@ from svdq_cli.quant.vq import (
 )
 from svdq_cli.runtime.linear import SVDQLinear
 from svdq_cli.runtime.vq_linear import VQLinear
-from svdq_cli.synthetic import planted_outlier_layer
-from svdq_cli.vector import quantize_linear, uniform_baseline
 
 
 @pytest.mark.parametrize("index_bits", [6, 8, 12])
@@ -111,7 +112,7 @@ def test_vq4dit_beats_codebook_only_kmeans_and_rtn_at_2_bits(shape, seed):
         config = QuantConfig(method=method, bits=2, vq_steps=120, seed=seed)
         quantized = quantize_linear(layer, calibration, config, seed).layers[""]
         errors[method] = relative_output_error(quantized(held_out).float(), reference).item()
-    rtn = SVDQLinear.from_linear(layer, uniform_baseline(QuantConfig(method="vq4dit", bits=2)))
+    rtn = SVDQLinear.from_linear(layer, uniform_at_bits(QuantConfig(method="vq4dit", bits=2)))
     errors["rtn"] = relative_output_error(rtn(held_out).float(), reference).item()
     assert errors["vq4dit"] < errors["kmeans"] < errors["rtn"], errors
 

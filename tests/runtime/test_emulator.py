@@ -9,7 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from svdq_cli.runtime.emulator import EmulatedBackend, EmulatorError, EmulatorUnavailable, KernelFault, toolchain
+from svdq_cli.runtime.emulator.backend import (
+    EmulatedBackend,
+    EmulatorError,
+    EmulatorUnavailable,
+    KernelFault,
+    toolchain,
+)
 from svdq_cli.runtime.emulator.translate import TranslationError, kernel_parameters, translate
 
 try:

@@ -30,7 +30,7 @@ def test_fused_matches_reference(gen, m, k, n, rank, dtype, act):
 
 
 def test_hardware_agrees_with_the_emulator(gen):
-    from svdq_cli.runtime.emulator import EmulatedBackend
+    from svdq_cli.runtime.emulator.backend import EmulatedBackend
 
     layer = make_layer(3072, 3072, 32, torch.bfloat16, "signed", gen)
     x = make_input(77, 3072, "signed", torch.bfloat16, gen)

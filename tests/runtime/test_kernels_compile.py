@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from svdq_cli.resources import data_dir
+from svdq_cli.system.resources import data_dir
 
 ARCHES = ("80", "86", "89", "90")
 SOURCES = sorted(data_dir("kernels").glob("*.cu"))

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from svdq_cli.runtime import kernels
-from svdq_cli.runtime.emulator import EmulatedBackend, EmulatorUnavailable, KernelFault, toolchain
+from svdq_cli.runtime.emulator.backend import EmulatedBackend, EmulatorUnavailable, KernelFault, toolchain
 from tests.runtime.kernel_checks import check_activations, check_gemm, make_input, make_layer
 
 try:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from svdq_cli.runtime import kernels
-from svdq_cli.runtime.emulator import EmulatedBackend, EmulatorUnavailable, toolchain
+from svdq_cli.runtime.emulator.backend import EmulatedBackend, EmulatorUnavailable, toolchain
 from svdq_cli.runtime.vq_linear import VQLinear
 
 try:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from svdq_cli.cli import main
+from svdq_cli.cli.main import main
 
 RECIPE = """
 model: tiny-flux

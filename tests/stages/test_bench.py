@@ -2,7 +2,7 @@ import json
 
 import torch
 
-from svdq_cli.bench import kernel_bench
+from svdq_cli.ship.bench import kernel_bench
 from tests.stages.conftest import svdq
 
 
@@ -32,8 +32,8 @@ def test_bench_bad_input(tmp_path, finished_run):
 
 
 def test_emulated_bench_counts_what_the_kernels_move_and_compute(monkeypatch):
-    from svdq_cli import bench
     from svdq_cli.runtime.cost_model import GPUS, ideal_bytes
+    from svdq_cli.ship import bench
 
     m, k, n, rank = 37, 256, 200, 16
     result = bench.emulated_kernel_bench(m, rank, torch.bfloat16, shapes=((k, n),))

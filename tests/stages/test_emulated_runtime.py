@@ -6,10 +6,10 @@ import shutil
 import pytest
 from torchmetrics.functional.image import peak_signal_noise_ratio
 
-from svdq_cli.export_format import load_quantized_pipeline
-from svdq_cli.models import ADAPTERS
+from svdq_cli.formats.svdq_file import load_quantized_pipeline
+from svdq_cli.models.registry import ADAPTERS
 from svdq_cli.quant.svdquant import fake_quantize_activations
-from svdq_cli.runtime.emulator import EmulatorUnavailable, toolchain
+from svdq_cli.runtime.emulator.backend import EmulatorUnavailable, toolchain
 from svdq_cli.runtime.linear import SVDQLinear
 from tests.stages.conftest import svdq
 

@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from svdq_cli.export_format import load_quantized_pipeline
-from svdq_cli.models import ADAPTERS
+from svdq_cli.formats.svdq_file import load_quantized_pipeline
+from svdq_cli.models.registry import ADAPTERS
 from svdq_cli.runtime.linear import SVDQLinear
 from tests.stages.conftest import svdq
 

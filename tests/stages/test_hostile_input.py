@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from svdq_cli.models import ADAPTERS
+from svdq_cli.models.registry import ADAPTERS
 from tests.stages.conftest import svdq
 from tests.stages.test_pipeline import export_file
 
@@ -188,7 +188,7 @@ def test_bad_model_directories(tmp_path, flux_dir, damage, message):
 
 
 def test_an_offline_hub_id_fails_fast_with_what_to_do(tmp_path, monkeypatch):
-    monkeypatch.setattr("svdq_cli.online.hub_reachable", lambda: False)
+    monkeypatch.setattr("svdq_cli.system.online.hub_reachable", lambda: False)
     line = fails(["quantize", "some-org/some-model", "--out", tmp_path / "run"], 1, "could not fetch")
     assert "--local-dir DIR" in line
 
@@ -295,7 +295,7 @@ def test_an_export_of_another_format_version_is_refused_by_the_loader(finished_r
     from safetensors.torch import load_file
 
     from svdq_cli import BadInputError
-    from svdq_cli.export_format import load_quantized
+    from svdq_cli.formats.svdq_file import load_quantized
 
     source = export_file(finished_run)
     with safe_open(str(source), "pt") as handle:
@@ -310,7 +310,7 @@ def test_a_format_1_export_still_loads_with_its_symmetric_activations(finished_r
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    from svdq_cli.export_format import load_quantized
+    from svdq_cli.formats.svdq_file import load_quantized
     from svdq_cli.runtime.linear import SVDQLinear
 
     source = export_file(finished_run)
@@ -341,7 +341,7 @@ def test_inspect_reads_the_nunchaku_file_svdq_writes(bf16_run, tmp_path):
 
 def test_loading_an_export_refuses_what_cannot_work(finished_run):
     from svdq_cli import BadInputError
-    from svdq_cli.export_format import load_quantized
+    from svdq_cli.formats.svdq_file import load_quantized
 
     if not torch.cuda.is_available():
         with pytest.raises(BadInputError, match="use --device cpu"):
@@ -396,7 +396,7 @@ def test_lora_refusals(run_copy, tmp_path):
 # ---------------------------------------------------------------- the Hub
 def test_push_offline_with_a_token_fails_fast(run_copy, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", "hf_not_a_real_token")
-    monkeypatch.setattr("svdq_cli.online.hub_reachable", lambda: False)
+    monkeypatch.setattr("svdq_cli.system.online.hub_reachable", lambda: False)
     line = fails(["push-to-hub", run_copy, "me/tiny-flux-svdq"], 1, "cannot reach the Hugging Face Hub",
                  untouched=[run_copy])
     assert "hf_not_a_real_token" not in line
@@ -404,7 +404,7 @@ def test_push_offline_with_a_token_fails_fast(run_copy, monkeypatch):
 
 # ---------------------------------------------------------------- signals, disk, threads (subprocesses)
 def _cli(args, env=None, **kwargs):
-    return subprocess.run([sys.executable, "-m", "svdq_cli.cli", *map(str, args)], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "svdq_cli", *map(str, args)], capture_output=True, text=True,
                           env={**os.environ, **(env or {})}, **kwargs)
 
 
@@ -442,8 +442,8 @@ def test_exports_do_not_depend_on_the_thread_count(tmp_path, recipe_file):
 
 
 def test_a_full_size_protocol_on_a_cpu_says_what_it_will_cost(flux_dir, capsys):
-    from svdq_cli.cli import resolve_model
-    from svdq_cli.stages import Workspace
+    from svdq_cli.cli.quantize import resolve_model
+    from svdq_cli.stages.workspace import Workspace
 
     config = resolve_model(str(flux_dir), None, {"device": "cpu"})  # a local Flux directory: flux-dev's protocol
     assert config.calibration.steps == 50 and config.validation.resolution == 1024

@@ -26,7 +26,7 @@ def fake_hub(monkeypatch):
 
     monkeypatch.setattr("huggingface_hub.HfApi.create_repo", create_repo)
     monkeypatch.setattr("huggingface_hub.HfApi.create_commit", create_commit)
-    monkeypatch.setattr("svdq_cli.online.hub_reachable", lambda: True)  # the fake Hub is always there
+    monkeypatch.setattr("svdq_cli.system.online.hub_reachable", lambda: True)  # the fake Hub is always there
     return calls
 
 
@@ -65,7 +65,7 @@ def test_upload_sends_one_commit_with_every_file(finished_run, fake_hub, monkeyp
 
 
 def test_card_inherits_the_base_model_and_its_license():
-    from svdq_cli.hub import model_card
+    from svdq_cli.ship.hub import model_card
 
     metadata = {"recipe": {"model": "black-forest-labs/FLUX.1-schnell"}, "svdq_version": "0.1.0",
                 "quantization_config": {"method": "svdquant", "precision": "int4", "rank": 32, "group_size": 64,
@@ -78,7 +78,7 @@ def test_card_inherits_the_base_model_and_its_license():
 
 
 def test_model_card_of_a_vq_export_describes_vector_quantization():
-    from svdq_cli.hub import model_card
+    from svdq_cli.ship.hub import model_card
 
     metadata = {"recipe": {"model": "facebook/DiT-XL-2-256"}, "svdq_version": "0.1.0",
                 "model_config": {"class": "DiTTransformer2DModel", "family": "dit"},

@@ -6,8 +6,8 @@ import json
 import torch
 from safetensors.torch import save_file
 
-from svdq_cli.export_format import load_quantized
-from svdq_cli.models import ADAPTERS
+from svdq_cli.formats.svdq_file import load_quantized
+from svdq_cli.models.registry import ADAPTERS
 from tests.stages.conftest import svdq
 from tests.stages.test_pipeline import export_file
 

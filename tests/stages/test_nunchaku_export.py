@@ -12,9 +12,9 @@ from diffusers import FluxTransformer2DModel
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from svdq_cli.export_format import load_quantized
-from svdq_cli.models import get_adapter
-from svdq_cli.nunchaku.flux import GELU_SHIFT
+from svdq_cli.formats.nunchaku.flux import GELU_SHIFT
+from svdq_cli.formats.svdq_file import load_quantized
+from svdq_cli.models.registry import get_adapter
 from svdq_cli.runtime.linear import SVDQLinear
 from tests.nunchaku import reference
 from tests.nunchaku.test_flux import nunchaku_dense, relative

@@ -7,10 +7,11 @@ import sys
 import pytest
 import torch
 
-from svdq_cli.export_format import load_quantized_pipeline, read_metadata
-from svdq_cli.models import ADAPTERS
+from svdq_cli.formats.svdq_file import load_quantized_pipeline, read_metadata
+from svdq_cli.models.registry import ADAPTERS
+from svdq_cli.run.directory import FAULT_VARIABLE
 from svdq_cli.runtime.linear import SVDQLinear
-from svdq_cli.stages import FAULT_VARIABLE, ORDER
+from svdq_cli.stages.base import ORDER
 from tests.stages.conftest import svdq
 
 
@@ -77,7 +78,7 @@ def test_a_tampered_artifact_is_detected_and_recomputed(run_copy, recipe_file):
 def _cli(args, env_extra=None):
     # No timeout: on a loaded machine a slow run is not a failure (the work is bounded by the tiny recipe).
     env = {**os.environ, **(env_extra or {})}
-    return subprocess.run([sys.executable, "-m", "svdq_cli.cli", *map(str, args)], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "svdq_cli", *map(str, args)], capture_output=True, text=True,
                           env=env)
 
 
@@ -156,7 +157,7 @@ def _default_sigint() -> None:
 
 
 def _interrupt_through_a_pipe(args, env):
-    process = subprocess.Popen([sys.executable, "-m", "svdq_cli.cli", *map(str, args)], stdout=subprocess.PIPE,
+    process = subprocess.Popen([sys.executable, "-m", "svdq_cli", *map(str, args)], stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True, env=env, preexec_fn=_default_sigint)
     for line in process.stderr:  # the fault hook says when it waits: a known point, no sleeping
         if line.startswith("fault hook: paused"):
@@ -173,7 +174,7 @@ def _interrupt_in_a_terminal(args, env):
     pid, terminal = pty.fork()
     if pid == 0:  # the child: svdq on a terminal, as a user runs it
         _default_sigint()
-        os.execve(sys.executable, [sys.executable, "-m", "svdq_cli.cli", *map(str, args)], env)
+        os.execve(sys.executable, [sys.executable, "-m", "svdq_cli", *map(str, args)], env)
     output = b""
     while b"fault hook: paused" not in output:
         output += os.read(terminal, 4096)

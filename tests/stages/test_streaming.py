@@ -13,9 +13,9 @@ import time
 import pytest
 import torch
 
-from svdq_cli.models import ADAPTERS
+from svdq_cli.models.registry import ADAPTERS
 from svdq_cli.models.streaming import BlockStreamer, empty_model, transformer_checkpoint, transformer_config
-from svdq_cli.run import FAULT_VARIABLE
+from svdq_cli.run.directory import FAULT_VARIABLE
 from tests.stages.conftest import RECIPE, svdq
 
 STREAM_RECIPE = RECIPE.replace("dtype: float32", "dtype: bfloat16")
@@ -159,7 +159,7 @@ def test_a_flux_width_model_quantizes_streamed_in_less_memory_than_its_weights(t
     model = tmp_path / "flux-width"
     size = write_flux_shaped(model, double=3, single=3)
     env = {**os.environ, "SVDQ_WORKERS": "2"}  # the layer temporaries in flight: as on this 2-core machine
-    command = [sys.executable, "-m", "svdq_cli.cli", "quantize", str(model), "--out", str(tmp_path / "run"),
+    command = [sys.executable, "-m", "svdq_cli", "quantize", str(model), "--out", str(tmp_path / "run"),
                "--stream", "--num-prompts", "1", "--steps", "1", "--resolution", "256", "--val-prompts", "1",
                "--val-steps", "1", "--val-resolution", "256"]
     code, peak, stderr = _peak_anonymous_rss(command, env)
@@ -167,7 +167,7 @@ def test_a_flux_width_model_quantizes_streamed_in_less_memory_than_its_weights(t
     assert "streaming" in stderr
     assert peak < size, f"peak anonymous RSS {peak / 2**20:.0f} MiB, transformer {size / 2**20:.0f} MiB"
     (export,) = (tmp_path / "run" / "export").glob("*.safetensors")
-    loader = [sys.executable, "-c", "import sys; from svdq_cli.export_format import load_quantized; "
+    loader = [sys.executable, "-c", "import sys; from svdq_cli.formats.svdq_file import load_quantized; "
               "load_quantized(sys.argv[1])", str(export)]
     code, peak, stderr = _peak_anonymous_rss(loader, env)
     assert code == 0, stderr[-3000:]
@@ -179,7 +179,7 @@ def test_a_killed_streamed_run_resumes_to_the_same_export(runs, flux_dir, stream
     """SIGKILL after ``after`` artifacts of ``stage`` (text encodings cached, a block half-way, the
     reference cached): the re-run resumes and exports what an uninterrupted streamed run does."""
     run = tmp_path / "run"
-    command = [sys.executable, "-m", "svdq_cli.cli", "quantize", str(flux_dir), "--recipe", str(stream_recipe),
+    command = [sys.executable, "-m", "svdq_cli", "quantize", str(flux_dir), "--recipe", str(stream_recipe),
                "--out", str(run), "--stream", "--baselines", "rtn"]
     fault = {**os.environ, FAULT_VARIABLE: f"{stage}:{after}"}
     killed = subprocess.run(command, capture_output=True, text=True, env=fault)

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from svdq_cli import stages
 from svdq_cli.errors import SvdqError
-from svdq_cli.run import Run
+from svdq_cli.run.directory import Run
+from svdq_cli.stages import runner
 
 from .conftest import svdq
 
@@ -129,12 +129,12 @@ def test_only_quantize_runs_on_several_ranks(finished_run, monkeypatch):
 def test_rank_0_adopts_the_other_ranks_blocks_and_refuses_missing_ones(run_copy, monkeypatch):
     """What rank 0 does at the end of a shared stage: record block files it did not write (sealed, verified),
     and stop with one line, not a half-finished stage, when one never appears."""
-    monkeypatch.setattr(stages, "ADOPT_WAIT", 0.0)
+    monkeypatch.setattr(runner, "ADOPT_WAIT", 0.0)
     run = Run(run_copy)
     blocks = len(run.stage("svd")["artifacts"])
     del run.stage("svd")["artifacts"]["svd/block-002.safetensors"]  # written by another rank: not recorded yet
-    stages._adopt_blocks(run, "svd", blocks)
+    runner._adopt_blocks(run, "svd", blocks)
     assert run.artifact_ok("svd", "svd/block-002.safetensors")
     (run_copy / "svd" / "block-001.safetensors").unlink()
     with pytest.raises(SvdqError, match="block-001.*filesystem every rank shares"):
-        stages._adopt_blocks(run, "svd", blocks)
+        runner._adopt_blocks(run, "svd", blocks)

@@ -9,9 +9,9 @@ import signal
 import pytest
 import torch
 
-from svdq_cli.export_format import load_quantized, read_metadata
+from svdq_cli.formats.svdq_file import load_quantized, read_metadata
+from svdq_cli.run.directory import FAULT_VARIABLE
 from svdq_cli.runtime.vq_linear import VQLinear
-from svdq_cli.stages import FAULT_VARIABLE
 from svdq_cli.stages.quantize import load_block_layers
 from tests.stages.conftest import svdq
 from tests.stages.test_pipeline import _cli, export_file
@@ -63,7 +63,7 @@ def test_vq_run_records_the_stages_that_do_not_apply_and_exports_vq_layers(vq_ru
 
 
 def load_block_layers_of(run, index):
-    from svdq_cli.run import Run
+    from svdq_cli.run.directory import Run
 
     layers = load_block_layers(Run.existing(run), index)
     return {name: layer for name, (layer, _) in layers.items()}, {name: r for name, (_, r) in layers.items()}
@@ -137,7 +137,7 @@ def test_two_torchrun_ranks_write_the_one_process_vq_run_byte_for_byte(vq_run, v
 def test_validate_runs_vq_layers_through_vq_gemm_on_the_emulator(tmp_path, vq_recipe):
     """A bf16 VQ run validated with --runtime emulated: every VQ layer call goes through kernels/vq_gemm.cu, and
     layer by layer the kernel agrees with the reference path on the same inputs."""
-    from svdq_cli.runtime.emulator import EmulatorUnavailable, toolchain
+    from svdq_cli.runtime.emulator.backend import EmulatorUnavailable, toolchain
 
     try:
         toolchain()

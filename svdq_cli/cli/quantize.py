@@ -1,0 +1,118 @@
+"""``svdq quantize MODEL``: resolve MODEL to a RunConfig and run every stage, resuming what is done."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from ..errors import BadInputError
+from .common import (
+    BaselinesOpt,
+    JsonOpt,
+    RuntimeOpt,
+    StreamOpt,
+    ValPromptsOpt,
+    ValResolutionOpt,
+    ValStepsOpt,
+    print_summary,
+    quiet_libraries,
+    run_dir_for,
+    validation_overrides,
+)
+
+
+def resolve_model(model: str, recipe: str | None, overrides: dict[str, object]):
+    """RunConfig for MODEL: a recipe name, a tiny model, a local diffusers directory or a Hub repo id."""
+    from ..models.loading import ModelFetchError, family_of_directory
+    from ..run.recipe import load_recipe, recipe_names, recipe_path
+
+    if recipe is not None:
+        return load_recipe(recipe, {"model": model, **overrides})
+    if recipe_path(model) is not None:
+        return load_recipe(model, overrides)
+    if Path(model).is_dir():
+        family = family_of_directory(Path(model))
+        return load_recipe(family, {"model": model, "recipe": f"{family}:{Path(model).name}", **overrides})
+    for name in recipe_names():
+        candidate = load_recipe(name)
+        if candidate.model == model:
+            return load_recipe(name, overrides)
+    if "/" not in model:
+        raise BadInputError(f"unknown model {model!r}: not a recipe ({', '.join(recipe_names())}), "
+                            "a local diffusers directory or a Hub repo id")
+    try:
+        from huggingface_hub import hf_hub_download
+
+        from ..system import online
+
+        index = hf_hub_download(model, "model_index.json", local_files_only=not online.hub_reachable())
+        family = family_of_directory(Path(index).parent)
+    except BadInputError:
+        raise
+    except Exception as error:  # offline, gated or missing repo: huggingface_hub has many error types
+        raise ModelFetchError(f"could not fetch {model} from the Hugging Face Hub ({type(error).__name__}); "
+                              f"download it with `hf download {model} --local-dir DIR` and pass DIR") from None
+    return load_recipe(family, {"model": model, **overrides})
+
+
+def quantize(
+    model: Annotated[str, typer.Argument(help="Recipe name (flux-dev), tiny model (tiny-flux), local diffusers "
+                                              "directory or Hub repo id.")],
+    recipe: Annotated[str | None, typer.Option(help="Recipe name or YAML file; default: MODEL's own.")] = None,
+    rank: Annotated[int | None, typer.Option(help="Low-rank branch rank, a multiple of 16 (default: the "
+                                                  "recipe's; `svdq recipes MODEL` shows it).")] = None,
+    precision: Annotated[str | None, typer.Option(help="int4, nvfp4 or int8 (default: the recipe's).")] = None,
+    method: Annotated[str | None, typer.Option(help="svdquant, smoothquant, rtn, vq4dit (2-/3-bit vector "
+                                                    "quantization) or kmeans (its baseline) (default: the "
+                                                    "recipe's).")] = None,
+    bits: Annotated[int | None, typer.Option(help="Bits per weight of vq4dit/kmeans: 2 or 3 (default 2).")] = None,
+    out_dir: Annotated[Path | None, typer.Option("--out", help="Run directory (default: runs/RECIPE).")] = None,
+    prompts: Annotated[str | None, typer.Option(help="Calibration prompts: builtin:calibration, a text/JSON/CSV "
+                                                     "file or hf:org/name[:split[:column]].")] = None,
+    num_prompts: Annotated[int | None, typer.Option(help="Calibration prompts used (default: the recipe's).")] = None,
+    steps: Annotated[int | None, typer.Option(help="Denoising steps per calibration prompt (default: the "
+                                                   "recipe's, else the model's).")] = None,
+    resolution: Annotated[int | None, typer.Option(help="Calibration image size in pixels (default: the "
+                                                        "recipe's).")] = None,
+    val_prompts: ValPromptsOpt = None,
+    val_steps: ValStepsOpt = None,
+    val_resolution: ValResolutionOpt = None,
+    baselines: BaselinesOpt = None,
+    runtime: RuntimeOpt = None,
+    device: Annotated[str | None, typer.Option(help="auto (a CUDA device when there is one, else the CPU), cpu, "
+                                                    "cuda or cuda:N (default: the recipe's, auto).")] = None,
+    dtype: Annotated[str | None, typer.Option(help="float32, bfloat16 or float16 (default: the recipe's).")] = None,
+    offload: Annotated[bool | None, typer.Option("--offload/--no-offload", metavar="",
+                                                 help="diffusers model CPU offload (fits FLUX in 24 GB of "
+                                                      "GPU memory).")] = None,
+    stream: StreamOpt = None,
+    until: Annotated[str | None, typer.Option(help="Stop after this stage.")] = None,
+    redo: Annotated[str | None, typer.Option(help="Recompute this stage and every later one.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Run every stage (collect, smooth, svd, quantize, validate, export), resuming what is done. Under torchrun,
+    the ranks share collect and the per-block stages (see the README)."""
+    from ..run.directory import opened
+    from ..stages.runner import check_config, run_stages
+    from ..system.distributed import joined
+    from ..system.progress import set_rank_label
+
+    overrides = {"quant.rank": rank, "quant.precision": precision, "quant.method": method, "quant.bits": bits,
+                 "calibration.prompts": prompts,
+                 "calibration.num_prompts": num_prompts, "calibration.steps": steps,
+                 "calibration.resolution": resolution, "device": device, "dtype": dtype, "offload": offload,
+                 "stream": stream,
+                 **validation_overrides(val_prompts, val_steps, val_resolution, baselines, runtime)}
+    config = resolve_model(model, recipe, overrides)
+    with joined(config.device) as world:
+        if world.size > 1:
+            set_rank_label(f"rank {world.rank}/{world.size}")
+        check_config(config, until, redo)
+        run_path = run_dir_for(config, out_dir)
+        quiet_libraries()
+        with opened(run_path, world) as run:
+            summary = run_stages(run, config, until=until, redo=redo, world=world)
+    if world.leader:
+        print_summary(run_path, summary, as_json)

@@ -1,0 +1,288 @@
+"""The workspace: what the stages of one process share — the config, the model's adapter, the 16-bit model
+(loaded lazily, whole or streamed block by block), the prompts' text encodings and the run's cache."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from contextlib import contextmanager, nullcontext
+from functools import cached_property
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..calibration.prompts import load_prompts
+from ..errors import BadInputError
+from ..models.base import Adapter
+from ..models.loading import load_pipeline, model_directory
+from ..models.registry import get_adapter
+from ..models.streaming import (
+    BlockStreamer,
+    empty_model,
+    transformer_checkpoint,
+    transformer_config,
+)
+from ..models.text_first import Encoding, encode, from_tensors, replaying, to_tensors
+from ..run.cache import Cache
+from ..run.directory import FAULT_VARIABLE, Run, library_versions  # noqa: F401 (FAULT_VARIABLE: for tests)
+from ..run.recipe import RunConfig
+from ..runtime.layers import replace_module
+from ..system.device import resolve_device
+from ..system.distributed import World
+from ..system.progress import say, task, warn
+from ..version import __version__
+from .base import leader_only
+
+
+class Workspace:
+    """What the stages of one process share: the config, the adapter, the 16-bit model (loaded lazily, whole
+    or streamed block by block), the prompts' text encodings and the run's cache."""
+
+    def __init__(self, config: RunConfig, cache_dir: Path | None = None, world: World | None = None) -> None:
+        self.config = config
+        self.world = world or World()
+        self.adapter: Adapter = get_adapter(config.family)
+        self.dtype = getattr(torch, config.dtype)
+        self.device = self.world.device(resolve_device(config.device))
+        self.cache = Cache(cache_dir) if cache_dir is not None else None
+
+    @cached_property
+    def directory(self) -> Path | None:
+        """The model's local diffusers directory (None: a built-in tiny model, built in memory)."""
+        return model_directory(self.config.model)
+
+    @cached_property
+    def streamed(self) -> bool:
+        """Whether the transformer is read block by block from its checkpoint (see RunConfig.stream)."""
+        if self.directory is None:
+            if self.config.stream:
+                warn(f"--stream: {self.config.model} is built in memory, not read from a checkpoint; not streaming")
+            return False
+        if self.config.stream is not None:
+            return self.config.stream
+        if self.config.offload:
+            return False
+        import psutil
+
+        size = sum(f.stat().st_size for f in (self.directory / "transformer").glob("*.safetensors"))
+        return 2 * size > psutil.virtual_memory().available
+
+    @cached_property
+    def streamer(self) -> BlockStreamer | None:
+        """The block streamer of a streamed transformer (None when the transformer is whole in memory)."""
+        if not self.streamed:
+            return None
+        import diffusers
+
+        model_class = getattr(diffusers, self.adapter.transformer_class)
+        model = empty_model(model_class, transformer_config(self.directory), self.dtype)
+        paths = [block for block, _ in self.adapter.block_groups(model)]
+        checkpoint = transformer_checkpoint(self.directory)
+        say(f"streaming {self.config.model}: {len(paths)} blocks read one at a time from "
+            f"{checkpoint.nbytes / 2**30:.1f} GiB of weights ({self.config.dtype}, {self.device})")
+        return BlockStreamer(model, checkpoint, paths, self.device)
+
+    @cached_property
+    def pipeline(self):
+        """The generating pipeline; a streamed one has no text encoders (prompts are encoded first)."""
+        if self.streamer is not None:
+            return load_pipeline(self.config.model, self.adapter, self.dtype, self.device,
+                                 transformer=self.streamer.model, without=("text_encoders",))
+        say(f"loading {self.config.model} ({self.config.dtype}, {self.device})")
+        return load_pipeline(self.config.model, self.adapter, self.dtype, self.device, self.config.offload)
+
+    @property
+    def transformer(self) -> nn.Module:
+        return self.streamer.model if self.streamer is not None else self.pipeline.transformer
+
+    @cached_property
+    def blocks(self) -> list[tuple[str, list[list[str]]]]:
+        """``[(block name, groups of linear names)]`` found by the adapter."""
+        return self.adapter.block_groups(self.transformer)
+
+    @cached_property
+    def originals(self) -> dict[str, nn.Linear]:
+        """Every target linear of the 16-bit transformer, captured before any swap (a streamed block's have
+        their weights only inside :meth:`block_resident`)."""
+        modules = dict(self.transformer.named_modules())
+        return {name: modules[name] for _, groups in self.blocks for group in groups for name in group}
+
+    def block_resident(self, index: int):
+        """Block ``index``'s 16-bit weights in memory for the duration (they always are when not streamed)."""
+        return self.streamer.resident(index) if self.streamer is not None else nullcontext()
+
+    def block_state(self, index: int) -> dict[str, torch.Tensor]:
+        """Block ``index``'s 16-bit tensors by full name (read from the checkpoint when streamed)."""
+        if self.streamer is not None:
+            return self.streamer.block_tensors(index)
+        prefix = f"{self.blocks[index][0]}."
+        return {n: t.detach() for n, t in self.transformer.state_dict().items() if n.startswith(prefix)}
+
+    @contextmanager
+    def with_layers(self, layers_of_block: Callable[[int], dict[str, nn.Module]]):
+        """Generate with ``layers_of_block(index)``'s modules in place of each block's 16-bit linears: all at
+        once in memory, or per block as it runs when streamed."""
+        if self.streamer is not None:
+            with self.streamer.overlaid(layers_of_block):
+                yield
+            return
+
+        layers = {name: layer.to(self.device) for index in range(len(self.blocks))
+                  for name, layer in layers_of_block(index).items()}
+        for name, layer in layers.items():
+            replace_module(self.transformer, name, layer)
+        try:
+            yield
+        finally:
+            for name in layers:
+                replace_module(self.transformer, name, self.originals[name])
+
+    def settings(self, section) -> tuple[int, float, int]:
+        """Steps, guidance and resolution of a calibration or validation section (the protocol's by default)."""
+        protocol = self.adapter.protocol
+        guidance = protocol.guidance if section.guidance is None else section.guidance
+        return section.steps or protocol.steps, guidance, section.resolution or protocol.resolution
+
+    def _encoding_fields(self, prompt: str, guidance: float) -> dict:
+        return {"model": self.config.model, "family": self.config.family, "dtype": self.config.dtype,
+                "prompt": prompt, "guidance": guidance, "extra": self.adapter.protocol.extra,
+                "versions": {**library_versions(), "svdq": __version__}}
+
+    def encodings(self, prompts: list[str], section) -> list[Encoding]:
+        """Each prompt's text encoding for ``section``'s settings, from the cache or computed now (all missing
+        ones in one pass of the text encoders, which a streamed run then frees)."""
+        if not self.adapter.text_conditioned:  # class labels: nothing to encode
+            return [() for _ in prompts]
+        steps, guidance, resolution = self.settings(section)
+        found = {p: self.cache.get("text", self._encoding_fields(p, guidance)) if self.cache else None
+                 for p in prompts}
+        missing = [p for p in prompts if found[p] is None]
+        if missing:
+            pipeline = self._text_pipeline
+            with task("encode", len(missing)) as advance:
+                for prompt in missing:
+                    encoding = encode(pipeline, lambda pipe, p=prompt: self.adapter.generate(
+                        pipe, [p], [0], steps, guidance, resolution, output_type="latent"))
+                    tensors, empty = to_tensors(encoding)
+                    found[prompt] = (tensors, {"empty": json.dumps(empty)})
+                    if self.cache:
+                        self.cache.put("text", self._encoding_fields(prompt, guidance), *found[prompt])
+                    advance(prompt[:40])
+        return [from_tensors(found[p][0], json.loads(found[p][1]["empty"])) for p in prompts]
+
+    @cached_property
+    def _text_pipeline(self):
+        """A pipeline that can encode prompts: the generating one, or (streamed) one without a transformer that
+        lives only as long as the encoding pass (see :meth:`encode_prompts`)."""
+        if self.streamer is None:
+            return self.pipeline
+
+        say(f"encoding prompts with {self.config.model}'s text encoders")
+        return load_pipeline(self.config.model, self.adapter, self.dtype, self.device, without=("transformer",))
+
+    def stage_world(self, stage: str) -> World:
+        """The ranks that share ``stage``: the run's world, or a one-rank world for a stage rank 0 runs alone
+        (:func:`leader_only`; the other ranks skip it)."""
+        return World() if leader_only(stage, self.config) else self.world
+
+    def calibration_prompts(self) -> tuple[list[str], list[int]]:
+        """The calibration prompts, and the indices of those this rank runs (all of them in one process)."""
+        prompts = load_prompts(self.config.calibration.prompts, self.config.calibration.num_prompts)
+        return prompts, [index for index in range(len(prompts)) if self.world.owns(index)]
+
+    def encode_prompts(self, todo: list[str]) -> None:
+        """Encode every prompt the stages to run will generate on this rank, before the transformer is touched;
+        then free the text encoders of a streamed model."""
+        if "collect" in todo:
+            prompts, mine = self.calibration_prompts()
+            self.encodings([prompts[index] for index in mine], self.config.calibration)
+        if "validate" in todo:
+            section, world = self.config.validation, self.stage_world("validate")
+            prompts = load_prompts(section.prompts, section.num_prompts)
+            self.encodings([p for index, p in enumerate(prompts) if world.owns(index)], section)
+        self.__dict__.pop("_text_pipeline", None)
+
+    def generate(self, prompts: list[str], seeds: list[int], section, output_type: str = "pt",
+                 progress: str | None = None) -> list[torch.Tensor]:
+        """One generation per prompt (bounded memory) with its cached text encoding."""
+        outputs = []
+        with task(progress or "generate", len(prompts)) as advance:
+            for prompt, seed, encoding in zip(prompts, seeds, self.encodings(prompts, section), strict=True):
+                outputs.append(self.generate_one(prompt, seed, encoding, section, output_type))
+                advance(prompt[:40])
+        return outputs
+
+    def generate_one(self, prompt: str, seed: int, encoding: Encoding, section,
+                     output_type: str = "pt") -> torch.Tensor:
+        """One generation with ``prompt``'s text encoding replayed."""
+        steps, guidance, resolution = self.settings(section)
+        with replaying(self.pipeline, encoding) if self.adapter.text_conditioned else nullcontext():
+            return self.adapter.generate(self.pipeline, [prompt], [seed], steps, guidance, resolution,
+                                         output_type=output_type)
+
+    def preflight(self, todo: list[str]) -> None:
+        """Check the loaded model against the config before any stage runs (a long collect is not wasted on
+        a rank or a resolution that could never work).
+
+        Raises:
+            BadInputError: a layer the group size does not divide, a rank larger than a layer, a resolution
+                the model cannot take, the emulated runtime on a GPU device.
+        """
+        quant = self.config.quant
+        group, rank = (quant.vq_dim, 0) if quant.is_vector else (quant.group_size, quant.effective_rank)
+        what = "the vector dimension (vq_dim)" if quant.is_vector else "the group size"
+        for name, module in self.originals.items():
+            if module.in_features % group:
+                raise BadInputError(f"layer {name}: in_features {module.in_features} is not divisible by {what} "
+                                    f"{group}")
+            if rank > min(module.in_features, module.out_features):
+                raise BadInputError(f"--rank {rank} exceeds layer {name} "
+                                    f"(min(in, out) = {min(module.in_features, module.out_features)})")
+        multiple = self.adapter.resolution_multiple(self.pipeline)
+        for section, flag in ((self.config.calibration, "--resolution"), (self.config.validation, "--val-resolution")):
+            error = self.adapter.resolution_error(self.pipeline, section.resolution or self.adapter.protocol.resolution,
+                                                  flag)
+            if error:
+                raise BadInputError(error)
+        if "validate" in todo and self.config.validation.runtime == "emulated" and self.device != "cpu":
+            raise BadInputError("--runtime emulated runs the kernels on the CPU emulator: add --device cpu")
+        if self.device == "cpu":
+            self.say_cpu_cost(todo, multiple)
+
+    def say_cpu_cost(self, todo: list[str], multiple: int) -> None:
+        """On a CPU, one line per generating stage whose estimated cost exceeds a minute, with the flags that
+        size it (a full-size protocol on a CPU would otherwise run for hours without a word)."""
+        transformer = self.transformer
+        params = sum(p.numel() for p in transformer.parameters())
+        config = transformer.config
+        width = config.get("num_attention_heads", 1) * config.get("attention_head_dim", 64)
+        text_tokens = int(self.adapter.protocol.extra.get("max_sequence_length", 120))
+        rate = _cpu_flop_rate()
+        for name, section, flags in (("collect", self.config.calibration, "--num-prompts/--steps/--resolution"),
+                                     ("validate", self.config.validation,
+                                      "--val-prompts/--val-steps/--val-resolution")):
+            if name not in todo:
+                continue
+            protocol = self.adapter.protocol
+            steps, resolution = section.steps or protocol.steps, section.resolution or protocol.resolution
+            guidance = protocol.guidance if section.guidance is None else section.guidance
+            tokens = (resolution // multiple) ** 2 + text_tokens
+            per_pass = 2 * params * tokens + 4 * tokens**2 * width * len(self.blocks)  # linears + attention
+            generations = section.num_prompts * (1 + len(getattr(section, "baselines", ())) + 1) \
+                if name == "validate" else section.num_prompts  # validate: 16-bit, quantized, baselines
+            seconds = per_pass * steps * self.adapter.passes_per_step(guidance) * generations / rate
+            if seconds > 60:
+                span = f"{seconds / 3600:.1f} h" if seconds > 7200 else f"{seconds / 60:.0f} min"
+                say(f"{name}: about {span} on this CPU (estimated: {section.num_prompts} prompts × {steps} steps at "
+                    f"{resolution} px); size it with {flags}")
+
+
+def _cpu_flop_rate() -> float:
+    """This CPU's float32 matmul rate now, from a quick measurement (for cost notices only)."""
+    a = torch.randn(384, 384)
+    start = time.perf_counter()
+    for _ in range(8):
+        a @ a
+    return 8 * 2 * 384**3 / max(time.perf_counter() - start, 1e-6)
