@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.svdq-installed
 
-.PHONY: test demo lint clean kernels-asan
+.PHONY: test test-scale test-all demo lint clean kernels-asan
 
 # torch goes in first and pinned: `pip install torch==2.13.0` takes the CPU build on this disk;
 # letting the project's bare `torch` requirement resolve first would download a multi-GB CUDA build.
@@ -15,8 +15,17 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $@
 
+# Tests run on every core (pytest-xdist: session fixtures are built once per worker; JOBS=1 for one process).
+# `make test` is the everyday suite; the real-size cases (marker `scale`) run with `make test-scale`;
+# `make test-all` is both, as CI runs them.
+PYTEST := $(PY) -m pytest -q -n $(or $(JOBS),auto)
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PYTEST) -m "not scale"
+
+test-scale: $(STAMP)
+	$(PYTEST) -m scale
+
+test-all: test test-scale
 
 demo: $(STAMP)
 	$(VENV)/bin/svdq quantize tiny-flux --out runs/demo

@@ -127,7 +127,7 @@ def model_card(metadata: dict, filename: str, repo_id: str, with_picture: bool) 
     if with_picture:
         lines += ["![16-bit | quantized | difference](comparison.png)", ""]
     lines += ["## Use", "", "```python", "from huggingface_hub import hf_hub_download",
-              "from svdq_cli.formats.svdq_file import load_quantized_pipeline", "",
+              "from svdq_cli import load_quantized_pipeline", "",
               f'path = hf_hub_download("{repo_id}", "{filename}")',
               'pipe = load_quantized_pipeline(path, device="cuda")',
               'image = pipe("a red fox in fresh snow").images[0]' if text else

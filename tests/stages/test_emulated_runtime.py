@@ -11,7 +11,7 @@ from svdq_cli.models.registry import ADAPTERS
 from svdq_cli.quant.svdquant import fake_quantize_activations
 from svdq_cli.runtime.emulator.backend import EmulatorUnavailable, toolchain
 from svdq_cli.runtime.linear import SVDQLinear
-from tests.stages.conftest import svdq
+from tests.conftest import svdq
 
 try:
     toolchain()

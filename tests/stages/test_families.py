@@ -8,7 +8,7 @@ import torch
 from svdq_cli.formats.svdq_file import load_quantized_pipeline
 from svdq_cli.models.registry import ADAPTERS
 from svdq_cli.runtime.linear import SVDQLinear
-from tests.stages.conftest import svdq
+from tests.conftest import svdq
 
 RECIPE = """
 model: {family}

@@ -16,7 +16,7 @@ import torch
 from svdq_cli.models.registry import ADAPTERS
 from svdq_cli.models.streaming import BlockStreamer, empty_model, transformer_checkpoint, transformer_config
 from svdq_cli.run.directory import FAULT_VARIABLE
-from tests.stages.conftest import RECIPE, svdq
+from tests.conftest import RECIPE, svdq
 
 STREAM_RECIPE = RECIPE.replace("dtype: float32", "dtype: bfloat16")
 
@@ -150,6 +150,7 @@ def _peak_anonymous_rss(command: list[str], env: dict[str, str]) -> tuple[int, i
 
 
 @pytest.mark.slow
+@pytest.mark.scale  # FLUX width on disk, two minutes: `make test-scale` (CI runs it after `make test`)
 def test_a_flux_width_model_quantizes_streamed_in_less_memory_than_its_weights(tmp_path):
     """Three double and three single FLUX.1 blocks at full width (2.8 GiB in bf16): every stage, streamed,
     peaks below the size of the 16-bit transformer alone. (Fewer blocks cannot show it: a double block is 0.65

@@ -16,8 +16,7 @@ import pytest
 from svdq_cli.errors import SvdqError
 from svdq_cli.run.directory import Run
 from svdq_cli.stages import runner
-
-from .conftest import svdq
+from tests.conftest import svdq
 
 
 def _env(**extra: str) -> dict[str, str]:

@@ -13,8 +13,8 @@ from svdq_cli.formats.svdq_file import load_quantized, read_metadata
 from svdq_cli.run.directory import FAULT_VARIABLE
 from svdq_cli.runtime.vq_linear import VQLinear
 from svdq_cli.stages.quantize import load_block_layers
-from tests.stages.conftest import svdq
-from tests.stages.test_pipeline import _cli, export_file
+from tests.conftest import svdq
+from tests.stages.test_runner import _cli, export_file
 
 RECIPE = """
 model: tiny-dit

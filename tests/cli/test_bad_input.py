@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from tests.stages.conftest import svdq
+from tests.conftest import svdq
 
 
 def one_line_error(stderr: str) -> str:

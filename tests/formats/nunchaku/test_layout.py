@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from svdq_cli.formats.nunchaku import layout
-from tests.nunchaku import reference
+from tests.formats.nunchaku import reference
 
 
 @pytest.mark.parametrize(("n", "k"), [(128, 128), (256, 384), (384, 256)])

@@ -8,8 +8,8 @@ from safetensors.torch import save_file
 
 from svdq_cli.formats.svdq_file import load_quantized
 from svdq_cli.models.registry import ADAPTERS
-from tests.stages.conftest import svdq
-from tests.stages.test_pipeline import export_file
+from tests.conftest import svdq
+from tests.stages.test_runner import export_file
 
 QUANTIZED = ("transformer_blocks.0.attn.to_q", "single_transformer_blocks.1.proj_mlp", "transformer_blocks.1.ff.net.2")
 SIXTEEN_BIT = "proj_out"  # kept in 16 bits by the adapter

@@ -6,7 +6,7 @@ import shutil
 import pytest
 import yaml
 
-from tests.stages.conftest import svdq
+from tests.conftest import svdq
 
 
 @pytest.fixture

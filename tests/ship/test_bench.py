@@ -3,7 +3,7 @@ import json
 import torch
 
 from svdq_cli.ship.bench import kernel_bench
-from tests.stages.conftest import svdq
+from tests.conftest import svdq
 
 
 def test_kernel_bench_on_cpu_says_gpu_kernels_were_not_measured():

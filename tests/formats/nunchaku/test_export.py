@@ -16,9 +16,9 @@ from svdq_cli.formats.nunchaku.flux import GELU_SHIFT
 from svdq_cli.formats.svdq_file import load_quantized
 from svdq_cli.models.registry import get_adapter
 from svdq_cli.runtime.linear import SVDQLinear
-from tests.nunchaku import reference
-from tests.nunchaku.test_flux import nunchaku_dense, relative
-from tests.stages.conftest import svdq
+from tests.conftest import svdq
+from tests.formats.nunchaku import reference
+from tests.formats.nunchaku.test_flux import nunchaku_dense, relative
 
 # What Nunchaku's Flux loader registers per block (src/FluxModel.cpp, src/Linear.cpp), written out here
 # rather than derived from our mapping so the two are checked against each other.

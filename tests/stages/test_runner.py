@@ -12,7 +12,7 @@ from svdq_cli.models.registry import ADAPTERS
 from svdq_cli.run.directory import FAULT_VARIABLE
 from svdq_cli.runtime.linear import SVDQLinear
 from svdq_cli.stages.base import ORDER
-from tests.stages.conftest import svdq
+from tests.conftest import svdq
 
 
 def export_file(run):

@@ -15,7 +15,7 @@ from svdq_cli.formats.nunchaku import flux
 from svdq_cli.methods.config import QuantConfig
 from svdq_cli.quant.formats import dequantize, get_format
 from svdq_cli.runtime.linear import SVDQLinear
-from tests.nunchaku import reference
+from tests.formats.nunchaku import reference
 
 DTYPE = torch.bfloat16
 

@@ -17,8 +17,8 @@ import torch
 from safetensors.torch import save_file
 
 from svdq_cli.models.registry import ADAPTERS
-from tests.stages.conftest import svdq
-from tests.stages.test_pipeline import export_file
+from tests.conftest import svdq
+from tests.stages.test_runner import export_file
 
 
 def one_line_error(stderr: str) -> str:
