@@ -3,7 +3,7 @@ per-channel min/max and block-diagonal Gram over all tokens and a bounded seeded
 timesteps (plus the GPTQ Hessian when GPTQ is on). Memory is bounded by ``calib_rows`` per group, whatever
 the prompts × steps.
 
-VQ methods record something else: per block, a bounded seeded sample of its input calls (block_inputs.py),
+VQ methods record something else: per block, a bounded seeded sample of its input calls (calibration/block_inputs.py),
 for block-wise calibration.
 
 One pass feeds every block, so an interrupted collect starts over; it is deterministic, so the per-block
@@ -84,8 +84,8 @@ def denoise(workspace, prompt: str, encoding) -> None:
 
 def collect_block_inputs(run, workspace, prompts: list[str], mine: list[int], missing: list[int]) -> dict:
     """VQ methods: run the 16-bit pipeline over this rank's prompts and keep, per block, a seeded sample of
-    ``vq_calls`` of its input calls (``block_inputs.py``); the ranks exchange which calls they kept (keys and
-    spill files on the shared run directory) and each writes the artifacts of its own blocks."""
+    ``vq_calls`` of its input calls (``calibration/block_inputs.py``); the ranks exchange which calls they kept
+    (keys and spill files on the shared run directory) and each writes the artifacts of its own blocks."""
     calibration, quant, world = workspace.config.calibration, workspace.config.quant, workspace.world
     modules = [workspace.transformer.get_submodule(name) for name, _ in workspace.blocks]
     spill = run.path / "collect" / "calls.partial"

@@ -1,4 +1,4 @@
-"""export: one self-describing safetensors file with the quantized transformer (see export_format), written
+"""export: one self-describing safetensors file with the quantized transformer (see formats/svdq_file.py), written
 block by block."""
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """quantize: the 4-bit residual of every layer (round-to-nearest or GPTQ) packed into SVDQLinear tensors,
 with each layer's output error on calibration rows against the 16-bit layer and naive quantization. VQ methods
-calibrate each block's codebooks and assignments here instead (``vector.py``), one artifact per block."""
+calibrate each block's codebooks and assignments here instead (``engines/vector.py``), one artifact per block."""
 
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ CPUs. The work is divided so that the result does not depend on N:
 
 - collect: the calibration prompts go in rounds, prompt i to rank i mod N; after each round the ranks
   exchange that round's per-prompt statistics and every rank merges them in prompt order, which gives the
-  same bits one process computes (``quant/calibration.py`` explains why the order is fixed);
+  same bits one process computes (``quant/statistics.py`` explains why the order is fixed);
 - smooth, svd, quantize: block i on rank i mod N, each rank writing its blocks' artifacts through the same
   atomic, sealed path as one process (the run directory must be on a filesystem every rank sees);
 - validate: validation prompt i is generated on rank i mod N (the 16-bit reference, the quantized model and
