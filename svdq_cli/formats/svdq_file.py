@@ -83,8 +83,12 @@ def decode_metadata(path: Path, raw: dict[str, str], plain: tuple[str, ...] = PL
 def read_metadata(path: Path) -> dict[str, object]:
     """The decoded metadata of an svdq export.
 
+    Every command and loader that reads an export comes here, so a format this svdq does not know (a newer
+    svdq wrote it) is refused before anything reads, or writes from, its contents.
+
     Raises:
-        BadInputError: not a safetensors file, not one of ours, or damaged metadata.
+        BadInputError: not a safetensors file, not one of ours, a format this svdq cannot read, or damaged
+            metadata.
     """
     raw = read_raw_metadata(path)
     if is_nunchaku(raw):
@@ -92,6 +96,9 @@ def read_metadata(path: Path) -> dict[str, object]:
                             "export it was converted from (export/ in the run directory)")
     if "format_version" not in raw or "quantization_config" not in raw:
         raise BadInputError(f"{path} is not an svdq export (no svdq metadata)")
+    if raw["format_version"] not in READABLE_FORMATS:
+        raise BadInputError(f"{path} has export format {raw['format_version']}; this svdq reads "
+                            f"{', '.join(READABLE_FORMATS)} (a newer svdq wrote it: upgrade)")
     metadata = decode_metadata(path, raw)
     for key in ("quantization_config", "recipe", "layers", "model_config"):
         if not isinstance(metadata.get(key), dict):
@@ -138,9 +145,6 @@ def load_quantized(path: Path | str, pipeline=None, device: str | torch.device =
     from accelerate.utils import set_module_tensor_to_device
 
     metadata = read_metadata(Path(path))
-    if metadata["format_version"] not in READABLE_FORMATS:
-        raise BadInputError(f"{path} has export format {metadata['format_version']}; this svdq reads "
-                            f"{', '.join(READABLE_FORMATS)} (a newer svdq wrote it: upgrade)")
     device = resolve_device(str(device))
     model_config = metadata["model_config"]
     if pipeline is not None and getattr(pipeline, "transformer", None) is not None:

@@ -55,7 +55,8 @@ def read_lora(path: Path) -> dict[str, LoraPair]:
     """The LoRA pairs of a safetensors file, keyed by the layer name as written in the file.
 
     Raises:
-        BadInputError: not a safetensors file (pickles are refused), or an incomplete pair.
+        BadInputError: not a safetensors file (pickles are refused), an incomplete pair, or a LoRA tensor holding
+            NaN or Inf.
     """
     path = Path(path)
     if path.suffix != ".safetensors":
@@ -71,6 +72,8 @@ def read_lora(path: Path) -> dict[str, LoraPair]:
         for pattern, role in _PATTERNS:
             match = pattern.match(key)
             if match:
+                if tensor.is_floating_point() and not torch.isfinite(tensor).all():  # would poison the export
+                    raise BadInputError(f"{path}: tensor {key} holds NaN or Inf")
                 parts.setdefault(match["layer"], {})[role] = tensor
                 break
     pairs = {}

@@ -290,7 +290,8 @@ def test_bad_files_for_inspect(tmp_path):
     fails(["inspect", path], 2, "metadata 'quantization_config' is not valid JSON")
 
 
-def test_an_export_of_another_format_version_is_refused_by_the_loader(finished_run, tmp_path):
+def test_an_export_of_another_format_version_is_refused_by_every_reader(finished_run, tmp_path):
+    """The loader, inspect and lora apply all refuse a format this svdq does not know; lora writes nothing."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
@@ -300,10 +301,17 @@ def test_an_export_of_another_format_version_is_refused_by_the_loader(finished_r
     source = export_file(finished_run)
     with safe_open(str(source), "pt") as handle:
         metadata = handle.metadata()
-    path = tmp_path / "v9.safetensors"
-    save_file(load_file(str(source)), path, metadata={**metadata, "format_version": "9"})
-    with pytest.raises(BadInputError, match="has export format 9; this svdq reads 1, 2"):
+    path = tmp_path / "v99.safetensors"
+    save_file(load_file(str(source)), path, metadata={**metadata, "format_version": "99"})
+    message = "has export format 99; this svdq reads 1, 2"
+    with pytest.raises(BadInputError, match=message):
         load_quantized(path)
+    fails(["inspect", path], 2, message)
+    lora = tmp_path / "lora.safetensors"
+    save_file({"transformer.x.lora_A.weight": torch.zeros(4, 8), "transformer.x.lora_B.weight": torch.zeros(8, 4)},
+              lora)
+    fails(["lora", "apply", path, lora, "--out", tmp_path / "out.safetensors"], 2, message)
+    assert not (tmp_path / "out.safetensors").exists()
 
 
 def test_a_format_1_export_still_loads_with_its_symmetric_activations(finished_run, tmp_path):
@@ -391,6 +399,14 @@ def test_lora_refusals(run_copy, tmp_path):
     fails(["lora", "apply", once, lora, "--out", tmp_path / "twice.safetensors"], 2, "is already applied",
           untouched=[run_copy])
     fails(["lora", "apply", export, lora, lora, "--out", tmp_path / "double.safetensors"], 2, "is already applied")
+    poisoned = tmp_path / "nan.safetensors"
+    up = torch.randn(128, 4) * 0.01
+    up[3, 1] = float("nan")
+    save_file({"transformer_blocks.0.attn.to_q.lora_A.weight": torch.randn(4, 128) * 0.01,
+               "transformer_blocks.0.attn.to_q.lora_B.weight": up}, poisoned)
+    fails(["lora", "apply", export, poisoned, "--out", tmp_path / "nan-out.safetensors"], 2,
+          "tensor transformer_blocks.0.attn.to_q.lora_B.weight holds NaN or Inf", untouched=[run_copy])
+    assert not (tmp_path / "nan-out.safetensors").exists()
 
 
 # ---------------------------------------------------------------- the Hub
