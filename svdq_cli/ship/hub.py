@@ -5,6 +5,7 @@ sources (``--token``, ``HF_TOKEN``, the cached login) and is never printed or wr
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +30,9 @@ BASE_LICENSES = {
 }
 
 
+TOKEN = re.compile(r"hf_[A-Za-z0-9]{16,}")  # the shape of a Hugging Face user access token
+
+
 @dataclass
 class Upload:
     """What push-to-hub sends: repo path → local file (or generated text)."""
@@ -42,10 +46,14 @@ def plan_upload(run_dir: Path, repo_id: str, force: bool = False) -> Upload:
     """Check the run can be published and build the card and file list (nothing is sent).
 
     Raises:
-        BadInputError: no export, a validation that failed or never ran (unless ``force``), bad repo id.
+        BadInputError: no export, a validation that failed or never ran (unless ``force``), a bad repo id or
+            one that looks like a token.
     """
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
+    if any(TOKEN.fullmatch(part) for part in repo_id.split("/")):  # never echo it: not here, not in the card
+        raise BadInputError("the repo id looks like a Hugging Face token (hf_…), which is never printed; pass "
+                            "namespace/name as REPO_ID and the token with --token or HF_TOKEN")
     try:
         validate_repo_id(repo_id)
     except HFValidationError as error:

@@ -418,6 +418,14 @@ def test_push_offline_with_a_token_fails_fast(run_copy, monkeypatch):
     assert "hf_not_a_real_token" not in line
 
 
+@pytest.mark.parametrize("repo_id", ["hf_AbCdEfGhIjKlMnOpQrStUvWxYz012345", "me/hf_AbCdEfGhIjKlMnOpQrStUvWxYz012345"])
+def test_a_token_passed_as_the_repo_id_is_refused_and_never_printed(run_copy, repo_id):
+    got, stdout, stderr = svdq("push-to-hub", run_copy, repo_id, "--dry-run")
+    assert got == 2, stderr
+    assert "looks like a Hugging Face token" in one_line_error(stderr)
+    assert "AbCdEfGh" not in stdout + stderr
+
+
 # ---------------------------------------------------------------- signals, disk, threads (subprocesses)
 def _cli(args, env=None, **kwargs):
     return subprocess.run([sys.executable, "-m", "svdq_cli", *map(str, args)], capture_output=True, text=True,
