@@ -1,11 +1,13 @@
 """The ``svdq`` command line (DESIGN.md §5): the app assembled from one module per command, and the entry point.
 
-Exit codes: 0 success; 1 runtime failure; 2 bad usage or bad input; 3 a quality gate failed. Errors are one
-line on stderr; ``--debug`` shows the traceback. Results go to stdout (``--json``: exactly one document).
+Exit codes: 0 success; 1 runtime failure; 2 bad usage or bad input; 3 a quality gate failed; 130 interrupted
+(Ctrl-C); 143 terminated (SIGTERM). Errors are one line on stderr; ``--debug`` shows the traceback. Results go
+to stdout (``--json``: exactly one document).
 """
 
 from __future__ import annotations
 
+import signal
 import sys
 import traceback
 from typing import Annotated
@@ -51,6 +53,16 @@ app.add_typer(lora_app, name="lora")
 app.command(cls=Command)(bench.bench)
 
 
+class Terminated(BaseException):
+    """SIGTERM (what CI systems and ``timeout`` send), raised where the process is, so that it unwinds as an
+    interrupt does: temporary files removed, the lock released, what is finished kept. Not a KeyboardInterrupt,
+    which typer turns into exit 130 on its way out."""
+
+
+def _terminate(_signum, _frame) -> None:
+    raise Terminated
+
+
 def _fail(message: str, code: int) -> None:
     """One line on stderr and the exit code (the traceback too with --debug)."""
     if _state["debug"] and sys.exc_info()[0] is not None:
@@ -73,6 +85,7 @@ def _main() -> None:
     _state["debug"] = "--debug" in args  # accepted before or after the command
     args = [arg for arg in args if arg != "--debug"]
     configure_threads()
+    signal.signal(signal.SIGTERM, _terminate)
     command = next((arg for arg in args if not arg.startswith("-")), None)
     if world_size() > 1 and command not in (None, "quantize"):
         _fail(f"under torchrun only `svdq quantize` runs on several ranks; run `svdq {command}` as one process", 2)
@@ -80,6 +93,8 @@ def _main() -> None:
         code = app(args=args, prog_name="svdq", standalone_mode=False)
     except SvdqError as error:
         _fail(str(error), error.exit_code)
+    except Terminated:
+        code = 143
     except KeyboardInterrupt:
         code = 130
     except typer.Abort:  # standard input closed under a prompt
@@ -96,8 +111,9 @@ def _main() -> None:
         if _state["debug"]:
             raise
         _fail(f"unexpected {type(error).__name__}: {error} (re-run with --debug for the traceback)", 1)
-    if code == 130:
-        _fail("interrupted; re-run the same command to resume (finished stages and blocks are kept)", 130)
+    if code in (130, 143):
+        what = "interrupted" if code == 130 else "terminated (SIGTERM)"
+        _fail(f"{what}; re-run the same command to resume (finished stages and blocks are kept)", code)
     sys.exit(code if isinstance(code, int) else 0)
 
 

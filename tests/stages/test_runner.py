@@ -156,12 +156,12 @@ def _default_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-def _interrupt_through_a_pipe(args, env):
+def _interrupt_through_a_pipe(args, env, how=signal.SIGINT):
     process = subprocess.Popen([sys.executable, "-m", "svdq_cli", *map(str, args)], stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True, env=env, preexec_fn=_default_sigint)
     for line in process.stderr:  # the fault hook says when it waits: a known point, no sleeping
         if line.startswith("fault hook: paused"):
-            process.send_signal(signal.SIGINT)
+            process.send_signal(how)
             break
     stderr = process.stderr.read()
     process.wait()
@@ -192,15 +192,21 @@ def _interrupt_in_a_terminal(args, env):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("how", ["pipe", "terminal"])
-def test_ctrl_c_exits_130_and_a_rerun_resumes_to_the_same_export(finished_run, recipe_file, tmp_path, how):
+@pytest.mark.parametrize("how", ["pipe", "terminal", "sigterm"])
+def test_ctrl_c_or_sigterm_exits_with_one_line_and_a_rerun_resumes_to_the_same_export(finished_run, recipe_file,
+                                                                                     tmp_path, how):
     run = tmp_path / "run"
     args = ["quantize", "tiny-flux", "--recipe", recipe_file, "--out", run]
     env = {**os.environ, FAULT_VARIABLE: "smooth:2:pause"}
-    code, output = (_interrupt_through_a_pipe if how == "pipe" else _interrupt_in_a_terminal)(args, env)
-    assert code == 130, output[-2000:]
+    if how == "terminal":
+        code, output = _interrupt_in_a_terminal(args, env)
+    else:
+        code, output = _interrupt_through_a_pipe(args, env, signal.SIGTERM if how == "sigterm" else signal.SIGINT)
+    expected = (143, "Error: terminated (SIGTERM); re-run the same command to resume") if how == "sigterm" else \
+        (130, "Error: interrupted; re-run the same command to resume")
+    assert code == expected[0], output[-2000:]
     assert "Traceback" not in output
-    assert "Error: interrupted; re-run the same command to resume" in output
+    assert expected[1] in output
     assert not list(run.rglob("*.tmp")), "a half-written temporary file was left behind"
     resumed = _cli(args)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
