@@ -7,13 +7,11 @@ import dataclasses
 
 from .config import QuantConfig
 
-UNIFORM_BASELINES = {  # a uniform run's baselines, at its precision and number formats
+UNIFORM_FIELDS = {  # each of base.UNIFORM_BASELINES, at the run's precision and number formats
     "rtn": {"method": "rtn"},
     "w4a16": {"method": "rtn", "weight_only": True},
     "smoothquant": {"method": "smoothquant"},
 }
-VECTOR_BASELINES = ("rtn", "kmeans")  # a VQ run's: RTN weight-only at its bits, codebook-only k-means VQ
-ALL_BASELINES = (*UNIFORM_BASELINES, "kmeans")
 
 
 def baseline_config(config: QuantConfig, baseline: str) -> QuantConfig:
@@ -24,7 +22,7 @@ def baseline_config(config: QuantConfig, baseline: str) -> QuantConfig:
     return QuantConfig(precision=config.precision, scale_dtype=config.scale_dtype, seed=config.seed,
                        search_rows=config.search_rows, calib_rows=config.calib_rows, version=config.version,
                        full_range=config.full_range, scale_search=config.scale_search, search=config.search,
-                       **UNIFORM_BASELINES[baseline])
+                       **UNIFORM_FIELDS[baseline])
 
 
 def naive_config(config: QuantConfig) -> QuantConfig:

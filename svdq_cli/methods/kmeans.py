@@ -1,5 +1,5 @@
 """k-means VQ: VQ4DiT's baseline; the k-means assignments are kept and only the codebook is calibrated."""
 
-from .base import Method
+from .base import VECTOR_BASELINES, Method
 
-METHOD = Method("kmeans", "k-means (codebook-only)", "vector", file_tag="kmvq", baselines=("rtn", "kmeans"))
+METHOD = Method("kmeans", "k-means (codebook-only)", "vector", file_tag="kmvq", baselines=VECTOR_BASELINES)
