@@ -1,5 +1,7 @@
 """svdq's exceptions. Each carries the exit code the CLI maps it to (DESIGN.md §5)."""
 
+import re
+
 
 class SvdqError(Exception):
     """A failure svdq can explain in one line; exit code 1 (runtime failure)."""
@@ -17,3 +19,28 @@ class QualityGateError(SvdqError):
     """A validation gate (minimum PSNR, …) failed; exit code 3."""
 
     exit_code = 3
+
+
+_LITERAL = re.compile(r"[\[{(<][^\[\]{}()<>]*[\]})>]")  # an innermost bracketed run: a list, set, dict, repr
+
+
+def gist(error: object, limit: int = 300) -> str:
+    """A library's error (or its text) as one line of at most ``limit`` characters that still names the cause.
+
+    Its first line, whitespace collapsed; while too long, the longest bracketed literal (the list of keys or
+    components a library prints whole) is cut to its start; then, if still too long, the text is cut at a
+    word. ``expected {'scheduler', 'text_encoder', …}, but only {'vae', …} were passed`` keeps its sense
+    where a plain cut at 300 characters ends mid-word.
+    """
+    text = " ".join((str(error).strip().splitlines() or [""])[0].split()) or type(error).__name__
+    while len(text) > limit:
+        literals = [m for m in _LITERAL.finditer(text) if m.end() - m.start() > 24]
+        if not literals:
+            break
+        longest = max(literals, key=lambda m: m.end() - m.start())
+        start = text[longest.start() + 1:longest.start() + 21]
+        start = start[:max(start.rfind(","), start.rfind(" "))] if ("," in start or " " in start) else start
+        text = f"{text[:longest.start() + 1]}{start.rstrip(', ')}, …{text[longest.end() - 1:]}"
+    if len(text) > limit:
+        text = text[:limit - 2].rsplit(" ", 1)[0].rstrip(",;:") + " …"
+    return text

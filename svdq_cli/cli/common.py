@@ -58,7 +58,18 @@ def quiet_libraries() -> None:
 
 
 def run_dir_for(config, out_dir: Path | None) -> Path:
-    return out_dir or Path("runs") / config.recipe.replace(":", "-")
+    """The run directory: ``--out``, or ``runs/RECIPE``.
+
+    Raises:
+        BadInputError: a run directory that is the local model's directory or inside it (the run's files
+            would mix with the model's, and a later download or cleanup of the model would take them).
+    """
+    path = out_dir or Path("runs") / config.recipe.replace(":", "-")
+    model = Path(config.model)
+    if model.is_dir() and path.resolve().is_relative_to(model.resolve()):
+        raise BadInputError(f"--out {path} is inside the model directory {model}; write the run elsewhere "
+                            f"(e.g. --out runs/{model.resolve().name})")
+    return path
 
 
 def print_summary(run_path: Path, summary: dict, as_json: bool, extra: dict | None = None,

@@ -14,7 +14,7 @@ from typing import Annotated
 
 import typer
 
-from ..errors import SvdqError
+from ..errors import SvdqError, gist
 from ..system.distributed import leave, world_size
 from ..system.threads import configure_threads
 from ..version import __version__
@@ -110,7 +110,7 @@ def _main() -> None:
     except Exception as error:  # unexpected: a bug; its type and the way to the traceback
         if _state["debug"]:
             raise
-        _fail(f"unexpected {type(error).__name__}: {error} (re-run with --debug for the traceback)", 1)
+        _fail(f"unexpected {type(error).__name__}: {gist(error)} (re-run with --debug for the traceback)", 1)
     if code in (130, 143):
         what = "interrupted" if code == 130 else "terminated (SIGTERM)"
         _fail(f"{what}; re-run the same command to resume (finished stages and blocks are kept)", code)

@@ -94,7 +94,7 @@ def quantize(
 ) -> None:
     """Run every stage (collect, smooth, svd, quantize, validate, export), resuming what is done. Under torchrun,
     the ranks share collect and the per-block stages (see the README)."""
-    from ..run.directory import opened
+    from ..run.directory import RunLockedError, opened
     from ..stages.runner import check_config, run_stages
     from ..system.distributed import joined
     from ..system.progress import set_rank_label
@@ -112,7 +112,10 @@ def quantize(
         check_config(config, until, redo)
         run_path = run_dir_for(config, out_dir)
         quiet_libraries()
-        with opened(run_path, world) as run:
-            summary = run_stages(run, config, until=until, redo=redo, world=world)
+        try:
+            with opened(run_path, world) as run:
+                summary = run_stages(run, config, until=until, redo=redo, world=world)
+        except RunLockedError as error:  # quantize alone can go elsewhere
+            raise RunLockedError(f"{error}, or choose another --out") from None
     if world.leader:
         print_summary(run_path, summary, as_json)

@@ -79,7 +79,23 @@ class Adapter:
         if resolution % multiple:
             return (f"{flag} {resolution} is not a multiple of {multiple} (the model's VAE and patch size); try "
                     f"{max(multiple, resolution // multiple * multiple)}")
+        positions = pipeline.transformer.config.get("pos_embed_max_size")  # SD3: a fixed table of positions
+        if positions and resolution > positions * multiple:
+            return (f"{flag} {resolution} exceeds the {positions * multiple} px its position embedding covers "
+                    f"(pos_embed_max_size {positions})")
         return None
+
+    def activation_bytes(self, pipeline, resolution: int, widest: int, element_size: int) -> tuple[int, str]:
+        """An estimate of the largest activations one generation at ``resolution`` holds at once, and where:
+        a transformer pass (tokens × the widest linear output, a few such tensors live) or the VAE decoder at
+        full resolution (its first-level channels). A bound for refusing the impossible, not a prediction."""
+        live = 4  # input, output and the intermediates of one layer
+        tokens = (resolution // self.resolution_multiple(pipeline)) ** 2
+        transformer = tokens * widest * element_size * live
+        vae = getattr(pipeline, "vae", None)
+        channels = (getattr(getattr(vae, "config", None), "block_out_channels", None) or [128])[0]
+        decoder = resolution**2 * channels * element_size * live
+        return max((transformer, "a transformer pass"), (decoder, "the VAE decoder"))
 
     def block_groups(self, transformer: nn.Module) -> list[tuple[str, list[list[str]]]]:
         """``[(block_name, [[linear path, …] per group])]`` in execution order, with full module paths.

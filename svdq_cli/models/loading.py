@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import BadInputError, SvdqError
+from ..errors import BadInputError, SvdqError, gist
 from ..system import online
 from .base import Adapter
 from .registry import ADAPTERS, TINY_MODELS
@@ -88,9 +88,8 @@ def load_pipeline(model: str, adapter: Adapter, dtype: torch.dtype, device: str 
             pipeline = pipeline_class.from_pretrained(directory, dtype=dtype, local_files_only=True,
                                                       low_cpu_mem_usage=False, **overrides)
         except Exception as error:  # diffusers, transformers and safetensors raise many types for bad files
-            first_line = (str(error).strip().splitlines() or [""])[0][:300]
             raise BadInputError(f"cannot load {model} as a {adapter.pipeline_class} ({type(error).__name__}: "
-                                f"{first_line})") from None
+                                f"{gist(error)})") from None
         if transformer is None and "transformer" not in without:
             check_weights_match_config(directory, pipeline.transformer)
     for component in pipeline.components.values():

@@ -120,7 +120,8 @@ class Run:
             owner = handle.read().strip() or "another process"
             handle.close()
             raise RunLockedError(
-                f"run directory {self.path} is in use by process {owner}; wait for it to finish or choose another --out"
+                f"run directory {self.path} is in use by process {owner}; wait for it to finish "
+                f"(`svdq status {self.path}` shows how far it is)"
             ) from None
         handle.seek(0)
         handle.truncate()

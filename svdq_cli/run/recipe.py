@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import reprlib
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -32,6 +33,15 @@ from ..system.resources import data_dir
 DTYPES = ("float32", "bfloat16", "float16")
 RUNTIMES = ("auto", "emulated")
 RECIPE_VERSION = 1
+# Beyond what any model generates at (Sana's 4K is 4096 px; schedulers are trained on 1000 timesteps): a typo
+# or an attack, refused before a model is loaded. What a given model and this machine's memory can take is
+# checked once the model is loaded (Workspace.preflight).
+MAX_RESOLUTION = 16384
+MAX_STEPS = 10_000
+FLAGS = {("calibration", "steps"): "--steps", ("calibration", "resolution"): "--resolution",
+         ("validation", "steps"): "--val-steps", ("validation", "resolution"): "--val-resolution"}
+MAX_RECIPE_BYTES = 1 << 20  # recipes are a screenful of YAML; anything near this is not one
+MAX_RECIPE_NODES = 10_000  # values after YAML aliases are expanded: an alias bomb expands to billions
 
 
 @dataclass(frozen=True)
@@ -112,11 +122,16 @@ class RunConfig:
         if unknown:
             raise BadInputError(f"validation.baselines: {', '.join(unknown)} not available for method "
                                 f"{self.quant.method} (allowed: {', '.join(allowed)})")
-        for section in (self.calibration, self.validation):
-            for name in ("num_prompts", "steps", "resolution"):
+        limits = {"num_prompts": None, "steps": MAX_STEPS, "resolution": MAX_RESOLUTION}
+        for label, section in (("calibration", self.calibration), ("validation", self.validation)):
+            for name, limit in limits.items():
                 value = getattr(section, name)
                 if value is not None and value < 1:
                     raise BadInputError(f"{name}={value} must be at least 1")
+                if value is not None and limit is not None and value > limit:
+                    what = "generates at" if name == "resolution" else "is sampled with"
+                    raise BadInputError(f"{label}.{name}={value} ({FLAGS[label, name]}) exceeds {limit:,}, beyond "
+                                        f"what any diffusion model {what}")
 
     def to_dict(self) -> dict[str, object]:
         result = dataclasses.asdict(self)
@@ -154,10 +169,7 @@ def load_recipe(name_or_path: str, overrides: dict[str, object] | None = None) -
     path = recipe_path(name_or_path)
     if path is None:
         raise BadInputError(f"unknown recipe {name_or_path!r} (available: {', '.join(recipe_names())})")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except (OSError, yaml.YAMLError) as error:
-        raise BadInputError(f"cannot read recipe {path}: {str(error).splitlines()[0]}") from None
+    data = read_recipe_file(path)
     if not isinstance(data, dict):
         raise BadInputError(f"recipe {path} must be a mapping of fields")
     data.setdefault("recipe", path.stem)
@@ -169,6 +181,59 @@ def load_recipe(name_or_path: str, overrides: dict[str, object] | None = None) -
         target[leaf] = value
     _switch_method(data, {key for key, value in (overrides or {}).items() if value is not None})
     return build_config(RunConfig, data, "")
+
+
+def read_recipe_file(path: Path) -> object:
+    """The YAML of a recipe file, bounded before anything is built from it: its size, and what its aliases
+    expand to (a few lines of anchors can stand for billions of values).
+
+    Raises:
+        BadInputError: unreadable, not YAML, too large, or expanding past MAX_RECIPE_NODES values.
+    """
+    try:
+        size = path.stat().st_size
+        if size > MAX_RECIPE_BYTES:
+            raise BadInputError(f"recipe {path} is {size / 2**20:.1f} MiB; a recipe is a small YAML file "
+                                f"(at most {MAX_RECIPE_BYTES >> 20} MiB)")
+        loader = yaml.SafeLoader(path.read_text())
+        try:
+            node = loader.get_single_node()
+            if node is None:
+                return {}
+            _check_expansion(node, path)
+            return loader.construct_document(node) or {}
+        finally:
+            loader.dispose()
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
+        raise BadInputError(f"cannot read recipe {path}: {str(error).splitlines()[0]}") from None
+
+
+def _check_expansion(root: yaml.Node, path: Path) -> None:
+    """Count the values ``root`` stands for with its aliases expanded (shared nodes counted once per use,
+    each node's count computed once), refusing recursive aliases and counts past MAX_RECIPE_NODES."""
+    counts: dict[int, int] = {}
+    open_nodes: set[int] = set()
+
+    def count(node: yaml.Node) -> int:
+        key = id(node)
+        if key in counts:
+            return counts[key]
+        if key in open_nodes:
+            raise BadInputError(f"recipe {path}: a YAML alias refers to a value that contains it")
+        open_nodes.add(key)
+        children = [] if isinstance(node, yaml.ScalarNode) else \
+            [item for pair in node.value for item in pair] if isinstance(node, yaml.MappingNode) else node.value
+        total = 1
+        for child in children:
+            total += count(child)
+            if total > MAX_RECIPE_NODES:
+                raise BadInputError(f"recipe {path}: its YAML aliases expand to more than {MAX_RECIPE_NODES:,} "
+                                    "values; write the recipe out without anchors (&) and aliases (*)")
+        open_nodes.discard(key)
+        counts[key] = total
+        return total
+
+    count(root)
 
 
 def _switch_method(data: dict, overridden: set[str]) -> None:
@@ -231,10 +296,10 @@ def _check_type(value, expected, name: str):
                 return _check_type(value, option, name)
             except BadInputError:
                 continue
-        raise BadInputError(f"{name}: expected {_type_name(expected)}, got {value!r}")
+        raise BadInputError(f"{name}: expected {_type_name(expected)}, got {_brief(value)}")
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
-            raise BadInputError(f"{name}: expected a list, got {value!r}")
+            raise BadInputError(f"{name}: expected a list, got {_brief(value)}")
         item = typing.get_args(expected)[0]
         return tuple(_check_type(v, item, name) for v in value)
     if expected is float and isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -242,8 +307,15 @@ def _check_type(value, expected, name: str):
     if expected is int and isinstance(value, bool):
         raise BadInputError(f"{name}: expected an integer, got {value!r}")
     if not isinstance(value, expected):
-        raise BadInputError(f"{name}: expected {_type_name(expected)}, got {value!r}")
+        raise BadInputError(f"{name}: expected {_type_name(expected)}, got {_brief(value)}")
     return value
+
+
+def _brief(value) -> str:
+    """``repr`` cut to a line: a wrong value may be a long list or a long string."""
+    brief = reprlib.Repr()
+    brief.maxlevel, brief.maxlist, brief.maxdict, brief.maxstring, brief.maxother = 2, 4, 4, 60, 60
+    return brief.repr(value)
 
 
 def _type_name(expected) -> str:

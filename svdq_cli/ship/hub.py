@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from ..errors import BadInputError, SvdqError
+from ..errors import BadInputError, SvdqError, gist
 from ..formats.svdq_file import read_metadata
 from ..methods.registry import get_method
 from ..models.registry import get_adapter
@@ -169,8 +169,7 @@ def push(upload: Upload, repo_id: str, token: str | None, private: bool, revisio
         info = api.create_commit(repo_id, operations, commit_message="Upload svdq quantized model",
                                  revision=revision, create_pr=create_pr, repo_type="model")
     except Exception as error:  # huggingface_hub and its HTTP client raise many types: say which, in one line
-        first_line = (str(error).strip().splitlines() or [""])[0][:200]
-        raise SvdqError(f"upload to {repo_id} failed ({type(error).__name__}: {first_line}); nothing partial is "
+        raise SvdqError(f"upload to {repo_id} failed ({type(error).__name__}: {gist(error, 200)}); nothing partial is "
                         "left on the Hub: a commit is all or nothing") from None
     return getattr(info, "pr_url", None) or getattr(info, "commit_url", str(info))
 

@@ -29,7 +29,7 @@ from ..run.cache import Cache
 from ..run.directory import FAULT_VARIABLE, Run, library_versions  # noqa: F401 (FAULT_VARIABLE: for tests)
 from ..run.recipe import RunConfig
 from ..runtime.layers import replace_module
-from ..system.device import resolve_device
+from ..system.device import free_memory, resolve_device
 from ..system.distributed import World
 from ..system.progress import say, task, warn
 from ..version import __version__
@@ -246,10 +246,41 @@ class Workspace:
                                                   flag)
             if error:
                 raise BadInputError(error)
+            self.check_fits(section, flag)
+        self.check_steps()
         if "validate" in todo and self.config.validation.runtime == "emulated" and self.device != "cpu":
             raise BadInputError("--runtime emulated runs the kernels on the CPU emulator: add --device cpu")
         if self.device == "cpu":
             self.say_cpu_cost(todo, multiple)
+
+    def check_fits(self, section, flag: str) -> None:
+        """Refuse a resolution whose activations cannot fit in this device's free memory (the model is loaded
+        already), naming the largest that would.
+
+        Raises:
+            BadInputError: the estimate of :meth:`Adapter.activation_bytes` exceeds the free memory.
+        """
+        _, guidance, resolution = self.settings(section)
+        widest = max(module.out_features for module in self.originals.values())
+        element_size = torch.empty((), dtype=self.dtype).element_size()
+        passes = self.adapter.passes_per_step(guidance)  # guidance batches two images
+        needed, where = self.adapter.activation_bytes(self.pipeline, resolution, widest, element_size)
+        needed *= passes
+        free = free_memory(self.device)
+        if needed > free:
+            multiple = self.adapter.resolution_multiple(self.pipeline)
+            fits = int(resolution * (free / needed) ** 0.5) // multiple * multiple
+            raise BadInputError(f"{flag} {resolution} needs about {needed / 2**30:,.1f} GiB for {where}, more than "
+                                f"the {free / 2**30:.1f} GiB free on {self.device}; at most about {fits} px fits")
+
+    def check_steps(self) -> None:
+        """Refuse more denoising steps than the scheduler has timesteps (it could only repeat them)."""
+        scheduler = getattr(self.pipeline, "scheduler", None)
+        timesteps = getattr(getattr(scheduler, "config", None), "num_train_timesteps", None) or 1000
+        for section, flag in ((self.config.calibration, "--steps"), (self.config.validation, "--val-steps")):
+            steps = self.settings(section)[0]
+            if steps > timesteps:
+                raise BadInputError(f"{flag} {steps} exceeds the scheduler's {timesteps} training timesteps")
 
     def say_cpu_cost(self, todo: list[str], multiple: int) -> None:
         """On a CPU, one line per generating stage whose estimated cost exceeds a minute, with the flags that

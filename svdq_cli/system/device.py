@@ -37,3 +37,12 @@ def resolve_device(requested: str) -> str:
             raise BadInputError(f"device {requested!r} does not exist: this machine has "
                                 f"{torch.cuda.device_count()} CUDA device(s)")
     return requested
+
+
+def free_memory(device: str) -> int:
+    """Bytes free for new tensors on ``device``: the GPU's free memory, or the memory the OS can give now."""
+    if device.startswith("cuda"):
+        return torch.cuda.mem_get_info(torch.device(device))[0]
+    import psutil
+
+    return psutil.virtual_memory().available

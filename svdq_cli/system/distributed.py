@@ -31,7 +31,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
 
-from ..errors import BadInputError, SvdqError
+from ..errors import BadInputError, SvdqError, gist
 from .device import resolve_device
 
 TIMEOUT_VARIABLE = "SVDQ_DIST_TIMEOUT"
@@ -122,7 +122,7 @@ def _first_sentence(error: Exception) -> str:
     """The gist of a backend's error: its first sentence, without the source location gloo puts first."""
     text = " ".join(str(error).split()) or type(error).__name__
     text = re.sub(r"^\[[^\]]*\.(cc|cpp|h):\d+\]\s*", "", text)
-    return text.split(". ")[0][:160]
+    return gist(text.split(". ")[0], 160)
 
 
 _joined = [False]  # whether this process ever joined a process group (see leave)
@@ -193,7 +193,7 @@ def joined(device: str) -> Iterator[World]:
                                 device_id=torch.device("cuda", local_rank) if cuda else None)
     except (RuntimeError, ValueError) as error:
         raise SvdqError(f"rank {rank}: cannot join the torch.distributed group of {size} "
-                        f"({str(error).strip().splitlines()[0][:160]})") from None
+                        f"({gist(error, 160)})") from None
     _joined[0] = True
     try:
         yield World(rank, size, local_rank)

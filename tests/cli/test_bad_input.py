@@ -66,7 +66,11 @@ def test_run_directory_held_by_another_process(run_copy, recipe_file):
         handle.write("4242")
         handle.flush()
         code, _, stderr = svdq("quantize", "tiny-flux", "--recipe", recipe_file, "--out", run_copy)
-    assert code == 2 and "is in use by process 4242" in one_line_error(stderr)
+        assert code == 2 and "is in use by process 4242" in one_line_error(stderr)
+        assert "choose another --out" in stderr  # quantize can write elsewhere
+        code, _, stderr = svdq("export", run_copy)
+        line = one_line_error(stderr)
+        assert code == 2 and "is in use by process 4242" in line and "--out" not in line  # export has no --out
     assert (run_copy / "manifest.json").read_bytes() == manifest_before
 
 

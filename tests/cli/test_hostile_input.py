@@ -71,6 +71,11 @@ def test_debug_is_accepted_after_the_command(tmp_path):
 
 
 # ---------------------------------------------------------------- recipes and flags, before anything is touched
+ALIAS_BOMB = ("model: tiny-flux\nfamily: tiny-flux\ncalibration:\n  prompts: [&a [" + ", ".join(["lol"] * 9) + "]"
+              + "".join(f", &{b} [{', '.join([f'*{a}'] * 9)}]" for a, b in zip("abcdefg", "bcdefgh", strict=True))
+              + "]\n")  # each level nine aliases of the one before: 9^8 strings
+
+
 @pytest.mark.parametrize("recipe,message", [
     ("model: tiny-flux\nfamily: tiny-flux\nquant: {alpa: 0.5}\n", "quant.alpa: unknown key (did you mean alphas?)"),
     ("model: tiny-flux\nfamily: tiny-flux\nquant: {rank: thirty-two}\n", "quant.rank: expected int"),
@@ -86,12 +91,34 @@ def test_debug_is_accepted_after_the_command(tmp_path):
     ("model: tiny-flux\nfamily: tiny-flux\nvalidation: {runtime: gpu}\n", "validation.runtime='gpu' is invalid"),
     ("model: tiny-flux\nfamily: tiny-flux\nvalidation: {min_psnr: .nan}\n", "min_psnr=nan must be a finite number"),
     ("model: tiny-flux\nfamily: tiny-flux\nquant: {rank: 16\n", "cannot read recipe"),
+    (ALIAS_BOMB, "its YAML aliases expand to more than 10,000 values"),  # 9^8 strings: billions of bytes
+    ("model: tiny-flux\nfamily: tiny-flux\ncalibration: {prompts: &a [x, *a]}\n", "refers to a value that contains"),
+    ("model: tiny-flux\nfamily: tiny-flux\ncalibration: {prompts: [" + "p, " * 5000 + "]}\n",
+     "calibration.prompts: expected str, got ['p', 'p', 'p', 'p', ...]"),  # the value cut, not echoed whole
+    ("model: tiny-flux\nfamily: tiny-flux\ncalibration: {resolution: 1000000000}\n",
+     "calibration.resolution=1000000000 (--resolution) exceeds 16,384"),
 ])
 def test_bad_recipe_files(tmp_path, recipe, message):
     path = tmp_path / "bad.yaml"
     path.write_text(recipe)
     fails(["quantize", "tiny-flux", "--recipe", path, "--out", tmp_path / "run"], 2, message)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_recipe_may_use_anchors_within_bounds(tmp_path):
+    path = tmp_path / "anchors.yaml"
+    path.write_text("model: tiny-flux\nfamily: tiny-flux\ncalibration: &settings {steps: 2, resolution: 32}\n"
+                    "validation: *settings\n")
+    code, stdout, stderr = svdq("recipes", path, "--json")
+    assert code == 0, stderr
+    resolved = json.loads(stdout)
+    assert resolved["validation"]["steps"] == 2 and resolved["validation"]["resolution"] == 32
+
+
+def test_an_oversized_recipe_is_refused_unread(tmp_path):
+    path = tmp_path / "big.yaml"
+    path.write_text("model: tiny-flux\nfamily: tiny-flux\n" + "# padding\n" * 120_000)
+    fails(["quantize", "tiny-flux", "--recipe", path, "--out", tmp_path / "run"], 2, "a recipe is a small YAML file")
 
 
 @pytest.mark.parametrize("flags,message", [
@@ -101,6 +128,10 @@ def test_bad_recipe_files(tmp_path, recipe, message):
     (["--device", "cuda:7"], "is not available"),
     (["--prompts", "builtin:nope"], "unknown prompt set 'builtin:nope'"),
     (["--prompts", "hf:some-org/some-prompts"], "pass a local prompt file"),
+    (["--resolution", "1000000000"], "calibration.resolution=1000000000 (--resolution) exceeds 16,384"),
+    (["--val-resolution", "999999744"], "validation.resolution=999999744 (--val-resolution) exceeds 16,384"),
+    (["--steps", "100000000"], "calibration.steps=100000000 (--steps) exceeds 10,000"),
+    (["--val-steps", "20000"], "validation.steps=20000 (--val-steps) exceeds 10,000"),
 ])
 def test_bad_flags_fail_before_the_run_directory_exists(tmp_path, recipe_file, flags, message):
     if "cuda" in " ".join(flags) and torch.cuda.is_available():
@@ -197,10 +228,33 @@ def test_an_offline_hub_id_fails_fast_with_what_to_do(tmp_path, monkeypatch):
     ("--rank", "4096", "--rank 4096 exceeds layer"),
     ("--resolution", "102", "--resolution 102 is not a multiple of 4"),
     ("--val-resolution", "30", "--val-resolution 30 is not a multiple of 4"),
+    ("--steps", "5000", "--steps 5000 exceeds the scheduler's 1000 training timesteps"),
+    ("--val-steps", "1001", "--val-steps 1001 exceeds the scheduler's 1000 training timesteps"),
 ])
 def test_model_checks_come_before_any_stage_runs(tmp_path, recipe_file, flag, value, message):
     fails(["quantize", "tiny-flux", "--recipe", recipe_file, flag, value, "--out", tmp_path / "run"], 2, message)
     assert not list((tmp_path / "run").glob("*/*.safetensors")), "a stage ran before the check"
+
+
+def test_a_resolution_beyond_memory_is_refused_with_what_fits(tmp_path, recipe_file, monkeypatch):
+    monkeypatch.setattr("svdq_cli.stages.workspace.free_memory", lambda device: 2**30)  # a machine with 1 GiB free
+    line = fails(["quantize", "tiny-flux", "--recipe", recipe_file, "--resolution", "4096", "--out", tmp_path / "run"],
+                 2, "--resolution 4096 needs about")
+    fits = int(re.search(r"at most about (\d+) px fits", line).group(1))
+    assert 0 < fits < 4096 and fits % 4 == 0
+    assert not list((tmp_path / "run").glob("*/*.safetensors")), "a stage ran before the check"
+
+
+def test_a_resolution_beyond_the_position_embedding_is_refused(tmp_path):
+    fails(["quantize", "tiny-sd3", "--resolution", "512", "--out", tmp_path / "run"], 2,
+          "--resolution 512 exceeds the 384 px its position embedding covers (pos_embed_max_size 96)")
+
+
+def test_a_run_directory_inside_the_model_is_refused(tmp_path, flux_dir):
+    for out in (flux_dir, flux_dir / "run"):
+        fails(["quantize", flux_dir, "--out", out, "--num-prompts", "1", "--steps", "1"], 2,
+              "is inside the model directory")
+    assert not (flux_dir / "run").exists() and not (flux_dir / "manifest.json").exists()
 
 
 # ---------------------------------------------------------------- run directories
@@ -340,6 +394,7 @@ def test_inspect_reads_the_nunchaku_file_svdq_writes(bf16_run, tmp_path):
     shutil.copytree(bf16_run, run)
     code, _, stderr = svdq("export", run, "--format", "nunchaku")
     assert code == 0, stderr
+    assert "attention_head_dim 32: Nunchaku's fused QKV epilogue runs head_dim 128 only" in stderr
     nunchaku = next((run / "export" / "nunchaku").glob("*.safetensors"))
     code, stdout, stderr = svdq("inspect", nunchaku, "--json")
     assert code == 0, stderr

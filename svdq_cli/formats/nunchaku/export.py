@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 from ...errors import BadInputError
 from ...system.files import CorruptArtifactError, safetensors_bytes
+from ...system.progress import warn
 from ..svdq_file import read_metadata
 from .flux import check_supported, convert
 
@@ -41,4 +42,6 @@ def export_run(run, uniform_rank: bool = True) -> dict[str, object]:
     target = f"export/nunchaku/{source.name}"
     data = safetensors_bytes(conversion.tensors, conversion.metadata)
     run.write_file("export", target, data)
+    for line in conversion.summary["engine_warnings"]:
+        warn(f"nunchaku: {line}")
     return {"file": target, "bytes": len(data), **conversion.summary}

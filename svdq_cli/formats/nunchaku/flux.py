@@ -34,6 +34,7 @@ from . import layout
 
 GELU_SHIFT = 0.171875  # what Nunchaku's INT4 fused MLP adds to GELU outputs before unsigned quantization
 MODEL_CLASS = "NunchakuFluxTransformer2dModel"
+ENGINE_HEAD_DIM = 128  # Nunchaku's fused QKV epilogue (RMSNorm + RoPE) is compiled for this head size only
 FAMILIES = ("flux-dev", "flux-schnell", "tiny-flux", "tiny-flux-deep")
 
 # Nunchaku name → our layer(s), per block kind. A list fuses along N; ("proj_out", part) splits along K.
@@ -250,7 +251,8 @@ def convert(tensors: dict[str, torch.Tensor], metadata: dict[str, object], unifo
     rank = max(ranks.values())
     summary = {"w4a4_layers": len(linear4), "w4a16_layers": len(errors), "rank": rank,
                "uniform_rank": uniform_rank, "adanorm_relative_error_max": max(errors.values(), default=0.0),
-               "adanorm_relative_error_mean": sum(errors.values()) / max(len(errors), 1)}
+               "adanorm_relative_error_mean": sum(errors.values()) / max(len(errors), 1),
+               "engine_warnings": engine_limits(config)}
     return Conversion(out, _metadata(metadata, quant, rank), summary)
 
 
@@ -336,6 +338,15 @@ def _metadata(source: dict[str, object], quant: dict, rank: int) -> dict[str, st
         "svdq_version": str(source["svdq_version"]),
         "svdq_recipe": json.dumps(source["recipe"], sort_keys=True),
     }
+
+
+def engine_limits(config: dict) -> list[str]:
+    """What in this model Nunchaku's GPU engine cannot run, though the file loads (one line each)."""
+    head_dim = config["attention_head_dim"]
+    if head_dim == ENGINE_HEAD_DIM:
+        return []
+    return [f"attention_head_dim {head_dim}: Nunchaku's fused QKV epilogue runs head_dim {ENGINE_HEAD_DIM} only "
+            "(FLUX.1's); this file loads in Nunchaku but its GPU path cannot run it"]
 
 
 def comfy_config(config: dict) -> dict:
