@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.svdq-installed
 
-.PHONY: test test-scale test-all demo lint clean kernels-asan
+.PHONY: test test-scale test-all demo lint clean kernels-asan gpu-check gpu-check-emulate gpu-wheels
 
 # torch goes in first and pinned: `pip install torch==2.13.0` takes the CPU build on this disk;
 # letting the project's bare `torch` requirement resolve first would download a multi-GB CUDA build.
@@ -29,6 +29,20 @@ test-all: test test-scale
 
 demo: $(STAMP)
 	$(VENV)/bin/svdq quantize tiny-flux --out runs/demo
+
+# Everything only a GPU can show, as one JSON report (benchmarks/gpu_check.py). It runs on a GPU machine's
+# own python3 (its CUDA torch and CuPy) with this tree on the path and the wheels of .whl/ (made here by
+# `make gpu-wheels`), not in .venv: a lent GPU machine is bare and offline. `make gpu-check-emulate` runs
+# the same script on the CPU emulator at small shapes, as CI does. Extra flags: ARGS="--parts kernels".
+GPU_PYTHON ?= python3
+gpu-check:
+	PYTHONUNBUFFERED=1 $(GPU_PYTHON) benchmarks/gpu_check.py $(ARGS)
+
+gpu-check-emulate: $(STAMP)
+	$(PY) benchmarks/gpu_check.py --emulate --out gpu-check-emulated.json $(ARGS)
+
+gpu-wheels: $(STAMP)
+	$(PY) benchmarks/gpu_check.py --fetch-wheels
 
 # The kernel tests with the emulator built under AddressSanitizer and UBSan (ucontext fibers, which ASan
 # understands); not in CI. Checked builds use -fsanitize=thread hooks, which cannot combine with ASan: skipped.
