@@ -84,5 +84,6 @@ def test_outcomes_are_read_from_partial_output(gpu_check):
               "tests/runtime/test_fused_gpu.py::test_hardware_agrees")  # cut mid-line by the budget
     assert gpu_check.read_outcomes(output)["outcomes"] == {"passed": 1, "failed": 1, "skipped": 1}
     summary = "FAILED tests/runtime/test_fused_gpu.py::test_fused_matches_reference[b] - AssertionError: 3 ulps\n"
-    assert gpu_check.read_outcomes(summary)["failures"] == [{
-        "test": "tests/runtime/test_fused_gpu.py::test_fused_matches_reference[b]", "message": "AssertionError: 3 ulps"}]
+    failure = {"test": "tests/runtime/test_fused_gpu.py::test_fused_matches_reference[b]",
+               "message": "AssertionError: 3 ulps"}
+    assert gpu_check.read_outcomes(summary)["failures"] == [failure]
