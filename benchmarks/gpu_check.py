@@ -26,7 +26,6 @@ import json
 import os
 import platform
 import re
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -97,7 +96,7 @@ def part_kernels(emulate: bool, result: dict, save) -> None:
 
 def shape_row(k: int, n: int, m: int, rank: int, device: str, backend, repeats: int, torch) -> dict:
     from svdq_cli.runtime import kernels
-    from svdq_cli.ship.bench import random_layer
+    from svdq_cli.ship.bench import median_seconds, random_layer
 
     dtype = torch.bfloat16
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(1)).to(dtype).to(device)
@@ -125,7 +124,7 @@ def shape_row(k: int, n: int, m: int, rank: int, device: str, backend, repeats: 
         "vq_gemm": lambda: kernels.vq_forward(vq, x, backend=backend),
     }
     cuda = device == "cuda"
-    seconds = {name: median_seconds(function, cuda, repeats, torch) for name, function in variants.items()}
+    seconds = {name: median_seconds(function, cuda, 3 if cuda else 1, repeats) for name, function in variants.items()}
     bf16 = seconds["matmul_bf16"]
     activations, outputs = m * k * 2, m * n * 2
     moved = {"w4a4_lowrank": activations + n * k // 2 + outputs, "w4a4": activations + n * k // 2 + outputs,
@@ -162,25 +161,6 @@ def vq_layer(k: int, n: int, dtype, device: str, torch):
     codebook = torch.randn(256, 4, generator=generator) * 0.1
     assignments = torch.randint(0, 256, (n, k // 4), generator=generator)
     return VQLinear.from_parts(codebook, assignments, None, bits=2, dtype=dtype).to(device)
-
-
-def median_seconds(function, cuda: bool, repeats: int, torch) -> float:
-    for _ in range(3 if cuda else 1):
-        function()
-    samples = []
-    for _ in range(repeats):
-        if cuda:
-            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            function()
-            stop.record()
-            stop.synchronize()
-            samples.append(start.elapsed_time(stop) / 1e3)
-        else:
-            begin = time.perf_counter()
-            function()
-            samples.append(time.perf_counter() - begin)
-    return statistics.median(samples)
 
 
 def part_end_to_end(emulate: bool, result: dict) -> None:

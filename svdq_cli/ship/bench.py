@@ -43,7 +43,7 @@ def random_layer(k: int, n: int, rank: int, dtype: torch.dtype, device: str, see
     return SVDQLinear.from_linear(linear.to(dtype), config).to(device)
 
 
-def _time(function: Callable[[], object], cuda: bool, warmup: int, repeats: int) -> float:
+def median_seconds(function: Callable[[], object], cuda: bool, warmup: int, repeats: int) -> float:
     """Median seconds of ``function``."""
     for _ in range(warmup):
         function()
@@ -90,9 +90,9 @@ def shape_timings(k: int, n: int, m: int, rank: int, dtype: torch.dtype, device:
     weight = torch.randn(n, k).to(dtype).to(device)
     fused = cuda and kernels.fused_unsupported(with_branch, x) is None
     timings = {
-        "w4a4_lowrank": _time(lambda: with_branch(x), cuda, 3, repeats),
-        "w4a4": _time(lambda: without(x), cuda, 3, repeats),
-        "matmul_16bit": _time(lambda: x @ weight.T, cuda, 3, repeats),
+        "w4a4_lowrank": median_seconds(lambda: with_branch(x), cuda, 3, repeats),
+        "w4a4": median_seconds(lambda: without(x), cuda, 3, repeats),
+        "matmul_16bit": median_seconds(lambda: x @ weight.T, cuda, 3, repeats),
     }
     if fused:
         def naive():  # the unfused sequence: quantize + GEMM kernels, then the branch as two torch matmuls
@@ -100,7 +100,7 @@ def shape_timings(k: int, n: int, m: int, rank: int, dtype: torch.dtype, device:
             smoothed = x.float() / with_branch.smooth.float()
             return y + ((smoothed @ with_branch.lora_down.float().T) @ with_branch.lora_up.float().T).to(dtype)
 
-        timings["naive_unfused"] = _time(naive, cuda, 3, repeats)
+        timings["naive_unfused"] = median_seconds(naive, cuda, 3, repeats)
     seconds = timings["w4a4_lowrank"]
     moved = m * k * x.element_size() + n * k // 2 + m * n * x.element_size()
     return {
@@ -162,7 +162,7 @@ def model_bench(export: str, device: str, repeats: int) -> dict[str, object]:
         if cuda:
             torch.cuda.reset_peak_memory_stats(device)
         with torch.no_grad():
-            seconds = _time(lambda t=transformer: t(*captured["args"], **captured["kwargs"]), cuda, 2, repeats)
+            seconds = median_seconds(lambda t=transformer: t(*captured["args"], **captured["kwargs"]), cuda, 2, repeats)
         stored = sum(t.numel() * t.element_size() for t in transformer.state_dict().values())
         entry = {"step_milliseconds": seconds * 1e3, "weight_bytes": stored}
         if cuda:
