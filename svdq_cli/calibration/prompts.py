@@ -64,6 +64,9 @@ def _from_file(path: Path) -> list[str]:
             items = json.loads(text)
         except json.JSONDecodeError as error:
             raise BadInputError(f"prompt file {path} is not valid JSON ({error.msg}, line {error.lineno})") from None
+        except RecursionError:  # the decoder recurses once per level of nesting
+            raise BadInputError(f"prompt file {path} nests its JSON thousands of levels deep; a prompt file is a "
+                                "list of strings (or of objects with a \"prompt\")") from None
         if not isinstance(items, list):
             raise BadInputError(f"prompt file {path} must hold a JSON list")
         return [item["prompt"] if isinstance(item, dict) and "prompt" in item else item for item in items

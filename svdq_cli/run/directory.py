@@ -90,7 +90,7 @@ class Run:
         fresh = {"format": MANIFEST_FORMAT, "stages": {}}
         try:
             manifest = json.loads((self.path / MANIFEST).read_text())
-        except (OSError, ValueError) as error:
+        except (OSError, ValueError, RecursionError) as error:  # RecursionError: absurd nesting
             return fresh, f"is unreadable ({type(error).__name__})"
         if not isinstance(manifest, dict) or not isinstance(manifest.get("stages"), dict):
             return fresh, "is not an svdq manifest (valid JSON of another shape)"

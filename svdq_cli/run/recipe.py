@@ -204,6 +204,9 @@ def read_recipe_file(path: Path) -> object:
             return loader.construct_document(node) or {}
         finally:
             loader.dispose()
+    except RecursionError:  # the YAML composer recurses once per level of nesting
+        raise BadInputError(f"recipe {path} nests its values thousands of levels deep; a recipe is a few "
+                            "levels of fields") from None
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
         raise BadInputError(f"cannot read recipe {path}: {str(error).splitlines()[0]}") from None
 

@@ -93,6 +93,8 @@ ALIAS_BOMB = ("model: tiny-flux\nfamily: tiny-flux\ncalibration:\n  prompts: [&a
     ("model: tiny-flux\nfamily: tiny-flux\nquant: {rank: 16\n", "cannot read recipe"),
     (ALIAS_BOMB, "its YAML aliases expand to more than 10,000 values"),  # 9^8 strings: billions of bytes
     ("model: tiny-flux\nfamily: tiny-flux\ncalibration: {prompts: &a [x, *a]}\n", "refers to a value that contains"),
+    ("model: tiny-flux\nfamily: tiny-flux\ncalibration: {prompts: " + "[" * 3000 + "]" * 3000 + "}\n",
+     "nests its values thousands of levels deep"),
     ("model: tiny-flux\nfamily: tiny-flux\ncalibration: {prompts: [" + "p, " * 5000 + "]}\n",
      "calibration.prompts: expected str, got ['p', 'p', 'p', 'p', ...]"),  # the value cut, not echoed whole
     ("model: tiny-flux\nfamily: tiny-flux\ncalibration: {resolution: 1000000000}\n",
@@ -146,6 +148,7 @@ def test_bad_flags_fail_before_the_run_directory_exists(tmp_path, recipe_file, f
     ("numbers.json", b"[1, 2, 3]", "holds no prompts"),
     ("huge.txt", b"word " * 2000, "characters long"),
     ("huge.csv", b"prompt\n" + b"x" * 200_000, "is malformed"),
+    ("deep.json", b"[" * 100_000 + b"]" * 100_000, "nests its JSON thousands of levels deep"),
 ])
 def test_bad_prompt_files(tmp_path, recipe_file, name, content, message):
     path = tmp_path / name
