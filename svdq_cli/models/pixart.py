@@ -48,6 +48,9 @@ def _adapter(family: str, protocol: Protocol) -> Adapter:
     )
 
 
-PIXART_SIGMA = _adapter("pixart-sigma", Protocol(steps=20, guidance=4.5, resolution=1024))
+# use_resolution_binning off: the pipeline would otherwise generate at its nearest trained size and resize,
+# so that --resolution 512 silently ran at 1024 px.
+PIXART_SIGMA = _adapter("pixart-sigma", Protocol(steps=20, guidance=4.5, resolution=1024,
+                                                extra={"use_resolution_binning": False}))
 TINY = _adapter("tiny-pixart", Protocol(steps=4, guidance=4.5, resolution=64,
                                         extra={"use_resolution_binning": False, "max_sequence_length": 32}))

@@ -59,6 +59,7 @@ def _adapter(family: str, protocol: Protocol) -> Adapter:
     )
 
 
-SANA = _adapter("sana", Protocol(steps=20, guidance=4.5, resolution=1024))
+# use_resolution_binning off: the pipeline would otherwise generate at its nearest trained size and resize.
+SANA = _adapter("sana", Protocol(steps=20, guidance=4.5, resolution=1024, extra={"use_resolution_binning": False}))
 TINY = _adapter("tiny-sana", Protocol(steps=4, guidance=4.5, resolution=64, extra={
     "use_resolution_binning": False, "max_sequence_length": 32, "complex_human_instruction": None}))

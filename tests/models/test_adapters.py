@@ -1,3 +1,5 @@
+import inspect
+
 import diffusers
 import pytest
 
@@ -32,3 +34,13 @@ def test_tiny_models_have_planted_outliers_in_quantized_inputs(family):
     adapter.generate(pipeline, ["a red fox in snow"], [0], 1, adapter.protocol.guidance, 64, output_type="latent")
     channel_max = seen["x"].reshape(-1, seen["x"].shape[-1]).abs().amax(0)
     assert channel_max.max() / channel_max.median() > 10
+
+
+@pytest.mark.parametrize("family", sorted(ADAPTERS))
+def test_every_family_generates_at_the_resolution_asked(family):
+    """A pipeline that can bin resolutions (PixArt, Sana: generate at the nearest trained size, then resize)
+    has binning off, so that the manifest's --resolution is the size the model ran at."""
+    adapter = ADAPTERS[family]
+    parameters = inspect.signature(getattr(diffusers, adapter.pipeline_class).__call__).parameters
+    if "use_resolution_binning" in parameters:
+        assert adapter.protocol.extra.get("use_resolution_binning") is False
