@@ -26,6 +26,7 @@ import json
 import os
 import platform
 import re
+import resource
 import subprocess
 import sys
 import tempfile
@@ -51,7 +52,7 @@ EMULATED_SHAPES = ((128, 128), (256, 128))
 
 
 # ---------------------------------------------------------------- the parts (each runs in a child process)
-def part_tests(emulate: bool, result: dict) -> None:
+def part_tests(emulate: bool, result: dict, save) -> None:
     """``pytest -m gpu`` (under --emulate the same selection, which skips without CUDA). Stopped short of the
     part's budget so that the outcomes of the tests that ran are still counted."""
     command = [sys.executable, "-m", "pytest", "-v", "-rfE", "-m", "gpu", "-p", "no:cacheprovider", "tests/runtime"]
@@ -80,8 +81,6 @@ def read_outcomes(output: str) -> dict:
 
 def part_kernels(emulate: bool, result: dict, save) -> None:
     """Every variant at every shape, figures saved after each shape (a budget cut keeps what was done)."""
-    import torch
-
     from svdq_cli.runtime.emulator.backend import EmulatedBackend
 
     backend = EmulatedBackend((9, 0), threads=2) if emulate else None
@@ -90,11 +89,13 @@ def part_kernels(emulate: bool, result: dict, save) -> None:
     repeats = 3 if emulate else 25
     result.update(m=m, rank=rank, repeats=repeats, timer="perf_counter" if emulate else "CUDA events", rows=[])
     for k, n in EMULATED_SHAPES if emulate else FLUX_SHAPES:
-        result["rows"].append(shape_row(k, n, m, rank, device, backend, repeats, torch))
+        result["rows"].append(shape_row(k, n, m, rank, device, backend, repeats))
         save()
 
 
-def shape_row(k: int, n: int, m: int, rank: int, device: str, backend, repeats: int, torch) -> dict:
+def shape_row(k: int, n: int, m: int, rank: int, device: str, backend, repeats: int) -> dict:
+    import torch
+
     from svdq_cli.runtime import kernels
     from svdq_cli.ship.bench import median_seconds, random_layer
 
@@ -103,7 +104,7 @@ def shape_row(k: int, n: int, m: int, rank: int, device: str, backend, repeats: 
     with_branch = random_layer(k, n, rank, dtype, device)
     without = random_layer(k, n, 0, dtype, device)
     weight_only = weight_only_layer(k, n, dtype, device)
-    vq = vq_layer(k, n, dtype, device, torch)
+    vq = vq_layer(k, n, dtype, device)
     weight = torch.randn(n, k).to(dtype).to(device)
     for name, layer in (("w4a4_lowrank", with_branch), ("w4a4", without)):
         reason = kernels.fused_unsupported(layer, x, backend)
@@ -153,8 +154,10 @@ def weight_only_layer(k: int, n: int, dtype, device: str):
     return SVDQLinear.from_linear(linear.to(dtype), config).to(device)
 
 
-def vq_layer(k: int, n: int, dtype, device: str, torch):
+def vq_layer(k: int, n: int, dtype, device: str):
     """A 2-bit VQ layer (d = 4, 256 codewords) with random codebook and assignments: timing only."""
+    import torch
+
     from svdq_cli.runtime.vq_linear import VQLinear
 
     generator = torch.Generator().manual_seed(3)
@@ -163,7 +166,7 @@ def vq_layer(k: int, n: int, dtype, device: str, torch):
     return VQLinear.from_parts(codebook, assignments, None, bits=2, dtype=dtype).to(device)
 
 
-def part_end_to_end(emulate: bool, result: dict) -> None:
+def part_end_to_end(emulate: bool, result: dict, save) -> None:
     """tiny-flux, every stage, validation through the kernels (the emulator's, with --emulate)."""
     work = Path(tempfile.mkdtemp())
     device = ["--device", "cpu", "--runtime", "emulated"] if emulate else ["--device", "cuda"]
@@ -179,7 +182,7 @@ def part_end_to_end(emulate: bool, result: dict) -> None:
         raise RuntimeError(f"validation did not run the fused kernels: {report['runtime']}")
 
 
-def part_streamed_block(emulate: bool, result: dict) -> None:
+def part_streamed_block(emulate: bool, result: dict, save) -> None:
     """One FLUX.1-width double block written on disk and quantized streamed (tiny-flux's widths with
     --emulate: a FLUX width on a CPU is `make test-scale`'s business)."""
     import torch
@@ -225,12 +228,7 @@ def quantize_run(arguments: list[str], run: Path, emulate: bool) -> dict:
                "stage_seconds": {name: stage.get("seconds") for name, stage in manifest["stages"].items()}}
     if cuda:
         figures["peak_gpu_memory_bytes"] = torch.cuda.max_memory_allocated()
-    try:
-        import resource
-
-        figures["peak_host_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    except ImportError:
-        pass
+    figures["peak_host_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # this part's process
     return figures
 
 
@@ -246,14 +244,12 @@ def run_child(part: str, emulate: bool, result_file: Path) -> int:
         write_json(result_file, result)
 
     try:
-        function = PARTS[part]
-        if part == "kernels":
-            function(emulate, result, save)
-        else:
-            function(emulate, result)
+        PARTS[part](emulate, result, save)
         result["status"] = "passed"
     except BaseException as error:  # the report says what failed; the parent goes on with the next part
-        result.update(status="failed", error=f"{type(error).__name__}: {' '.join(str(error).split())[:500]}")
+        from svdq_cli.errors import gist
+
+        result.update(status="failed", error=f"{type(error).__name__}: {gist(error, 500)}")
     save()
     return 0
 
