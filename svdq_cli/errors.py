@@ -38,9 +38,10 @@ def gist(error: object, limit: int = 300) -> str:
         if not literals:
             break
         longest = max(literals, key=lambda m: m.end() - m.start())
-        start = text[longest.start() + 1:longest.start() + 21]
-        start = start[:max(start.rfind(","), start.rfind(" "))] if ("," in start or " " in start) else start
-        text = f"{text[:longest.start() + 1]}{start.rstrip(', ')}, …{text[longest.end() - 1:]}"
+        head = text[longest.start() + 1:longest.start() + 21]
+        cut = max(head.rfind(","), head.rfind(" "))  # keep whole items
+        head = (head[:cut] if cut > 0 else head).rstrip(", ")
+        text = f"{text[:longest.start() + 1]}{head}, …{text[longest.end() - 1:]}"
     if len(text) > limit:
         text = text[:limit - 2].rsplit(" ", 1)[0].rstrip(",;:") + " …"
     return text

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import yaml
 
-from ..errors import BadInputError
+from ..errors import BadInputError, gist
 from ..methods.config import QuantConfig
 from ..methods.registry import METHODS
 from ..system.device import CHOICES as DEVICE_CHOICES
@@ -208,7 +208,7 @@ def read_recipe_file(path: Path) -> object:
         raise BadInputError(f"recipe {path} nests its values thousands of levels deep; a recipe is a few "
                             "levels of fields") from None
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
-        raise BadInputError(f"cannot read recipe {path}: {str(error).splitlines()[0]}") from None
+        raise BadInputError(f"cannot read recipe {path}: {gist(error)}") from None
 
 
 def _check_expansion(root: yaml.Node, path: Path) -> None:
@@ -224,10 +224,8 @@ def _check_expansion(root: yaml.Node, path: Path) -> None:
         if key in open_nodes:
             raise BadInputError(f"recipe {path}: a YAML alias refers to a value that contains it")
         open_nodes.add(key)
-        children = [] if isinstance(node, yaml.ScalarNode) else \
-            [item for pair in node.value for item in pair] if isinstance(node, yaml.MappingNode) else node.value
         total = 1
-        for child in children:
+        for child in _children(node):
             total += count(child)
             if total > MAX_RECIPE_NODES:
                 raise BadInputError(f"recipe {path}: its YAML aliases expand to more than {MAX_RECIPE_NODES:,} "
@@ -237,6 +235,12 @@ def _check_expansion(root: yaml.Node, path: Path) -> None:
         return total
 
     count(root)
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.MappingNode):
+        return [item for pair in node.value for item in pair]  # keys and values
+    return node.value if isinstance(node, yaml.SequenceNode) else []
 
 
 def _switch_method(data: dict, overridden: set[str]) -> None:

@@ -64,10 +64,8 @@ class Workspace:
             return self.config.stream
         if self.config.offload:
             return False
-        import psutil
-
         size = sum(f.stat().st_size for f in (self.directory / "transformer").glob("*.safetensors"))
-        return 2 * size > psutil.virtual_memory().available
+        return 2 * size > free_memory("cpu")
 
     @cached_property
     def streamer(self) -> BlockStreamer | None:
