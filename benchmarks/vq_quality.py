@@ -91,13 +91,12 @@ def flux_block(tokens: int = 256, text: int = 64, steps: int = 3) -> dict[str, o
     from diffusers.models.transformers.transformer_flux import FluxTransformerBlock
 
     from svdq_cli.engines.vector import quantize_block
-    from svdq_cli.models.flux import JOINT_GROUPS
 
     torch.manual_seed(0)
     block = FluxTransformerBlock(dim=3072, num_attention_heads=24, attention_head_dim=128).to(torch.bfloat16).eval()
     for parameter in block.parameters():
         torch.nn.init.normal_(parameter, std=0.02)
-    names = [name for group in JOINT_GROUPS for name in group]
+    names = [name for name, module in block.named_modules() if isinstance(module, torch.nn.Linear)]
     call = ((), {"hidden_states": torch.randn(1, tokens, 3072, dtype=torch.bfloat16),
                  "encoder_hidden_states": torch.randn(1, text, 3072, dtype=torch.bfloat16),
                  "temb": torch.randn(1, 3072, dtype=torch.bfloat16)})

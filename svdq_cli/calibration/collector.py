@@ -4,6 +4,7 @@ under torchrun the ranks split the prompts and merge their sums exactly (DESIGN.
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -26,7 +27,6 @@ class _Collector:
 
     def __init__(self, layers: dict[str, nn.Linear], config: QuantConfig, groups: Sequence[Sequence[str]]):
         self.layers = layers
-        self._index = {name: index for index, name in enumerate(layers)}  # seeds each input's row sample
         self.config = config
         self.stats: dict[str, InputStats] = {}
         self.owner: dict[str, str] = {}
@@ -49,7 +49,7 @@ class _Collector:
             self.stats[name] = InputStats(
                 self.layers[name].in_features,
                 self.config.calib_rows,
-                self.config.seed * 1_000_003 + self._index[name],
+                self.config.seed * 1_000_003 + zlib.crc32(name.encode()),  # by name: whatever the layer order
                 hessian=self.config.gptq,
             )
             if self.unit is not None:

@@ -168,6 +168,18 @@ RuntimeOpt = Annotated[str | None, typer.Option(help="How validation runs the qu
                                                      "kernels on the CPU emulator, compared with the reference).")]
 
 
+SkipOpt = Annotated[list[str] | None, typer.Option("--skip", help="Keep these linears 16-bit: a glob over full "
+                                                                "names, repeatable (transformer_blocks.0.*).")]
+
+
+WeightOnlyLayersOpt = Annotated[list[str] | None, typer.Option(
+    "--weight-only-layers", help="Quantize these linears' weights only (16-bit activations): a glob, repeatable.")]
+
+
+def target_overrides(skip, weight_only) -> dict[str, object]:
+    return {"targets.skip": skip or None, "targets.weight_only": weight_only or None}
+
+
 def validation_overrides(prompts, steps, resolution, baselines, runtime) -> dict[str, object]:
     listed = [b.strip() for b in baselines.split(",") if b.strip()] if baselines is not None else None
     return {"validation.num_prompts": prompts, "validation.steps": steps, "validation.resolution": resolution,

@@ -18,7 +18,7 @@ from ..errors import SvdqError, gist
 from ..system.distributed import leave, world_size
 from ..system.threads import configure_threads
 from ..version import __version__
-from . import bench, export, inspect, lora, push, quantize, recipes, status, validate
+from . import bench, export, inspect, lora, push, quantize, recipes, status, targets, validate
 from .common import Command, Group
 
 app = typer.Typer(cls=Group, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -44,7 +44,8 @@ def _options(
     _state["debug"] = _state["debug"] or debug
 
 
-for command in (quantize.quantize, validate.validate, export.export, status.status, recipes.recipes, inspect.inspect):
+for command in (quantize.quantize, targets.targets, validate.validate, export.export, status.status, recipes.recipes,
+                inspect.inspect):
     app.command(cls=Command)(command)
 app.command("push-to-hub", cls=Command)(push.push_to_hub)
 lora_app = typer.Typer(cls=Group, help="Off-the-shelf LoRAs on quantized exports, with no re-quantization.")

@@ -12,13 +12,16 @@ from .common import (
     BaselinesOpt,
     JsonOpt,
     RuntimeOpt,
+    SkipOpt,
     StreamOpt,
     ValPromptsOpt,
     ValResolutionOpt,
     ValStepsOpt,
+    WeightOnlyLayersOpt,
     print_summary,
     quiet_libraries,
     run_dir_for,
+    target_overrides,
     validation_overrides,
 )
 
@@ -88,6 +91,8 @@ def quantize(
                                                  help="diffusers model CPU offload (fits FLUX in 24 GB of "
                                                       "GPU memory).")] = None,
     stream: StreamOpt = None,
+    skip: SkipOpt = None,
+    weight_only_layers: WeightOnlyLayersOpt = None,
     until: Annotated[str | None, typer.Option(help="Stop after this stage.")] = None,
     redo: Annotated[str | None, typer.Option(help="Recompute this stage and every later one.")] = None,
     as_json: JsonOpt = False,
@@ -103,7 +108,7 @@ def quantize(
                  "calibration.prompts": prompts,
                  "calibration.num_prompts": num_prompts, "calibration.steps": steps,
                  "calibration.resolution": resolution, "device": device, "dtype": dtype, "offload": offload,
-                 "stream": stream,
+                 "stream": stream, **target_overrides(skip, weight_only_layers),
                  **validation_overrides(val_prompts, val_steps, val_resolution, baselines, runtime)}
     config = resolve_model(model, recipe, overrides)
     with joined(config.device) as world:

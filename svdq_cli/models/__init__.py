@@ -1,4 +1,5 @@
-"""Model families and loading: one adapter module per family, listed in ``registry``; loading a pipeline
+"""Models: what to quantize, found in the model (``discovery``) and planned per layer (``targets``); one
+adapter module per family (its pipeline and protocol), listed in ``registry``; loading a pipeline
 (``loading``), block streaming (``streaming``), text encodings replayed (``text_first``), the built-in tiny
 models (``tiny``) and synthetic data (``synthetic``, ``flux_shaped``). The one package that knows diffusers
 pipelines. May import calibration/ and everything below it.

@@ -1,41 +1,18 @@
-"""Model adapters: what to quantize in a diffusers transformer and how to run its pipeline (DESIGN.md §6).
+"""Model adapters: how to run a family's pipeline (DESIGN.md §6).
 
-An adapter is data: which block lists hold the linears, which linears read the same input (and so share λ),
-which are AdaLN modulation linears (4-bit weights, 16-bit activations), which read non-negative inputs
-(after GELU), the pipeline and transformer classes, the published generation protocol, and a builder for a
-tiny offline model. Linears are found by module path, never by attention class names, which diffusers
-renames between releases.
+An adapter is data: the pipeline and denoiser classes, the published generation protocol, how the call
+convention differs (guidance as an input, class labels instead of text) and a builder for a tiny offline
+model. What to quantize is not here: :mod:`.discovery` finds it in the model itself.
 """
 
 from __future__ import annotations
 
-import fnmatch
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from torch import nn
 
-from ..errors import SvdqError
-
-
-class AdapterMismatchError(SvdqError):
-    """The loaded transformer does not have the layout the adapter expects."""
-
-
-@dataclass(frozen=True)
-class BlockList:
-    """One list of repeated blocks (``transformer_blocks``) and the linears of each block.
-
-    Attributes:
-        path: module path of the ``nn.ModuleList``.
-        groups: linear paths relative to a block; the paths of one tuple read the same input.
-        optional: relative paths that some blocks lack (SD3's last block has no context MLP).
-    """
-
-    path: str
-    groups: tuple[tuple[str, ...], ...]
-    optional: tuple[str, ...] = ()
+from .discovery import Layout, discover
 
 
 @dataclass(frozen=True)
@@ -55,9 +32,6 @@ class Adapter:
     family: str
     pipeline_class: str
     transformer_class: str
-    blocks: tuple[BlockList, ...]
-    weight_only: tuple[str, ...]
-    nonnegative: tuple[str, ...]
     protocol: Protocol
     build_tiny: Callable[..., object]
     latent_patch: int | None = None  # latent pixels per token side; None: the transformer's patch_size
@@ -97,47 +71,12 @@ class Adapter:
         decoder = resolution**2 * channels * element_size * live
         return max((transformer, "a transformer pass"), (decoder, "the VAE decoder"))
 
-    def block_groups(self, transformer: nn.Module) -> list[tuple[str, list[list[str]]]]:
-        """``[(block_name, [[linear path, …] per group])]`` in execution order, with full module paths.
-
-        Raises:
-            AdapterMismatchError: a block list or an expected linear is missing (names the diffusers version).
-        """
-        import diffusers
-
-        modules = dict(transformer.named_modules())
-        found = []
-        for block_list in self.blocks:
-            container = modules.get(block_list.path)
-            if not isinstance(container, nn.ModuleList):
-                raise AdapterMismatchError(
-                    f"{self.family} adapter: no block list '{block_list.path}' in {type(transformer).__name__} "
-                    f"(diffusers {diffusers.__version__})"
-                )
-            for index in range(len(container)):
-                block = f"{block_list.path}.{index}"
-                groups = []
-                for group in block_list.groups:
-                    present = []
-                    for relative in group:
-                        name = f"{block}.{relative}"
-                        if isinstance(modules.get(name), nn.Linear):
-                            present.append(name)
-                        elif relative not in block_list.optional:
-                            raise AdapterMismatchError(
-                                f"{self.family} adapter: expected linear '{name}' not found "
-                                f"(diffusers {diffusers.__version__})"
-                            )
-                    if present:
-                        groups.append(present)
-                found.append((block, groups))
-        return found
-
-    def is_weight_only(self, name: str) -> bool:
-        return any(fnmatch.fnmatchcase(name, f"*.{pattern}") for pattern in self.weight_only)
-
-    def is_nonnegative(self, name: str) -> bool:
-        return any(fnmatch.fnmatchcase(name, f"*.{pattern}") for pattern in self.nonnegative)
+    def discover(self, pipeline, prompt: str = "a photo of a cat") -> Layout:
+        """What to quantize in ``pipeline``'s transformer, traced from its first call generating ``prompt``."""
+        protocol = self.protocol
+        return discover(pipeline.transformer, lambda: self.generate(
+            pipeline, [prompt], [0], protocol.steps, protocol.guidance, protocol.resolution, output_type="latent"),
+            pipeline.transformer.dtype)
 
     def generate(
         self,

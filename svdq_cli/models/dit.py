@@ -16,20 +16,7 @@ import torch
 
 from ..errors import BadInputError
 from . import tiny
-from .base import Adapter, BlockList, Protocol
-
-BLOCKS = BlockList(
-    "transformer_blocks",
-    (
-        ("norm1.emb.timestep_embedder.linear_1",),
-        ("norm1.emb.timestep_embedder.linear_2",),
-        ("norm1.linear",),
-        ("attn1.to_q", "attn1.to_k", "attn1.to_v"),
-        ("attn1.to_out.0",),
-        ("ff.net.0.proj",),
-        ("ff.net.2",),
-    ),
-)
+from .base import Adapter, Protocol
 
 
 def build_tiny(seed: int = 0, dtype: torch.dtype = torch.float32, blocks: int = 3):
@@ -123,9 +110,8 @@ class ClassConditionalAdapter(Adapter):
 
 def _adapter(family: str, protocol: Protocol) -> ClassConditionalAdapter:
     return ClassConditionalAdapter(
-        family=family, pipeline_class="DiTPipeline", transformer_class="DiTTransformer2DModel", blocks=(BLOCKS,),
-        weight_only=("norm1.linear", "norm1.emb.timestep_embedder.linear_1", "norm1.emb.timestep_embedder.linear_2"),
-        nonnegative=("ff.net.2",), protocol=protocol, build_tiny=build_tiny,
+        family=family, pipeline_class="DiTPipeline", transformer_class="DiTTransformer2DModel",
+        protocol=protocol, build_tiny=build_tiny,
     )
 
 

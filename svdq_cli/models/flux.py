@@ -7,25 +7,7 @@ from functools import partial
 import torch
 
 from . import tiny
-from .base import Adapter, BlockList, Protocol
-
-# The MMDiT joint block (an image and a context stream), shared by Flux's double blocks and SD3.
-JOINT_GROUPS = (
-    ("attn.to_q", "attn.to_k", "attn.to_v"),
-    ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
-    ("attn.to_out.0",),
-    ("attn.to_add_out",),
-    ("ff.net.0.proj",),
-    ("ff.net.2",),
-    ("ff_context.net.0.proj",),
-    ("ff_context.net.2",),
-    ("norm1.linear", "norm1_context.linear"),  # both read silu(temb)
-)
-DOUBLE = BlockList("transformer_blocks", JOINT_GROUPS)
-SINGLE = BlockList(
-    "single_transformer_blocks",
-    (("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"), ("proj_out",), ("norm.linear",)),
-)
+from .base import Adapter, Protocol
 
 
 def build_tiny(seed: int = 0, dtype: torch.dtype = torch.float32, blocks: tuple[int, int] = (2, 4)):
@@ -58,9 +40,6 @@ def _adapter(family: str, protocol: Protocol, build=build_tiny) -> Adapter:
         family=family,
         pipeline_class="FluxPipeline",
         transformer_class="FluxTransformer2DModel",
-        blocks=(DOUBLE, SINGLE),
-        weight_only=("norm1.linear", "norm1_context.linear", "norm.linear"),
-        nonnegative=("ff.net.2", "ff_context.net.2"),
         protocol=protocol,
         build_tiny=build,
         latent_patch=2,  # Flux packs 2×2 latent pixels into a token

@@ -5,20 +5,7 @@ from __future__ import annotations
 import torch
 
 from . import tiny
-from .base import Adapter, BlockList, Protocol
-
-BLOCKS = BlockList(
-    "transformer_blocks",
-    (
-        ("attn1.to_q", "attn1.to_k", "attn1.to_v"),
-        ("attn1.to_out.0",),
-        ("attn2.to_q",),
-        ("attn2.to_k", "attn2.to_v"),  # both read the T5 states
-        ("attn2.to_out.0",),
-        ("ff.net.0.proj",),
-        ("ff.net.2",),
-    ),
-)
+from .base import Adapter, Protocol
 
 
 def build_tiny(seed: int = 0, dtype: torch.dtype = torch.float32, blocks: int = 3):
@@ -44,7 +31,7 @@ def build_tiny(seed: int = 0, dtype: torch.dtype = torch.float32, blocks: int = 
 def _adapter(family: str, protocol: Protocol) -> Adapter:
     return Adapter(
         family=family, pipeline_class="PixArtSigmaPipeline", transformer_class="PixArtTransformer2DModel",
-        blocks=(BLOCKS,), weight_only=(), nonnegative=("ff.net.2",), protocol=protocol, build_tiny=build_tiny,
+        protocol=protocol, build_tiny=build_tiny,
     )
 
 

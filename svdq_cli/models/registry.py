@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..errors import BadInputError
 from . import dit, flux, pixart, sana, sd3
-from .base import Adapter, AdapterMismatchError, BlockList, Protocol
+from .base import Adapter, Protocol
 
 ADAPTERS: dict[str, Adapter] = {
     adapter.family: adapter
@@ -18,7 +18,7 @@ ADAPTERS: dict[str, Adapter] = {
 }
 TINY_MODELS = tuple(name for name in ADAPTERS if name.startswith("tiny-"))
 
-__all__ = ["ADAPTERS", "TINY_MODELS", "Adapter", "AdapterMismatchError", "BlockList", "Protocol", "get_adapter"]
+__all__ = ["ADAPTERS", "TINY_MODELS", "Adapter", "Protocol", "get_adapter"]
 
 
 def get_adapter(family: str) -> Adapter:

@@ -1,23 +1,12 @@
-"""Sana: linear-attention DiT; its MLP is convolutional (GLUMBConv), so only the attention linears are
-quantized here."""
+"""Sana: linear-attention DiT; its MLP is convolutional (GLUMBConv), so discovery finds linears in the attention
+only."""
 
 from __future__ import annotations
 
 import torch
 
 from . import tiny
-from .base import Adapter, BlockList, Protocol
-
-BLOCKS = BlockList(
-    "transformer_blocks",
-    (
-        ("attn1.to_q", "attn1.to_k", "attn1.to_v"),
-        ("attn1.to_out.0",),
-        ("attn2.to_q",),
-        ("attn2.to_k", "attn2.to_v"),
-        ("attn2.to_out.0",),
-    ),
-)
+from .base import Adapter, Protocol
 
 
 def build_tiny(seed: int = 0, dtype: torch.dtype = torch.float32, blocks: int = 3):
@@ -54,8 +43,8 @@ def build_tiny(seed: int = 0, dtype: torch.dtype = torch.float32, blocks: int = 
 
 def _adapter(family: str, protocol: Protocol) -> Adapter:
     return Adapter(
-        family=family, pipeline_class="SanaPipeline", transformer_class="SanaTransformer2DModel", blocks=(BLOCKS,),
-        weight_only=(), nonnegative=(), protocol=protocol, build_tiny=build_tiny,
+        family=family, pipeline_class="SanaPipeline", transformer_class="SanaTransformer2DModel",
+        protocol=protocol, build_tiny=build_tiny,
     )
 
 

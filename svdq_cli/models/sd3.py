@@ -6,11 +6,7 @@ from __future__ import annotations
 import torch
 
 from . import tiny
-from .base import Adapter, BlockList, Protocol
-from .flux import JOINT_GROUPS
-
-CONTEXT_ONLY_IN_EARLY_BLOCKS = ("attn.to_add_out", "ff_context.net.0.proj", "ff_context.net.2")
-BLOCKS = BlockList("transformer_blocks", JOINT_GROUPS, optional=CONTEXT_ONLY_IN_EARLY_BLOCKS)
+from .base import Adapter, Protocol
 
 
 def build_tiny(seed: int = 0, dtype: torch.dtype = torch.float32, blocks: int = 3):
@@ -40,8 +36,7 @@ def build_tiny(seed: int = 0, dtype: torch.dtype = torch.float32, blocks: int = 
 def _adapter(family: str, protocol: Protocol) -> Adapter:
     return Adapter(
         family=family, pipeline_class="StableDiffusion3Pipeline", transformer_class="SD3Transformer2DModel",
-        blocks=(BLOCKS,), weight_only=("norm1.linear", "norm1_context.linear"),
-        nonnegative=("ff.net.2", "ff_context.net.2"), protocol=protocol, build_tiny=build_tiny,
+        protocol=protocol, build_tiny=build_tiny,
     )
 
 

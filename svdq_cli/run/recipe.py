@@ -26,6 +26,7 @@ import yaml
 from ..errors import BadInputError, gist
 from ..methods.config import QuantConfig
 from ..methods.registry import METHODS
+from ..models.targets import Overrides
 from ..system.device import CHOICES as DEVICE_CHOICES
 from ..system.device import valid_device
 from ..system.resources import data_dir
@@ -97,6 +98,7 @@ class RunConfig:
     quant: QuantConfig = field(default_factory=QuantConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
+    targets: Overrides = field(default_factory=Overrides)  # linears to skip or keep weight-only (globs)
     version: int = RECIPE_VERSION
 
     def __post_init__(self) -> None:

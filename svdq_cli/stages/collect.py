@@ -23,14 +23,15 @@ from ..system.progress import say, task
 from .base import Stage, block_artifact, json_meta
 
 # 2: block-diagonal Gram over every token (older artifacts lack it); 3: statistics gathered per prompt and merged in
-# prompt order, float64 sample keys (the same bits on any number of ranks). Older artifacts are collected again.
-STATISTICS_VERSION = 3
+# prompt order, float64 sample keys (the same bits on any number of ranks); 4: each input's row sample seeded by its
+# layer's name, not its position (discovery orders groups by call). Older artifacts are collected again.
+STATISTICS_VERSION = 4
 
 
 def reads(config) -> dict:
     quant = config.quant
     common = {"model": config.model, "family": config.family, "dtype": config.dtype,
-              "calibration": config.to_dict()["calibration"]}
+              "calibration": config.to_dict()["calibration"], "targets": config.to_dict()["targets"]}
     if quant.is_vector:  # VQ calibrates blocks on their sampled inputs, not on per-layer statistics
         return {**common, "block_inputs": {"vq_calls": quant.vq_calls, "seed": quant.seed}}
     return {**common, "quant": {"calib_rows": quant.calib_rows, "gptq": quant.gptq, "seed": quant.seed},

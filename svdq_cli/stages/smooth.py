@@ -35,7 +35,7 @@ def load_plans(run, index: int) -> dict[str, GroupPlan]:
 
 
 def run(run, workspace) -> None:
-    config, adapter = workspace.config, workspace.adapter
+    config = workspace.config
 
     def compute(index: int, block: str, groups: list[list[str]]):
         collected, _ = run.read("collect", block_artifact("collect", index))
@@ -43,8 +43,8 @@ def run(run, workspace) -> None:
         def plan(group: list[str]) -> GroupPlan:
             owner = group[0]
             return plan_group(group, [workspace.originals[n] for n in group], group_stats(collected, owner),
-                              config.quant, weight_only=[owner] if adapter.is_weight_only(owner) else (),
-                              nonnegative=[owner] if adapter.is_nonnegative(owner) else ())
+                              config.quant, weight_only=[owner] if owner in workspace.layout.weight_only else (),
+                              nonnegative=[owner] if owner in workspace.layout.nonnegative else ())
 
         tensors, metadata = {}, {}
         for group, chosen in zip(groups, parallel_map(plan, groups), strict=True):

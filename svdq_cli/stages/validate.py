@@ -58,7 +58,7 @@ def layer_reports(run, workspace) -> list[dict]:
 
 def baseline_block(run, workspace, config: QuantConfig, index: int) -> dict[str, nn.Module]:
     """Block ``index``'s layers quantized in memory by a baseline method from the collected data."""
-    adapter, layers = workspace.adapter, {}
+    layers = {}
     if config.is_vector:  # k-means VQ, calibrated on the block's inputs like the run's own layers
         with workspace.block_resident(index), single_threaded():
             return {f"{workspace.blocks[index][0]}.{name}": layer
@@ -74,8 +74,8 @@ def baseline_block(run, workspace, config: QuantConfig, index: int) -> dict[str,
             modules = [workspace.originals[name] for name in group]
             stats = group_stats(collected, group[0])
             plan = plan_group(group, modules, stats, config,
-                              weight_only=[group[0]] if adapter.is_weight_only(group[0]) else (),
-                              nonnegative=[group[0]] if adapter.is_nonnegative(group[0]) else ())
+                              weight_only=[group[0]] if group[0] in workspace.layout.weight_only else (),
+                              nonnegative=[group[0]] if group[0] in workspace.layout.nonnegative else ())
             for name, module in zip(group, modules, strict=True):
                 layers[name] = quantize_layer(module, config, plan, gram=input_gram(stats, plan, config))
     return layers

@@ -16,6 +16,7 @@ from torch import nn
 from ..calibration.prompts import load_prompts
 from ..errors import BadInputError
 from ..models.base import Adapter
+from ..models.discovery import Layout, block_paths, discover
 from ..models.loading import load_pipeline, model_directory
 from ..models.registry import get_adapter
 from ..models.streaming import (
@@ -24,10 +25,11 @@ from ..models.streaming import (
     transformer_checkpoint,
     transformer_config,
 )
+from ..models.targets import Target, fallback_warning, plan_targets
 from ..models.text_first import Encoding, encode, from_tensors, replaying, to_tensors
 from ..run.cache import Cache
 from ..run.directory import FAULT_VARIABLE, Run, library_versions  # noqa: F401 (FAULT_VARIABLE: for tests)
-from ..run.recipe import RunConfig
+from ..run.recipe import CalibrationConfig, RunConfig
 from ..runtime.layers import replace_module
 from ..system.device import free_memory, resolve_device
 from ..system.distributed import World
@@ -76,7 +78,7 @@ class Workspace:
 
         model_class = getattr(diffusers, self.adapter.transformer_class)
         model = empty_model(model_class, transformer_config(self.directory), self.dtype)
-        paths = [block for block, _ in self.adapter.block_groups(model)]
+        paths = block_paths(model)
         checkpoint = transformer_checkpoint(self.directory)
         say(f"streaming {self.config.model}: {len(paths)} blocks read one at a time from "
             f"{checkpoint.nbytes / 2**30:.1f} GiB of weights ({self.config.dtype}, {self.device})")
@@ -96,9 +98,37 @@ class Workspace:
         return self.streamer.model if self.streamer is not None else self.pipeline.transformer
 
     @cached_property
+    def discovered(self) -> Layout:
+        """What could be quantized, found by tracing the transformer's first call in a calibration generation (see
+        :mod:`..models.discovery`); kept in the run's cache, so a resumed run does not encode a prompt for it."""
+        section = CalibrationConfig(prompts=self.config.calibration.prompts)  # the family's own protocol
+        prompt = load_prompts(section.prompts, 1)[0]
+        fields = {"model": self.config.model, "family": self.config.family, "dtype": self.config.dtype,
+                  "versions": {**library_versions(), "svdq": __version__}}
+        cached = self.cache.get("layout", fields) if self.cache else None
+        if cached is not None:
+            return Layout.from_json(cached[1]["layout"])
+        encoding = self.encodings([prompt], section)[0]
+        layout = discover(self.transformer, lambda: self.generate_one(prompt, 0, encoding, section, "latent"),
+                          self.dtype)
+        if self.cache:
+            self.cache.put("layout", fields, {}, {"layout": layout.to_json()})
+        return layout
+
+    @cached_property
+    def planned(self) -> tuple[Layout, list[Target]]:
+        """The layout this run quantizes (the discovered one under the quantization and the recipe's targets
+        overrides) and a row for every linear saying what happens to it and why."""
+        return plan_targets(self.discovered, self.transformer, self.config.quant, self.config.targets)
+
+    @property
+    def layout(self) -> Layout:
+        return self.planned[0]
+
+    @property
     def blocks(self) -> list[tuple[str, list[list[str]]]]:
-        """``[(block name, groups of linear names)]`` found by the adapter."""
-        return self.adapter.block_groups(self.transformer)
+        """``[(block name, groups of linear names)]``: the layout's."""
+        return self.layout.blocks
 
     @cached_property
     def originals(self) -> dict[str, nn.Linear]:
@@ -225,16 +255,17 @@ class Workspace:
         a rank or a resolution that could never work).
 
         Raises:
-            BadInputError: a layer the group size does not divide, a rank larger than a layer, a resolution
-                the model cannot take, the emulated runtime on a GPU device.
+            BadInputError: nothing left to quantize, a rank larger than a layer, a resolution the model cannot
+                take, the emulated runtime on a GPU device.
         """
         quant = self.config.quant
-        group, rank = (quant.vq_dim, 0) if quant.is_vector else (quant.group_size, quant.effective_rank)
-        what = "the vector dimension (vq_dim)" if quant.is_vector else "the group size"
+        rank = 0 if quant.is_vector else quant.effective_rank
+        if (narrow := fallback_warning(self.planned[1])) is not None:
+            warn(narrow)
+        if not self.layout.targets:
+            raise BadInputError(f"no linear layer of {self.config.model} is left to quantize; `svdq targets "
+                                f"{self.config.model}` shows why each stays 16-bit")
         for name, module in self.originals.items():
-            if module.in_features % group:
-                raise BadInputError(f"layer {name}: in_features {module.in_features} is not divisible by {what} "
-                                    f"{group}")
             if rank > min(module.in_features, module.out_features):
                 raise BadInputError(f"--rank {rank} exceeds layer {name} "
                                     f"(min(in, out) = {min(module.in_features, module.out_features)})")

@@ -17,6 +17,7 @@ from svdq_cli.calibration.block_inputs import (
 )
 from svdq_cli.engines.vector import detached
 from svdq_cli.errors import BadInputError
+from svdq_cli.models.discovery import block_paths
 from svdq_cli.models.registry import ADAPTERS
 from svdq_cli.quant.vq import output_tensors
 
@@ -26,7 +27,7 @@ def test_recorded_calls_replay_to_the_blocks_outputs(tmp_path, family):
     adapter = ADAPTERS[family]
     pipeline = adapter.build_tiny(0)
     transformer = pipeline.transformer
-    blocks = [transformer.get_submodule(name) for name, _ in adapter.block_groups(transformer)]
+    blocks = [transformer.get_submodule(name) for name in block_paths(transformer)]
     outputs: list[list] = [[] for _ in blocks]
     hooks = [block.register_forward_hook(lambda _m, _a, out, i=i: outputs[i].append(detached(out)))
              for i, block in enumerate(blocks)]

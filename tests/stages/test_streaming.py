@@ -13,6 +13,7 @@ import time
 import pytest
 import torch
 
+from svdq_cli.models.discovery import block_paths
 from svdq_cli.models.registry import ADAPTERS
 from svdq_cli.models.streaming import BlockStreamer, empty_model, transformer_checkpoint, transformer_config
 from svdq_cli.run.directory import FAULT_VARIABLE
@@ -64,7 +65,7 @@ def test_the_streamed_transformer_computes_what_the_whole_one_does_one_block_at_
 
     whole = FluxTransformer2DModel.from_pretrained(flux_dir, subfolder="transformer", dtype=torch.bfloat16).eval()
     model = empty_model(FluxTransformer2DModel, transformer_config(flux_dir), torch.bfloat16)
-    paths = [block for block, _ in ADAPTERS["tiny-flux"].block_groups(model)]
+    paths = block_paths(model)
     streamer = BlockStreamer(model, transformer_checkpoint(flux_dir), paths)
     resident = []
 

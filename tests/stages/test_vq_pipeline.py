@@ -108,12 +108,13 @@ def test_bad_vq_input_is_one_line_and_exit_2(tmp_path, extra, message):
     assert len(lines) == 1 and lines[0].startswith("Error:") and message in lines[0], stderr
 
 
-def test_a_vector_dimension_that_does_not_divide_k_is_refused_before_collect(tmp_path):
+def test_a_vector_dimension_that_divides_no_k_leaves_nothing_to_quantize_and_is_refused_before_collect(tmp_path):
     recipe = tmp_path / "odd.yaml"
     recipe.write_text(RECIPE.replace("bits: 2,", "bits: 2, vq_dim: 3,"))
     code, _, stderr = svdq("quantize", "tiny-dit", "--recipe", recipe, "--out", tmp_path / "run")
     assert code == 2, stderr
-    assert "not divisible by the vector dimension (vq_dim) 3" in stderr
+    assert "stay 16-bit: their input width is not a multiple of the group size" in stderr
+    assert "Error: no linear layer of tiny-dit is left to quantize; `svdq targets tiny-dit` shows why" in stderr
     assert not (tmp_path / "run" / "collect").exists()
 
 

@@ -1,0 +1,55 @@
+"""``svdq targets``: what would be quantized and why, before any calibration; its overrides drive quantize."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from svdq_cli.formats.svdq_file import load_quantized_pipeline
+from svdq_cli.runtime.layers import SVDQLinear
+from tests.conftest import svdq
+
+
+@pytest.mark.parametrize("family", ["tiny-flux", "tiny-sd3", "tiny-pixart", "tiny-sana", "tiny-dit"])
+def test_targets_lists_every_linear_with_a_mode_and_a_reason(family):
+    code, stdout, stderr = svdq("targets", family, "--json")
+    assert code == 0, stderr
+    result = json.loads(stdout)
+    lists = {name: entry for name, entry in result["block_lists"].items() if name != "(outside)"}
+    assert lists and all(entry["blocks"] > 0 and entry["quantized"] + entry["weight_only"] > 0
+                         for entry in lists.values())
+    modes = {layer["mode"] for layer in result["layers"]}
+    allowed = {"weight-only", "16-bit"} if result["method"] == "vq4dit" else {"W4A4", "weight-only", "16-bit"}
+    assert "16-bit" in modes and modes - {"16-bit"} and modes <= allowed  # embedders and output stay 16-bit
+    assert all(layer["reason"] for layer in result["layers"])
+    assert all((layer["group"] is None) == (layer["mode"] == "16-bit") for layer in result["layers"])
+
+
+def test_targets_shows_the_overrides_and_refuses_a_pattern_that_matches_nothing():
+    code, stdout, _ = svdq("targets", "tiny-flux", "--json", "--skip", "single_transformer_blocks.*.proj_out",
+                           "--weight-only-layers", "transformer_blocks.*.ff.net.2")
+    layers = {layer["name"]: layer for layer in json.loads(stdout)["layers"]}
+    assert code == 0
+    assert layers["single_transformer_blocks.3.proj_out"]["reason"] == "skipped by targets.skip"
+    assert layers["transformer_blocks.1.ff.net.2"]["mode"] == "weight-only"
+    code, stdout, stderr = svdq("targets", "tiny-flux", "--skip", "transformer_blocks.*.to_qkv")
+    assert code == 2 and stdout == ""
+    assert stderr.strip().splitlines()[-1] == ("Error: targets.skip pattern 'transformer_blocks.*.to_qkv' matches no "
+                                               "linear layer of the model (`svdq targets MODEL` lists them)")
+
+
+def test_targets_prints_tables_on_a_terminal_or_pipe():
+    code, stdout, _ = svdq("targets", "tiny-sd3")
+    assert code == 0
+    assert "transformer_blocks.0.norm1.linear" in stdout and "reads one vector per sample (modulation)" in stdout
+
+
+def test_a_skipped_layer_stays_16_bit_in_the_export(recipe_file, tmp_path):
+    code, stdout, stderr = svdq("quantize", "tiny-flux", "--recipe", recipe_file, "--out", tmp_path / "run", "--json",
+                                "--skip", "single_transformer_blocks.*")
+    assert code == 0, stderr
+    transformer = load_quantized_pipeline(json.loads(stdout)["export"]).transformer
+    quantized = {name for name, module in transformer.named_modules() if isinstance(module, SVDQLinear)}
+    assert quantized and not any(name.startswith("single_transformer_blocks.") for name in quantized)
+    assert all(name.startswith("transformer_blocks.") for name in quantized)
