@@ -192,10 +192,21 @@ def _check_same_transformer(path: Path | str, model_config: dict, transformer) -
                                 f"pipeline's has {key}={theirs!r} (another model)")
 
 
-def load_quantized_pipeline(path: Path | str, device: str = "cpu"):
-    """The whole pipeline of an export: the recorded base model (tiny builder, local dir or Hub id) with the
-    quantized transformer in place of the 16-bit one, which is never loaded."""
-    recipe = read_metadata(Path(path))["recipe"]
+def load_quantized_pipeline(path: Path | str, device: str = "cpu", base: str | Path | None = None):
+    """The whole pipeline of an export: the base model (``base``: a local diffusers directory or Hub id; by
+    default the one the export records — an absolute path, a Hub id or a built-in tiny model) with the
+    quantized transformer in place of the 16-bit one, which is never loaded.
+
+    Raises:
+        BadInputError: the base model is a directory that is not there (moved, or quantized on another
+            machine): pass ``base``.
+    """
+    metadata = read_metadata(Path(path))
+    recipe = metadata["recipe"]
+    model = str(base) if base is not None else str(metadata.get("base_model") or recipe["model"])
+    if base is None and Path(model).is_absolute() and not Path(model).exists():
+        raise BadInputError(f"{path} was quantized from {model}, which is not here; pass base= the model's "
+                            "diffusers directory or Hub id")
     adapter = get_adapter(recipe["family"])
     transformer = load_quantized(path, device=device)
-    return load_pipeline(recipe["model"], adapter, getattr(torch, recipe["dtype"]), device, transformer=transformer)
+    return load_pipeline(model, adapter, getattr(torch, recipe["dtype"]), device, transformer=transformer)

@@ -4,6 +4,7 @@ block by block."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from ..formats.svdq_file import FORMAT_VERSION, export_name
 from ..system.files import CorruptArtifactError, file_layout
@@ -69,6 +70,13 @@ def quantized_tensors_layout(run, index: int) -> tuple[dict, dict[str, dict]]:
     return file_layout(run.path / relative), layers
 
 
+def base_model(model: str) -> str:
+    """How a loader finds the 16-bit model again from anywhere: a local directory as its absolute path (the
+    run may have named it relative to where it ran); a Hub id or a built-in tiny model as it is."""
+    path = Path(model)
+    return str(path.resolve()) if path.exists() else model
+
+
 def export_metadata(run, config, transformer, layers: dict[str, dict]) -> dict[str, str]:
     # Private keys (_use_default_values, _diffusers_version…) are diffusers bookkeeping, some built from sets
     # whose order changes between processes; the model is fully described without them.
@@ -80,6 +88,7 @@ def export_metadata(run, config, transformer, layers: dict[str, dict]) -> dict[s
                                     "config": model_config}, sort_keys=True, default=str),
         # how the run read its model (streamed or whole) is not what it computed: the file is the same either way
         "recipe": json.dumps({k: v for k, v in config.to_dict().items() if k != "stream"}, sort_keys=True),
+        "base_model": json.dumps(base_model(config.model)),
         "svdq_version": __version__,
         "validate": json.dumps(validate_summary(run), sort_keys=True),
         "layers": json.dumps(layers, sort_keys=True),

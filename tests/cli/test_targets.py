@@ -53,3 +53,25 @@ def test_a_skipped_layer_stays_16_bit_in_the_export(recipe_file, tmp_path):
     quantized = {name for name, module in transformer.named_modules() if isinstance(module, SVDQLinear)}
     assert quantized and not any(name.startswith("single_transformer_blocks.") for name in quantized)
     assert all(name.startswith("transformer_blocks.") for name in quantized)
+
+
+def test_an_export_records_its_local_base_model_absolutely_and_base_overrides_it(recipe_file, tmp_path, monkeypatch):
+    """Quantized from a relative path, the export loads from any directory; once the model has moved it is one
+    line naming it, and ``base=`` points at the new place."""
+    import torch
+
+    from svdq_cli.errors import BadInputError
+    from svdq_cli.models.registry import ADAPTERS
+
+    monkeypatch.chdir(tmp_path)
+    ADAPTERS["tiny-flux"].build_tiny(0, torch.float32).save_pretrained("models/flux")
+    code, stdout, stderr = svdq("quantize", "models/flux", "--recipe", recipe_file, "--out", "run", "--json")
+    assert code == 0, stderr
+    export = tmp_path / json.loads(stdout)["export"]
+    monkeypatch.chdir("/")
+    assert load_quantized_pipeline(export).transformer is not None
+    (tmp_path / "models" / "flux").rename(tmp_path / "moved")
+    with pytest.raises(BadInputError, match=rf"quantized from {tmp_path}/models/flux, which is not here; pass base="):
+        load_quantized_pipeline(export)
+    pipeline = load_quantized_pipeline(export, base=tmp_path / "moved")
+    assert sum(isinstance(m, SVDQLinear) for m in pipeline.transformer.modules()) > 0
