@@ -78,6 +78,7 @@ def load_pipeline(model: str, adapter: Adapter, dtype: torch.dtype, device: str 
         import diffusers
 
         directory = model_directory(model)
+        check_pipeline_class(directory, adapter)
         pipeline_class = getattr(diffusers, adapter.pipeline_class)
         overrides = {} if transformer is None else {"transformer": transformer}
         for name in without:
@@ -103,6 +104,22 @@ def load_pipeline(model: str, adapter: Adapter, dtype: torch.dtype, device: str 
             if isinstance(component, torch.nn.Module) and component is not transformer:
                 component.to(device)
     return pipeline
+
+
+def check_pipeline_class(directory: Path, adapter: Adapter) -> None:
+    """A recipe forced onto another pipeline (a FluxKontextPipeline read as a FluxPipeline) would load the
+    components it knows and silently drive the wrong call convention.
+
+    Raises:
+        BadInputError: the directory's pipeline class is not the adapter's.
+    """
+    try:
+        found = json.loads((Path(directory) / "model_index.json").read_text()).get("_class_name")
+    except (OSError, ValueError, AttributeError):
+        return  # load_pipeline's own error names what is wrong with the directory
+    if found and found != adapter.pipeline_class:
+        raise BadInputError(f"{directory} is a {found}; the {adapter.family} recipe drives a {adapter.pipeline_class}. "
+                            f"{found} is not supported yet (supported: {', '.join(PIPELINE_FAMILIES)})")
 
 
 def text_encoder_names(directory: Path) -> list[str]:

@@ -186,6 +186,20 @@ def test_local_diffusers_directory_runs_on_the_cpu_with_a_notice(tmp_path, flux_
     assert "device: cpu (no CUDA device" in stderr
 
 
+def test_a_recipe_forced_onto_another_pipeline_class_is_one_line(tmp_path, flux_dir):
+    """A FluxKontextPipeline directory quantized with --recipe tiny-flux used to load as a text-to-image Flux."""
+    import shutil
+
+    kontext = tmp_path / "kontext"
+    shutil.copytree(flux_dir, kontext)
+    index = json.loads((kontext / "model_index.json").read_text())
+    (kontext / "model_index.json").write_text(json.dumps({**index, "_class_name": "FluxKontextPipeline"}))
+    fails(["quantize", kontext, "--recipe", "tiny-flux", "--out", tmp_path / "run"], 2,
+          f"Error: {kontext} is a FluxKontextPipeline; the tiny-flux recipe drives a FluxPipeline. "
+          "FluxKontextPipeline is not supported yet (supported: FluxPipeline,")
+    assert not (tmp_path / "run" / "collect").exists()
+
+
 def test_validation_is_sized_from_the_command_line(tmp_path, flux_dir):
     code, stdout, stderr = svdq("quantize", flux_dir, "--out", tmp_path / "run", "--num-prompts", "1", "--steps", "1",
                                 "--resolution", "64", "--val-prompts", "1", "--val-steps", "1",
