@@ -27,7 +27,6 @@ from ..errors import BadInputError, gist
 from .streaming import empty_model
 
 PARAMETER_FREE = (nn.SiLU, nn.GELU, nn.Dropout, nn.Identity, nn.ReLU, nn.Tanh, nn.Sigmoid, nn.Mish)
-DENOISERS = ("transformer", "unet")  # the pipeline components that are denoisers, in order of preference
 
 
 class DiscoveryError(BadInputError):
@@ -71,14 +70,6 @@ def discover(denoiser: nn.Module, generate: Callable[[], object], dtype: torch.d
     args, kwargs = capture_call(denoiser, generate)
     skeleton = empty_model(type(denoiser), dict(denoiser.config), dtype).to("meta")
     return trace_layout(skeleton, args, kwargs)
-
-
-def denoiser_name(pipeline) -> str:
-    """The pipeline component that denoises (``transformer`` or ``unet``)."""
-    for name in DENOISERS:
-        if isinstance(getattr(pipeline, name, None), nn.Module):
-            return name
-    raise DiscoveryError(f"{type(pipeline).__name__} has no transformer or unet component to quantize")
 
 
 def block_paths(model: nn.Module) -> list[str]:
