@@ -27,7 +27,14 @@ from .common import (
 
 
 def resolve_model(model: str, recipe: str | None, overrides: dict[str, object]):
-    """RunConfig for MODEL: a recipe name, a tiny model, a local diffusers directory or a Hub repo id."""
+    """RunConfig for MODEL (a recipe name, a tiny model, a local diffusers directory or a Hub repo id), as it
+    computes on this machine."""
+    from ..stages.runner import on_this_device
+
+    return on_this_device(_recipe_for(model, recipe, overrides))
+
+
+def _recipe_for(model: str, recipe: str | None, overrides: dict[str, object]):
     from ..models.loading import ModelFetchError, family_of_directory
     from ..run.recipe import load_recipe, recipe_names, recipe_path
 

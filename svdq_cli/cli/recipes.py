@@ -30,7 +30,7 @@ def recipes(
             table.add_column("recipe")
             table.add_column("model")
             for recipe_name, model_id in listing.items():
-                table.add_row(recipe_name, model_id)
+                table.add_row(recipe_name, model_id or "(the model given: svdq quantize DIR --recipe NAME)")
             out.print(table)
         return
     resolved = load_recipe(name).to_dict()

@@ -18,8 +18,7 @@ import torch
 from safetensors import safe_open
 
 from ..errors import BadInputError
-from ..models.loading import load_pipeline
-from ..models.registry import get_adapter
+from ..models.loading import adapter_of, load_pipeline
 from ..models.streaming import empty_model
 from ..runtime.layers import load_layer, replace_module
 from ..system.device import resolve_device
@@ -207,6 +206,6 @@ def load_quantized_pipeline(path: Path | str, device: str = "cpu", base: str | P
     if base is None and Path(model).is_absolute() and not Path(model).exists():
         raise BadInputError(f"{path} was quantized from {model}, which is not here; pass base= the model's "
                             "diffusers directory or Hub id")
-    adapter = get_adapter(recipe["family"])
+    adapter = adapter_of(recipe["family"], model, recipe.get("pipeline_args"))
     transformer = load_quantized(path, device=device)
     return load_pipeline(model, adapter, getattr(torch, recipe["dtype"]), device, transformer=transformer)

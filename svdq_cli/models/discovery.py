@@ -73,13 +73,13 @@ def discover(denoiser: nn.Module, generate: Callable[[], object], dtype: torch.d
 
 
 def block_paths(model: nn.Module) -> list[str]:
-    """Every repeated block of ``model`` (``transformer_blocks.0``, …), list by list in module order."""
-    paths, lists = [], []
-    for name, module in model.named_modules():
-        if not isinstance(module, nn.ModuleList) or any(name.startswith(f"{outer}.") for outer in lists):
-            continue
-        if len(module) and all(_holds_linears(item) for item in module):
-            lists.append(name)
+    """Every repeated block of ``model`` (``transformer_blocks.0``, …), list by list in module order.
+
+    Only the model's own lists count: a list nested in a submodule belongs to an embedder or a conditioning
+    network (Chroma's guidance approximator computes every block's modulation), which stays 16-bit."""
+    paths = []
+    for name, module in model.named_children():
+        if isinstance(module, nn.ModuleList) and len(module) and all(_holds_linears(item) for item in module):
             paths += [f"{name}.{index}" for index in range(len(module))]
     return paths
 

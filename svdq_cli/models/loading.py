@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from ..errors import BadInputError, SvdqError, gist
 from ..system import online
+from . import generic
 from .base import Adapter
-from .registry import ADAPTERS, TINY_MODELS
+from .registry import ADAPTERS, TINY_MODELS, get_adapter
 from .streaming import check_weights_match, transformer_checkpoint
 
 PIPELINE_FAMILIES = {
@@ -19,21 +21,40 @@ PIPELINE_FAMILIES = {
 }
 
 
+def adapter_of(family: str, model: str | None = None, pipeline_args: dict | None = None) -> Adapter:
+    """The adapter of a run: ``family``'s preset, or (``diffusers``) the one read from ``model``'s pipeline;
+    ``pipeline_args`` (a recipe's) are added to every pipeline call.
+
+    Raises:
+        BadInputError: an unknown family, or the generic one without a diffusers directory or Hub id.
+        ModelFetchError: a Hub id that cannot be fetched.
+    """
+    if family == generic.FAMILY:
+        if not model or model in TINY_MODELS:
+            raise BadInputError(f"the {generic.FAMILY} recipe reads the pipeline of the model it is given: "
+                                f"svdq quantize DIR --recipe {generic.FAMILY} (a diffusers directory or Hub id)")
+        adapter = generic.read_adapter(Path(model_directory(model)).resolve())
+    else:
+        adapter = get_adapter(family)
+    if pipeline_args:
+        adapter = replace(adapter, protocol=replace(adapter.protocol, extra={**adapter.protocol.extra,
+                                                                             **pipeline_args}))
+    return adapter
+
+
 class ModelFetchError(SvdqError):
     """The model could not be fetched from the Hub."""
 
 
 def family_of_directory(path: Path) -> str:
-    """The adapter family of a local diffusers directory, from its ``model_index.json``."""
+    """The adapter family of a local diffusers directory, from its ``model_index.json``: a preset's, else the
+    generic adapter's (which says in one line what it cannot drive)."""
     index = Path(path) / "model_index.json"
     try:
         pipeline_class = json.loads(index.read_text())["_class_name"]
     except (OSError, ValueError, KeyError):
         raise BadInputError(f"{path} is not a diffusers pipeline directory (no readable model_index.json)") from None
-    if pipeline_class not in PIPELINE_FAMILIES:
-        raise BadInputError(f"{path}: pipeline {pipeline_class} is not supported "
-                            f"(supported: {', '.join(PIPELINE_FAMILIES)})")
-    return PIPELINE_FAMILIES[pipeline_class]
+    return PIPELINE_FAMILIES.get(pipeline_class, generic.FAMILY)
 
 
 def model_directory(model: str) -> Path | None:
@@ -119,7 +140,7 @@ def check_pipeline_class(directory: Path, adapter: Adapter) -> None:
         return  # load_pipeline's own error names what is wrong with the directory
     if found and found != adapter.pipeline_class:
         raise BadInputError(f"{directory} is a {found}; the {adapter.family} recipe drives a {adapter.pipeline_class}. "
-                            f"{found} is not supported yet (supported: {', '.join(PIPELINE_FAMILIES)})")
+                            f"Leave --recipe out (or use --recipe {generic.FAMILY}) to drive the {found} itself")
 
 
 def text_encoder_names(directory: Path) -> list[str]:

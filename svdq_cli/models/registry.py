@@ -1,9 +1,9 @@
-"""Model families: one adapter module each, registered by name (DESIGN.md §6)."""
+"""Model families: a preset adapter module each, registered by name, and the generic one (DESIGN.md §6)."""
 
 from __future__ import annotations
 
 from ..errors import BadInputError
-from . import dit, flux, pixart, sana, sd3
+from . import dit, flux, generic, pixart, sana, sd3
 from .base import Adapter, Protocol
 
 ADAPTERS: dict[str, Adapter] = {
@@ -22,7 +22,13 @@ __all__ = ["ADAPTERS", "TINY_MODELS", "Adapter", "Protocol", "get_adapter"]
 
 
 def get_adapter(family: str) -> Adapter:
+    """The preset adapter of ``family`` (the generic one depends on its model: :func:`.loading.adapter_of`).
+
+    Raises:
+        BadInputError: not a preset family.
+    """
     try:
         return ADAPTERS[family]
     except KeyError:
-        raise BadInputError(f"unknown model family {family!r} (known: {', '.join(ADAPTERS)})") from None
+        known = ", ".join([*ADAPTERS, generic.FAMILY])
+        raise BadInputError(f"unknown model family {family!r} (known: {known})") from None

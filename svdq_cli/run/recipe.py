@@ -41,6 +41,9 @@ MAX_RESOLUTION = 16384
 MAX_STEPS = 10_000
 FLAGS = {("calibration", "steps"): "--steps", ("calibration", "resolution"): "--resolution",
          ("validation", "steps"): "--val-steps", ("validation", "resolution"): "--val-resolution"}
+SET_BY_SVDQ = {"prompt": "the prompt sets", "num_inference_steps": "steps", "guidance_scale": "guidance",
+               "height": "resolution", "width": "resolution", "generator": "seed", "output_type": "svdq's own",
+               "class_labels": "the prompt sets"}  # arguments of the pipeline call a recipe's pipeline_args may not set
 MAX_RECIPE_BYTES = 1 << 20  # recipes are a screenful of YAML; anything near this is not one
 MAX_RECIPE_NODES = 10_000  # values after YAML aliases are expanded: an alias bomb expands to billions
 
@@ -99,12 +102,16 @@ class RunConfig:
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     targets: Overrides = field(default_factory=Overrides)  # linears to skip or keep weight-only (globs)
+    pipeline_args: dict[str, object] = field(default_factory=dict)  # more keyword arguments of every pipeline call
     version: int = RECIPE_VERSION
 
     def __post_init__(self) -> None:
         if self.version > RECIPE_VERSION:
             raise BadInputError(f"recipe version {self.version} is newer than this svdq's ({RECIPE_VERSION}); "
                                 "upgrade svdq")
+        for name in self.pipeline_args:
+            if name in SET_BY_SVDQ:
+                raise BadInputError(f"pipeline_args.{name}: svdq sets it from the recipe ({SET_BY_SVDQ[name]})")
         if self.dtype not in DTYPES:
             raise BadInputError(f"dtype={self.dtype!r} is invalid (allowed: {', '.join(DTYPES)})")
         if not valid_device(self.device):
@@ -306,6 +313,10 @@ def _check_type(value, expected, name: str):
             except BadInputError:
                 continue
         raise BadInputError(f"{name}: expected {_type_name(expected)}, got {_brief(value)}")
+    if origin is dict:
+        if not isinstance(value, dict) or not all(isinstance(key, str) for key in value):
+            raise BadInputError(f"{name}: expected a mapping of names to values, got {_brief(value)}")
+        return dict(value)
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
             raise BadInputError(f"{name}: expected a list, got {_brief(value)}")

@@ -23,8 +23,7 @@ from torch import nn
 
 from ..formats.svdq_file import load_quantized_pipeline, read_metadata
 from ..methods.config import QuantConfig
-from ..models.loading import load_pipeline
-from ..models.registry import get_adapter
+from ..models.loading import adapter_of, load_pipeline
 from ..runtime import cost_model, kernels
 from ..runtime.emulator.backend import EmulatedBackend
 from ..runtime.kernels import describe
@@ -140,11 +139,13 @@ def kernel_bench(m: int, rank: int, dtype: torch.dtype, device: str, repeats: in
 
 def model_bench(export: str, device: str, repeats: int) -> dict[str, object]:
     """One transformer step of the exported model against the 16-bit one: latency and memory."""
-    recipe = read_metadata(export)["recipe"]
-    adapter = get_adapter(recipe["family"])
+    metadata = read_metadata(export)
+    recipe = metadata["recipe"]
+    base = str(metadata.get("base_model") or recipe["model"])
+    adapter = adapter_of(recipe["family"], base, recipe.get("pipeline_args"))
     pipeline = load_quantized_pipeline(export, device)
     quantized = pipeline.transformer
-    reference = load_pipeline(recipe["model"], adapter, getattr(torch, recipe["dtype"]), device).transformer
+    reference = load_pipeline(base, adapter, getattr(torch, recipe["dtype"]), device).transformer
     captured: dict[str, object] = {}
 
     def keep_inputs(_module, args, kwargs):

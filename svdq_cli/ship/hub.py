@@ -14,7 +14,7 @@ import yaml
 from ..errors import BadInputError, SvdqError, gist
 from ..formats.svdq_file import read_metadata
 from ..methods.registry import get_method
-from ..models.registry import get_adapter
+from ..models.registry import ADAPTERS
 from ..run.directory import Run
 from ..run.gates import failed_gates
 from ..system import online
@@ -104,7 +104,7 @@ def model_card(metadata: dict, filename: str, repo_id: str, with_picture: bool) 
     base = recipe["model"]
     vector = get_method(quant["method"]).vector
     family = metadata.get("model_config", {}).get("family")
-    text = family is None or get_adapter(family).text_conditioned  # DiT takes class labels
+    text = family not in ADAPTERS or ADAPTERS[family].text_conditioned  # DiT takes class labels; the generic, text
     tags = [quant["method"], "svdq", f"vq{quant['bits']}" if vector else quant["precision"]]
     front = {"library_name": "diffusers", **({"pipeline_tag": "text-to-image"} if text else {}),
              "tags": [*tags, "diffusers", *(["text-to-image"] if text else []), "quantized"]}

@@ -3,11 +3,12 @@ and the loop that runs, resumes or skips each one (under torchrun, each rank wit
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 from ..calibration.prompts import load_prompts
 from ..errors import BadInputError, SvdqError
-from ..models.registry import get_adapter
+from ..models.loading import adapter_of
 from ..run.directory import FAULT_VARIABLE, Run, library_versions  # noqa: F401 (FAULT_VARIABLE: for tests)
 from ..run.recipe import RunConfig
 from ..system.device import resolve_device
@@ -47,7 +48,7 @@ def check_config(config: RunConfig, until: str | None = None, redo: str | None =
         BadInputError: any of the above.
     """
     check_stage_range(until, redo)
-    get_adapter(config.family)
+    adapter_of(config.family, config.model, config.pipeline_args)
     device = resolve_device(config.device)
     if config.device == "auto" and device == "cpu":
         say("device: cpu (no CUDA device; pass --device cuda on a GPU machine)")
@@ -57,6 +58,16 @@ def check_config(config: RunConfig, until: str | None = None, redo: str | None =
             warn(f"{label} prompts: {section.prompts} holds {available}; using all {available}, "
                  f"not {section.num_prompts}")
     return device
+
+
+def on_this_device(config: RunConfig) -> RunConfig:
+    """The config a fresh run computes with here: a recipe's float16 on a CPU runs in float32, said in one line
+    (torch's CPU kernels are slow in half precision and some models fail in it: SD3's convolutions meet a
+    float32 bias)."""
+    if config.dtype == "float16" and resolve_device(config.device) == "cpu":
+        say("dtype: float16 runs in float32 on the CPU (--dtype bfloat16 takes half the memory)")
+        return dataclasses.replace(config, dtype="float32")
+    return config
 
 
 def check_same_model(run: Run, config: RunConfig) -> None:

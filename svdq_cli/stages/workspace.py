@@ -17,8 +17,7 @@ from ..calibration.prompts import load_prompts
 from ..errors import BadInputError
 from ..models.base import Adapter
 from ..models.discovery import Layout, block_paths, discover
-from ..models.loading import load_pipeline, model_directory
-from ..models.registry import get_adapter
+from ..models.loading import adapter_of, load_pipeline, model_directory
 from ..models.streaming import (
     BlockStreamer,
     empty_model,
@@ -45,7 +44,7 @@ class Workspace:
     def __init__(self, config: RunConfig, cache_dir: Path | None = None, world: World | None = None) -> None:
         self.config = config
         self.world = world or World()
-        self.adapter: Adapter = get_adapter(config.family)
+        self.adapter: Adapter = adapter_of(config.family, config.model, config.pipeline_args)
         self.dtype = getattr(torch, config.dtype)
         self.device = self.world.device(resolve_device(config.device))
         self.cache = Cache(cache_dir) if cache_dir is not None else None
@@ -101,7 +100,11 @@ class Workspace:
     def discovered(self) -> Layout:
         """What could be quantized, found by tracing the transformer's first call in a calibration generation (see
         :mod:`..models.discovery`); kept in the run's cache, so a resumed run does not encode a prompt for it."""
-        section = CalibrationConfig(prompts=self.config.calibration.prompts)  # the family's own protocol
+        # The family's own protocol at a small size: the structure traced is the same at any resolution, and a
+        # first transformer call at 1024 px costs minutes on a CPU (a tiny VAE makes it 262k tokens).
+        multiple = self.adapter.resolution_multiple(self.pipeline)
+        section = CalibrationConfig(prompts=self.config.calibration.prompts,
+                                    resolution=max(multiple, 64 // multiple * multiple))
         prompt = load_prompts(section.prompts, 1)[0]
         fields = {"model": self.config.model, "family": self.config.family, "dtype": self.config.dtype,
                   "versions": {**library_versions(), "svdq": __version__}}

@@ -195,8 +195,8 @@ def test_a_recipe_forced_onto_another_pipeline_class_is_one_line(tmp_path, flux_
     index = json.loads((kontext / "model_index.json").read_text())
     (kontext / "model_index.json").write_text(json.dumps({**index, "_class_name": "FluxKontextPipeline"}))
     fails(["quantize", kontext, "--recipe", "tiny-flux", "--out", tmp_path / "run"], 2,
-          f"Error: {kontext} is a FluxKontextPipeline; the tiny-flux recipe drives a FluxPipeline. "
-          "FluxKontextPipeline is not supported yet (supported: FluxPipeline,")
+          f"Error: {kontext} is a FluxKontextPipeline; the tiny-flux recipe drives a FluxPipeline. Leave --recipe "
+          "out (or use --recipe diffusers) to drive the FluxKontextPipeline itself")
     assert not (tmp_path / "run" / "collect").exists()
 
 
@@ -213,7 +213,7 @@ def test_validation_is_sized_from_the_command_line(tmp_path, flux_dir):
 
 @pytest.mark.parametrize("damage,message", [
     ("empty", "not a diffusers pipeline directory"),
-    ("pipeline", "pipeline StableDiffusionPipeline is not supported"),
+    ("pipeline", "StableDiffusionPipeline has a UNet, which svdq does not quantize yet"),
     ("truncated", "cannot load"),
     ("config", "its config and weights disagree"),
 ])
@@ -225,7 +225,9 @@ def test_bad_model_directories(tmp_path, flux_dir, damage, message):
         shutil.copytree(flux_dir, model)
     if damage == "pipeline":
         index = json.loads((model / "model_index.json").read_text())
-        (model / "model_index.json").write_text(json.dumps({**index, "_class_name": "StableDiffusionPipeline"}))
+        del index["transformer"]
+        (model / "model_index.json").write_text(json.dumps({**index, "_class_name": "StableDiffusionPipeline",
+                                                           "unet": ["diffusers", "UNet2DConditionModel"]}))
     elif damage == "truncated":
         weights = next((model / "transformer").glob("*.safetensors"))
         weights.write_bytes(weights.read_bytes()[:1000])
@@ -549,3 +551,14 @@ def test_a_full_size_protocol_on_a_cpu_says_what_it_will_cost(flux_dir, capsys):
     assert len(notices) == 2
     assert notices[0].startswith("collect: about") and "size it with --num-prompts/--steps/--resolution" in notices[0]
     assert notices[1].startswith("validate: about") and "--val-prompts/--val-steps/--val-resolution" in notices[1]
+
+
+def test_float16_on_a_cpu_runs_in_float32_with_one_line(tmp_path, recipe_file):
+    """SD3 in its recipe's float16 on a CPU failed with "Input type (c10::Half) and bias type (float)"."""
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device runs float16 as asked")
+    code, _, stderr = svdq("quantize", "tiny-flux", "--recipe", recipe_file, "--dtype", "float16", "--device", "cpu",
+                           "--out", tmp_path / "run", "--until", "collect")
+    assert code == 0, stderr
+    assert "dtype: float16 runs in float32 on the CPU" in stderr
+    assert json.loads((tmp_path / "run" / "manifest.json").read_text())["config"]["dtype"] == "float32"

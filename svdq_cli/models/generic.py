@@ -1,0 +1,145 @@
+"""Any diffusers pipeline without a preset: the adapter's facts read from the model and the pipeline class.
+
+A preset (``flux``, ``sd3``…) is what svdq was told about a family; this adapter learns the same from the
+model directory: the pipeline class from ``model_index.json``, the denoiser class from its component entry,
+the protocol from the call's own defaults (``num_inference_steps``, ``guidance_scale``) and the configs
+(resolution: the transformer's sample size × the VAE's downsampling), and which keyword arguments the call
+takes. What to quantize is discovered from a traced call, as for every family (:mod:`.discovery`). A call
+convention it cannot drive (an image or a video to start from, class labels) is one line naming what is
+missing and how a recipe's ``pipeline_args`` supplies it.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from ..errors import BadInputError, gist
+from .base import Adapter, Protocol
+
+FAMILY = "diffusers"
+CALL = ("prompt", "num_inference_steps", "height", "width", "generator", "output_type")  # what svdq passes
+DEFAULT_STEPS = 28
+DEFAULT_RESOLUTION = 1024
+
+
+@dataclass(frozen=True)
+class GenericAdapter(Adapter):
+    """An adapter whose call passes only the keyword arguments the pipeline's ``__call__`` takes."""
+
+    guidance_argument: bool = True  # the call takes a numeric guidance_scale (Qwen-Image's defaults to None)
+    area_argument: bool = False  # the call resizes to max_area (Kontext: 1024² whatever height and width say)
+
+    def generate(self, pipeline, prompts, seeds, steps, guidance, resolution, output_type="pt") -> torch.Tensor:
+        generators = [torch.Generator(device="cpu").manual_seed(seed) for seed in seeds]
+        arguments = {"prompt": prompts, "num_inference_steps": steps, "height": resolution, "width": resolution,
+                     "generator": generators, "output_type": output_type, **self.protocol.extra}
+        if self.guidance_argument:
+            arguments["guidance_scale"] = guidance
+        if self.area_argument:
+            arguments["max_area"] = resolution**2
+        try:
+            result = pipeline(**arguments)
+        except (TypeError, ValueError, KeyError, IndexError) as error:  # how a call convention it lacks fails
+            shown = ", ".join(sorted(set(arguments) - {"generator", "prompt"}))
+            raise BadInputError(
+                f"{self.pipeline_class} failed when svdq called it with prompt, {shown} ({type(error).__name__}: "
+                f"{gist(error)}); give the arguments it needs as the recipe's pipeline_args") from None
+        return result.images
+
+
+@lru_cache(maxsize=8)
+def read_adapter(directory: Path) -> GenericAdapter:
+    """The adapter of the diffusers pipeline saved in ``directory``.
+
+    Raises:
+        BadInputError: not a pipeline directory, a class the installed diffusers lacks, no transformer
+            (a UNet), or a call svdq cannot drive (what is missing is named).
+    """
+    import diffusers
+
+    index = _read_json(directory / "model_index.json", f"{directory} is not a diffusers pipeline directory")
+    name = index.get("_class_name")
+    pipeline_class = getattr(diffusers, str(name), None)
+    if not isinstance(pipeline_class, type):
+        raise BadInputError(f"{directory}: pipeline {name} is not a class of the installed diffusers "
+                            f"{diffusers.__version__}; upgrade diffusers")
+    denoiser = index.get("transformer")
+    if not (isinstance(denoiser, list) and len(denoiser) == 2 and denoiser[1]):
+        found = "a UNet, which svdq does not quantize yet" if index.get("unet") else "no transformer component"
+        raise BadInputError(f"{directory}: {name} has {found}; svdq quantizes a pipeline's transformer")
+    parameters = inspect.signature(pipeline_class.__call__).parameters
+    _check_call(name, parameters, pipeline_class)
+    transformer = _read_json(directory / "transformer" / "config.json", f"{directory}/transformer has no config")
+    return GenericAdapter(
+        family=FAMILY, pipeline_class=name, transformer_class=denoiser[1], protocol=_protocol(directory, parameters,
+                                                                                              transformer),
+        build_tiny=None,
+        # Flux-style pipelines pack 2×2 latent pixels into a token with patch_size 1 in the config; asking for 2
+        # refuses only sizes that a true 1-patch model could also take.
+        latent_patch=max(2, int(transformer.get("patch_size") or 1)),
+        guidance_distilled=bool(transformer.get("guidance_embeds")),
+        guidance_argument=isinstance(_default(parameters, "guidance_scale"), (int, float)),
+        area_argument="max_area" in parameters,
+    )
+
+
+def _check_call(name: str, parameters, pipeline_class) -> None:
+    missing = [p for p in CALL if p not in parameters]
+    if missing:
+        raise BadInputError(f"{name}'s call takes no {', '.join(missing)}: svdq drives text-to-image calls "
+                            f"({', '.join(CALL)}); this pipeline needs a preset")
+    required = [p for p, spec in parameters.items() if p != "self" and spec.default is inspect.Parameter.empty
+                and spec.kind not in (spec.VAR_POSITIONAL, spec.VAR_KEYWORD)]
+    if required:
+        raise BadInputError(f"{name}'s call requires {', '.join(required)}, which svdq's calibration prompts do "
+                            "not carry; this pipeline needs a preset")
+    if "num_frames" in parameters:
+        raise BadInputError(f"{name} generates video; svdq validates images and has no video preset yet")
+    if not callable(getattr(pipeline_class, "encode_prompt", None)):
+        raise BadInputError(f"{name} has no encode_prompt, which svdq records to encode each prompt once")
+
+
+def _protocol(directory: Path, parameters, transformer: dict) -> Protocol:
+    """The call's own defaults; the resolution the model was built for (its sample size in latent pixels)."""
+    steps, guidance = _default(parameters, "num_inference_steps"), _default(parameters, "guidance_scale")
+    extra = {"use_resolution_binning": False} if "use_resolution_binning" in parameters else {}
+    sample = transformer.get("sample_size")
+    factor = _vae_factor(directory)
+    resolution = sample * factor if isinstance(sample, int) and factor else DEFAULT_RESOLUTION
+    return Protocol(steps=steps if isinstance(steps, int) and steps > 0 else DEFAULT_STEPS,
+                    guidance=float(guidance) if isinstance(guidance, (int, float)) else 0.0,
+                    resolution=resolution, extra=extra)
+
+
+def _default(parameters, name: str):
+    return parameters[name].default if name in parameters else None
+
+
+def _vae_factor(directory: Path) -> int | None:
+    """Pixels per latent pixel, from the VAE's config: one halving per level after the first."""
+    try:
+        config = json.loads((directory / "vae" / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    for key in ("block_out_channels", "encoder_block_out_channels"):
+        if isinstance(config.get(key), list) and config[key]:
+            return 2 ** (len(config[key]) - 1)
+    if isinstance(config.get("temperal_downsample"), list):  # Wan / Qwen-Image VAEs (diffusers' spelling)
+        return 2 ** len(config["temperal_downsample"])
+    return None
+
+
+def _read_json(path: Path, message: str) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        raise BadInputError(f"{message} (no readable {path.name})") from None
+    if not isinstance(data, dict):
+        raise BadInputError(f"{message} ({path.name} is not a mapping)")
+    return data

@@ -1,0 +1,103 @@
+"""The generic adapter: a diffusers pipeline svdq has no preset for, driven from what its directory and its call
+say, through every stage to an export that loads back as the same pipeline class and generates."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from svdq_cli.errors import BadInputError
+from svdq_cli.formats.svdq_file import load_quantized_pipeline
+from svdq_cli.models.loading import adapter_of
+from svdq_cli.run.recipe import load_recipe
+from svdq_cli.runtime.layers import SVDQLinear
+from tests.conftest import svdq
+from tests.models.new_families import BUILDERS, saved
+
+RECIPE = """
+model: ""
+family: diffusers
+dtype: float32
+device: cpu
+quant: {method: svdquant, precision: int4, rank: 16, calib_rows: 128, search_rows: 64}
+calibration: {num_prompts: 2, steps: 2, resolution: 64}
+validation: {num_prompts: 1, steps: 2, resolution: 64}
+pipeline_args: {max_sequence_length: 32}
+"""
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    return tmp_path_factory.mktemp("new-families")
+
+
+@pytest.fixture(scope="module")
+def generic_recipe(tmp_path_factory):
+    path = tmp_path_factory.mktemp("recipe") / "tiny-generic.yaml"
+    path.write_text(RECIPE)
+    return path
+
+
+def test_the_protocol_is_read_from_the_pipeline_call_and_configs(models):
+    chroma = adapter_of("diffusers", str(saved("ChromaPipeline", models)))
+    assert (chroma.pipeline_class, chroma.transformer_class) == ("ChromaPipeline", "ChromaTransformer2DModel")
+    assert (chroma.protocol.steps, chroma.protocol.guidance) == (35, 5.0)  # ChromaPipeline.__call__'s defaults
+    assert chroma.passes_per_step(chroma.protocol.guidance) == 2  # true classifier-free guidance
+    kontext = adapter_of("diffusers", str(saved("FluxKontextPipeline", models)), {"max_sequence_length": 32})
+    assert (kontext.protocol.steps, kontext.protocol.guidance) == (28, 3.5)
+    assert kontext.protocol.extra == {"max_sequence_length": 32}
+
+
+def test_a_directory_without_a_preset_takes_the_generic_recipe(models):
+    code, stdout, stderr = svdq("targets", saved("ChromaPipeline", models), "--json")
+    assert code == 0, stderr
+    result = json.loads(stdout)
+    assert result["family"] == "diffusers"
+    assert set(result["block_lists"]) == {"transformer_blocks", "single_transformer_blocks", "(outside)"}
+    modes = {layer["name"]: layer["mode"] for layer in result["layers"]}
+    # Chroma's guidance approximator (a list inside a submodule) computes every modulation: it stays 16-bit
+    assert modes["distilled_guidance_layer.layers.0.linear_1"] == "16-bit"
+    assert modes["transformer_blocks.0.attn.to_q"] == "W4A4"
+
+
+@pytest.mark.parametrize("pipeline_class", sorted(BUILDERS))
+def test_a_new_family_quantizes_exports_loads_and_generates(models, generic_recipe, tmp_path, pipeline_class):
+    model = saved(pipeline_class, models)
+    code, stdout, stderr = svdq("quantize", model, "--recipe", generic_recipe, "--out", tmp_path / "run", "--json")
+    assert code == 0, stderr
+    summary = json.loads(stdout)
+    assert summary["validate"]["passed"] and summary["validate"]["psnr"] > 20, summary["validate"]
+    pipeline = load_quantized_pipeline(summary["export"])
+    assert type(pipeline).__name__ == pipeline_class  # a Kontext export used to load back as a FluxPipeline
+    assert sum(isinstance(m, SVDQLinear) for m in pipeline.transformer.modules()) > 10
+    adapter = adapter_of("diffusers", str(model), {"max_sequence_length": 32})
+    image = adapter.generate(pipeline, ["a red fox in fresh snow"], [0], 2, adapter.protocol.guidance, 64)
+    assert image.shape == (1, 3, 64, 64) and torch.isfinite(image).all()
+
+
+def test_pipeline_args_cannot_set_what_svdq_sets(tmp_path):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text(RECIPE.replace("{max_sequence_length: 32}", "{height: 512}"))
+    with pytest.raises(BadInputError, match=r"pipeline_args.height: svdq sets it from the recipe \(resolution\)"):
+        load_recipe(str(recipe))
+
+
+@pytest.mark.parametrize("index,message", [
+    ({"_class_name": "StableDiffusionXLPipeline", "unet": ["diffusers", "UNet2DConditionModel"]},
+     "StableDiffusionXLPipeline has a UNet, which svdq does not quantize yet"),
+    ({"_class_name": "WanPipeline", "transformer": ["diffusers", "WanTransformer3DModel"]},
+     "WanPipeline generates video; svdq validates images and has no video preset yet"),
+    ({"_class_name": "ChronoEditPipeline", "transformer": ["diffusers", "ChronoEditTransformer3DModel"]},
+     "ChronoEditPipeline's call requires image, which svdq's calibration prompts do not carry"),
+    ({"_class_name": "NoSuchPipeline", "transformer": ["diffusers", "X"]},
+     "pipeline NoSuchPipeline is not a class of the installed diffusers"),
+])
+def test_a_call_the_generic_adapter_cannot_drive_is_one_line(tmp_path, index, message):
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "model_index.json").write_text(json.dumps(index))
+    code, stdout, stderr = svdq("quantize", tmp_path / "model", "--out", tmp_path / "run")
+    assert code == 2 and stdout == ""
+    assert message in stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "run").exists()
