@@ -33,7 +33,38 @@ def flux_kontext(seed: int = 0):
     return FluxKontextPipeline(**components)
 
 
-BUILDERS = {"ChromaPipeline": chroma, "FluxKontextPipeline": flux_kontext}
+def qwen_image(seed: int = 0):
+    """A QwenImagePipeline: a tiny Qwen2.5-VL text encoder (its vision tower unused by text prompts), the
+    Qwen-Image VAE at two levels, dual-stream blocks with per-stream modulation."""
+    from diffusers import (
+        AutoencoderKLQwenImage,
+        FlowMatchEulerDiscreteScheduler,
+        QwenImagePipeline,
+        QwenImageTransformer2DModel,
+    )
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    vocabulary = len(tiny.vocabulary())
+    text = {"vocab_size": vocabulary, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512,
+            "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]}, "pad_token_id": 0, "eos_token_id": 1}
+    vision = {"depth": 1, "hidden_size": 32, "intermediate_size": 64, "num_heads": 2, "out_hidden_size": 64,
+              "fullatt_block_indexes": [0]}
+    with tiny.seeded(seed):
+        transformer = QwenImageTransformer2DModel(
+            patch_size=2, in_channels=64, out_channels=16, num_layers=2, attention_head_dim=32, num_attention_heads=4,
+            joint_attention_dim=64, axes_dims_rope=(8, 12, 12),
+        )
+        text_encoder = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(
+            text_config=text, vision_config=vision, vocab_size=vocabulary, image_token_id=vocabulary - 1,
+            video_token_id=vocabulary - 2, vision_start_token_id=vocabulary - 3,
+        ))
+        vae = AutoencoderKLQwenImage(base_dim=8, z_dim=16, dim_mult=[1, 2], num_res_blocks=1, temperal_downsample=[False])
+        return QwenImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=text_encoder,
+                                 tokenizer=tiny.tokenizer(1024), transformer=transformer)
+
+
+BUILDERS = {"ChromaPipeline": chroma, "FluxKontextPipeline": flux_kontext, "QwenImagePipeline": qwen_image}
 
 
 def saved(name: str, directory: Path) -> Path:
