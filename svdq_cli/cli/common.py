@@ -168,6 +168,11 @@ RuntimeOpt = Annotated[str | None, typer.Option(help="How validation runs the qu
                                                      "kernels on the CPU emulator, compared with the reference).")]
 
 
+BaseOpt = Annotated[str | None, typer.Option("--base", help="The model a single-file fine-tune (MODEL.safetensors) "
+                                                         "fine-tunes: a recipe, diffusers directory or Hub id; "
+                                                         "it gives every part but the transformer's weights.")]
+
+
 SkipOpt = Annotated[list[str] | None, typer.Option("--skip", help="Keep these linears 16-bit: a glob over full "
                                                                 "names, repeatable (transformer_blocks.0.*).")]
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Annotated
 
@@ -10,6 +11,7 @@ import typer
 from ..errors import BadInputError
 from .common import (
     BaselinesOpt,
+    BaseOpt,
     JsonOpt,
     RuntimeOpt,
     SkipOpt,
@@ -26,12 +28,42 @@ from .common import (
 )
 
 
-def resolve_model(model: str, recipe: str | None, overrides: dict[str, object]):
-    """RunConfig for MODEL (a recipe name, a tiny model, a local diffusers directory or a Hub repo id), as it
-    computes on this machine."""
+def resolve_model(model: str, recipe: str | None, overrides: dict[str, object], base: str | None = None):
+    """RunConfig for MODEL (a recipe name, a tiny model, a local diffusers directory, a Hub repo id, or a
+    single-file fine-tune of ``base``), as it computes on this machine."""
+    from ..models.single_file import is_single_file
     from ..stages.runner import on_this_device
 
+    if is_single_file(model):
+        return on_this_device(_fine_tune(Path(model), base, recipe, overrides))
+    if base is not None:
+        raise BadInputError(f"--base names the model a single .safetensors file fine-tunes; {model} is not one")
+    if Path(model).is_file():
+        raise BadInputError(f"{model} is a file but not a .safetensors one; svdq reads single-file fine-tunes as "
+                            "safetensors (with --base), or diffusers directories")
     return on_this_device(_recipe_for(model, recipe, overrides))
+
+
+def _fine_tune(file: Path, base: str | None, recipe: str | None, overrides: dict[str, object]):
+    """A single-file fine-tune assembled with its base's other parts; the base is ``--base`` (a recipe, a
+    diffusers directory or a Hub id) or the ``--recipe``'s model."""
+    from ..models.loading import model_directory
+    from ..models.single_file import assemble
+    from ..run.recipe import load_recipe, recipe_path
+
+    if base is None and recipe is None:
+        raise BadInputError(f"{file} is a single file: pass --base, the model it fine-tunes (a recipe such as "
+                            "flux-dev, a diffusers directory or a Hub id)")
+    base = base or recipe
+    if recipe is None and recipe_path(base) is not None:
+        recipe = base
+    base_model = load_recipe(base).model if recipe_path(base) is not None else base
+    directory = model_directory(base_model)
+    if directory is None:
+        raise BadInputError(f"--base {base_model} is built in memory; a fine-tune needs the base's files (save it "
+                            "as a diffusers directory)")
+    config = _recipe_for(str(assemble(file, directory, base_model)), recipe, overrides)
+    return dataclasses.replace(config, recipe=f"{config.family}:{file.stem}")
 
 
 def _recipe_for(model: str, recipe: str | None, overrides: dict[str, object]):
@@ -69,7 +101,8 @@ def _recipe_for(model: str, recipe: str | None, overrides: dict[str, object]):
 
 def quantize(
     model: Annotated[str, typer.Argument(help="Recipe name (flux-dev), tiny model (tiny-flux), local diffusers "
-                                              "directory or Hub repo id.")],
+                                              "directory, Hub repo id, or a fine-tune's .safetensors file "
+                                              "(with --base).")],
     recipe: Annotated[str | None, typer.Option(help="Recipe name or YAML file; default: MODEL's own.")] = None,
     rank: Annotated[int | None, typer.Option(help="Low-rank branch rank, a multiple of 16 (default: the "
                                                   "recipe's; `svdq recipes MODEL` shows it).")] = None,
@@ -98,6 +131,7 @@ def quantize(
                                                  help="diffusers model CPU offload (fits FLUX in 24 GB of "
                                                       "GPU memory).")] = None,
     stream: StreamOpt = None,
+    base: BaseOpt = None,
     skip: SkipOpt = None,
     weight_only_layers: WeightOnlyLayersOpt = None,
     until: Annotated[str | None, typer.Option(help="Stop after this stage.")] = None,
@@ -117,7 +151,7 @@ def quantize(
                  "calibration.resolution": resolution, "device": device, "dtype": dtype, "offload": offload,
                  "stream": stream, **target_overrides(skip, weight_only_layers),
                  **validation_overrides(val_prompts, val_steps, val_resolution, baselines, runtime)}
-    config = resolve_model(model, recipe, overrides)
+    config = resolve_model(model, recipe, overrides, base)
     with joined(config.device) as world:
         if world.size > 1:
             set_rank_label(f"rank {world.rank}/{world.size}")

@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from .common import JsonOpt, SkipOpt, WeightOnlyLayersOpt, out, quiet_libraries, target_overrides
+from .common import BaseOpt, JsonOpt, SkipOpt, WeightOnlyLayersOpt, out, quiet_libraries, target_overrides
 
 
 def targets(
@@ -17,6 +17,7 @@ def targets(
     recipe: Annotated[str | None, typer.Option(help="Recipe name or YAML file; default: MODEL's own.")] = None,
     method: Annotated[str | None, typer.Option(help="Quantization method (default: the recipe's).")] = None,
     precision: Annotated[str | None, typer.Option(help="int4, nvfp4 or int8 (default: the recipe's).")] = None,
+    base: BaseOpt = None,
     skip: SkipOpt = None,
     weight_only_layers: WeightOnlyLayersOpt = None,
     device: Annotated[str | None, typer.Option(help="Where the pipeline runs the one traced call (default: the "
@@ -31,7 +32,7 @@ def targets(
 
     overrides = {"quant.method": method, "quant.precision": precision, "device": device,
                  **target_overrides(skip, weight_only_layers)}
-    config = resolve_model(model, recipe, overrides)
+    config = resolve_model(model, recipe, overrides, base)
     quiet_libraries()
     workspace = Workspace(config)
     _, rows = workspace.planned

@@ -87,6 +87,13 @@ class AtomicFile:
             self.abort()
 
 
+def user_cache() -> Path:
+    """svdq's own cache of things made once per machine (compiled kernels, assembled models): SVDQ_CACHE_DIR,
+    else the XDG cache."""
+    root = os.environ.get("SVDQ_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "svdq"
+    return Path(root)
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically (see :class:`AtomicFile`)."""
     with AtomicFile(path) as file:

@@ -59,7 +59,8 @@ def qwen_image(seed: int = 0):
             text_config=text, vision_config=vision, vocab_size=vocabulary, image_token_id=vocabulary - 1,
             video_token_id=vocabulary - 2, vision_start_token_id=vocabulary - 3,
         ))
-        vae = AutoencoderKLQwenImage(base_dim=8, z_dim=16, dim_mult=[1, 2], num_res_blocks=1, temperal_downsample=[False])
+        vae = AutoencoderKLQwenImage(base_dim=8, z_dim=16, dim_mult=[1, 2], num_res_blocks=1,
+                                     temperal_downsample=[False])
         return QwenImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=text_encoder,
                                  tokenizer=tiny.tokenizer(1024), transformer=transformer)
 

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from ...errors import SvdqError
+from ...system.files import user_cache
 from .translate import kernel_parameters, translate
 
 HERE = Path(__file__).resolve().parent
@@ -144,8 +145,7 @@ def toolchain() -> Toolchain:
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("SVDQ_CACHE_DIR") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "svdq"
-    return Path(root) / "emulator"
+    return user_cache() / "emulator"
 
 
 def _flags(checked: bool = False) -> list[str]:

@@ -1,0 +1,120 @@
+"""Your own checkpoint: a single-file fine-tune of a model whose other parts (text encoders, VAE, scheduler and
+the transformer's config) come from a base model.
+
+The two are assembled into a diffusers directory in svdq's cache — links to the base's components, the
+transformer's config and the file's weights — so every stage, streaming included, reads it as any model and
+an export records it like a local directory. A file in diffusers' key names is linked as it is (no copy, no
+memory); one in the original release's names goes through diffusers' ``from_single_file`` for the classes
+that have it, once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from ..errors import BadInputError, gist
+from ..system.files import user_cache
+from .streaming import empty_model, transformer_config
+
+WEIGHTS = "diffusion_pytorch_model.safetensors"
+
+
+def is_single_file(model: str) -> bool:
+    return model.endswith(".safetensors") and Path(model).is_file()
+
+
+def assemble(file: Path, base_dir: Path, base: str) -> Path:
+    """The diffusers directory of ``base_dir``'s pipeline with ``file``'s transformer weights (made once).
+
+    Raises:
+        BadInputError: the base has no transformer, or the file does not fit it (the first mismatched tensor).
+    """
+    import diffusers
+
+    file, base_dir = Path(file).resolve(), Path(base_dir).resolve()
+    index = json.loads((base_dir / "model_index.json").read_text())
+    if not isinstance(index.get("transformer"), list):
+        raise BadInputError(f"--base {base} has no transformer component for {file.name} to replace")
+    model_class = getattr(diffusers, index["transformer"][1])
+    config = transformer_config(base_dir)
+    stat = file.stat()
+    key = hashlib.sha256(f"{file}|{stat.st_size}|{stat.st_mtime_ns}|{base_dir}".encode()).hexdigest()[:16]
+    target = user_cache() / "single-file" / f"{file.stem}-{key}"
+    if (target / "model_index.json").exists():
+        return target
+    skeleton = empty_model(model_class, config, torch.float32)  # meta tensors: shapes, no memory
+    expected = {name: tuple(tensor.shape) for name, tensor in skeleton.state_dict().items()}
+    work = Path(tempfile.mkdtemp(prefix=".assembling-", dir=_made(target.parent)))
+    try:
+        _link_components(base_dir, index, work)
+        (work / "transformer").mkdir()
+        (work / "transformer" / "config.json").write_text(json.dumps(config, indent=2))
+        found = _shapes(file)
+        if set(found) == set(expected):
+            _check_shapes(file, found, expected)
+            os.symlink(file, work / "transformer" / WEIGHTS)
+        else:
+            _convert(file, base_dir, model_class, found, expected, work / "transformer")
+        os.replace(work, target)  # atomic: a half-assembled directory is never seen
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return target
+
+
+def _link_components(base_dir: Path, index: dict, work: Path) -> None:
+    for name, value in index.items():
+        if isinstance(value, list) and name != "transformer" and (base_dir / name).exists():
+            os.symlink(base_dir / name, work / name)
+    (work / "model_index.json").write_text(json.dumps(index, indent=2))
+
+
+def _shapes(file: Path) -> dict[str, tuple[int, ...]]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(file), "pt") as handle:
+            return {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
+    except Exception as error:  # safetensors raises several types for a file that is not one
+        raise BadInputError(f"{file} is not a readable safetensors file ({gist(error)})") from None
+
+
+def _check_shapes(file: Path, found: dict, expected: dict) -> None:
+    for name in sorted(expected):
+        if found[name] != expected[name]:
+            raise BadInputError(f"{file.name} does not fit the base model: {name} is {list(found[name])}, the "
+                                f"base's config makes it {list(expected[name])}")
+
+
+def _convert(file: Path, base_dir: Path, model_class, found: dict, expected: dict, out: Path) -> None:
+    """Original key names through diffusers' converter; what fits neither is one line naming a tensor."""
+    missing = sorted(set(expected) - set(found))
+    mismatch = (f"{file.name} does not fit the base model's {model_class.__name__}: {len(missing)} of its tensors "
+                f"are not in the file (first: {missing[0]})")
+    if not hasattr(model_class, "from_single_file"):
+        raise BadInputError(f"{mismatch}; diffusers converts original key names only for "
+                            f"{', '.join(_convertible())}")
+    try:
+        model = model_class.from_single_file(str(file), config=str(base_dir), subfolder="transformer",
+                                             torch_dtype=torch.bfloat16)
+    except Exception as error:  # the converters raise KeyError, ValueError, RuntimeError… for a foreign file
+        raise BadInputError(f"{mismatch}, and diffusers could not convert it ({type(error).__name__}: "
+                            f"{gist(error)})") from None
+    model.save_pretrained(out)
+
+
+def _convertible() -> list[str]:
+    from diffusers.loaders.single_file_model import SINGLE_FILE_LOADABLE_CLASSES
+
+    return sorted(name for name in SINGLE_FILE_LOADABLE_CLASSES if "Transformer" in name)
+
+
+def _made(directory: Path) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    return directory
