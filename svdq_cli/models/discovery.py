@@ -153,10 +153,13 @@ def _to_meta(value):
 
 def _batch(args: list, kwargs: dict) -> int:
     """Samples in the call: the leading size of its first tensor (the latents come first in every
-    diffusers denoiser: ``hidden_states`` or ``sample``)."""
+    diffusers denoiser: ``hidden_states`` or ``sample``), or the length of a first list of per-sample tensors
+    (Z-Image takes its latents so)."""
     for value in [*args, *kwargs.values()]:
         if isinstance(value, torch.Tensor) and value.dim() >= 2:
             return value.shape[0]
+        if isinstance(value, list) and value and all(isinstance(item, torch.Tensor) for item in value):
+            return len(value)
     raise DiscoveryError("the denoiser was called without a batched tensor")
 
 

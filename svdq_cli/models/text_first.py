@@ -8,11 +8,14 @@ so they can be freed (T5-XXL is 9.5 GB of FLUX.1-dev's memory) and the results a
 
 from __future__ import annotations
 
+import json
 from contextlib import contextmanager
 
 import torch
 
-Encoding = tuple[torch.Tensor | None, ...]  # what the pipeline's encode_prompt returned for one prompt
+# What the pipeline's encode_prompt returned for one prompt: tensors, Nones, and lists of per-prompt tensors of
+# different lengths (Z-Image).
+Encoding = tuple[torch.Tensor | list[torch.Tensor] | None, ...]
 
 
 class _Encoded(Exception):
@@ -33,7 +36,7 @@ def encode(pipeline, call) -> Encoding:
 
     def recording(*args, **kwargs):
         outputs = original(*args, **kwargs)
-        raise _Encoded(tuple(o.detach().cpu() if isinstance(o, torch.Tensor) else o for o in outputs))
+        raise _Encoded(tuple(_to(o, "cpu", detach=True) for o in outputs))
 
     pipeline.encode_prompt = recording
     try:
@@ -57,7 +60,7 @@ def replaying(pipeline, encoding: Encoding):
                                "recorded one encoding per prompt")
         calls.append(device)
         target = device or pipeline._execution_device
-        return tuple(o.to(target) if isinstance(o, torch.Tensor) else o for o in encoding)
+        return tuple(_to(o, target) for o in encoding)
 
     pipeline.encode_prompt = replay
     try:
@@ -66,12 +69,31 @@ def replaying(pipeline, encoding: Encoding):
         del pipeline.encode_prompt
 
 
-def to_tensors(encoding: Encoding) -> tuple[dict[str, torch.Tensor], list[int]]:
-    """A flat safetensors-ready form: the tensors by position, and the positions that were None."""
-    return ({str(i): o.contiguous() for i, o in enumerate(encoding) if o is not None},
-            [i for i, o in enumerate(encoding) if o is None])
+def _to(output, device, detach: bool = False):
+    if isinstance(output, torch.Tensor):
+        return (output.detach() if detach else output).to(device)
+    if isinstance(output, list) and all(isinstance(o, torch.Tensor) for o in output):
+        return [_to(o, device, detach) for o in output]
+    return output
 
 
-def from_tensors(tensors: dict[str, torch.Tensor], empty: list[int]) -> Encoding:
-    size = len(tensors) + len(empty)
-    return tuple(None if i in empty else tensors[str(i)] for i in range(size))
+def to_tensors(encoding: Encoding) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A flat safetensors-ready form: the tensors by position (a list's items as ``position.index``), and
+    metadata naming the positions that were None and the lengths of the lists."""
+    tensors, empty, lists = {}, [], {}
+    for i, output in enumerate(encoding):
+        if output is None:
+            empty.append(i)
+        elif isinstance(output, list):
+            lists[str(i)] = len(output)
+            tensors.update({f"{i}.{j}": item.contiguous() for j, item in enumerate(output)})
+        else:
+            tensors[str(i)] = output.contiguous()
+    return tensors, {"empty": json.dumps(empty), "lists": json.dumps(lists)}
+
+
+def from_tensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Encoding:
+    empty, lists = json.loads(metadata["empty"]), json.loads(metadata.get("lists", "{}"))
+    size = len(empty) + len(lists) + sum(1 for key in tensors if "." not in key)
+    return tuple(None if i in empty else [tensors[f"{i}.{j}"] for j in range(lists[str(i)])] if str(i) in lists
+                 else tensors[str(i)] for i in range(size))

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
@@ -196,12 +195,11 @@ class Workspace:
                 for prompt in missing:
                     encoding = encode(pipeline, lambda pipe, p=prompt: self.adapter.generate(
                         pipe, [p], [0], steps, guidance, resolution, output_type="latent"))
-                    tensors, empty = to_tensors(encoding)
-                    found[prompt] = (tensors, {"empty": json.dumps(empty)})
+                    found[prompt] = to_tensors(encoding)
                     if self.cache:
                         self.cache.put("text", self._encoding_fields(prompt, guidance), *found[prompt])
                     advance(prompt[:40])
-        return [from_tensors(found[p][0], json.loads(found[p][1]["empty"])) for p in prompts]
+        return [from_tensors(*found[p]) for p in prompts]
 
     @cached_property
     def _text_pipeline(self):

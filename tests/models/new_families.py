@@ -65,7 +65,31 @@ def qwen_image(seed: int = 0):
                                  tokenizer=tiny.tokenizer(1024), transformer=transformer)
 
 
-BUILDERS = {"ChromaPipeline": chroma, "FluxKontextPipeline": flux_kontext, "QwenImagePipeline": qwen_image}
+def z_image(seed: int = 0):
+    """A ZImagePipeline: single-stream blocks plus noise and context refiners, latents passed as a list of
+    per-sample tensors, a tiny Qwen3 text encoder behind a chat template."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, ZImagePipeline, ZImageTransformer2DModel
+    from transformers import Qwen3Config, Qwen3Model
+
+    with tiny.seeded(seed):
+        transformer = ZImageTransformer2DModel(
+            all_patch_size=(2,), all_f_patch_size=(1,), in_channels=4, dim=128, n_layers=2, n_refiner_layers=1,
+            n_heads=4, n_kv_heads=4, cap_feat_dim=64, axes_dims=[8, 12, 12], axes_lens=[256, 64, 64],
+        )
+        text_encoder = Qwen3Model(Qwen3Config(
+            vocab_size=len(tiny.vocabulary()), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=16, pad_token_id=0, eos_token_id=1,
+        ))
+        tokenizer = tiny.tokenizer(64)
+        tokenizer.chat_template = "{% for message in messages %}{{ message['content'] }}{% endfor %}"
+        return ZImagePipeline(
+            scheduler=FlowMatchEulerDiscreteScheduler(), text_encoder=text_encoder, tokenizer=tokenizer,
+            vae=tiny.kl_vae(4, shift_factor=0.06, scaling_factor=1.5), transformer=transformer,
+        )
+
+
+BUILDERS = {"ChromaPipeline": chroma, "FluxKontextPipeline": flux_kontext, "QwenImagePipeline": qwen_image,
+            "ZImagePipeline": z_image}
 
 
 def saved(name: str, directory: Path) -> Path:

@@ -77,6 +77,17 @@ def test_a_new_family_quantizes_exports_loads_and_generates(models, generic_reci
     assert image.shape == (1, 3, 64, 64) and torch.isfinite(image).all()
 
 
+def test_an_encoding_of_per_prompt_lists_round_trips_through_the_cache_form():
+    """Z-Image's encode_prompt returns lists of tensors of each prompt's own length."""
+    from svdq_cli.models.text_first import from_tensors, to_tensors
+
+    encoding = (torch.randn(1, 5, 8), None, [torch.randn(3, 8), torch.randn(7, 8)], [])
+    tensors, metadata = to_tensors(encoding)
+    back = from_tensors(tensors, metadata)
+    assert back[1] is None and back[3] == [] and torch.equal(back[0], encoding[0])
+    assert [t.shape for t in back[2]] == [(3, 8), (7, 8)] and all(map(torch.equal, back[2], encoding[2]))
+
+
 def test_pipeline_args_cannot_set_what_svdq_sets(tmp_path):
     recipe = tmp_path / "bad.yaml"
     recipe.write_text(RECIPE.replace("{max_sequence_length: 32}", "{height: 512}"))
