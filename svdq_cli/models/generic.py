@@ -5,8 +5,9 @@ model directory: the pipeline class from ``model_index.json``, the denoiser clas
 the protocol from the call's own defaults (``num_inference_steps``, ``guidance_scale``) and the configs
 (resolution: the transformer's sample size × the VAE's downsampling), and which keyword arguments the call
 takes. What to quantize is discovered from a traced call, as for every family (:mod:`.discovery`). A call
-convention it cannot drive (an image or a video to start from, class labels) is one line naming what is
-missing and how a recipe's ``pipeline_args`` supplies it.
+it cannot drive is one line: what the call requires beyond a prompt (an image, class labels, video frames)
+is refused before work starts; a call that fails as driven names the arguments svdq passed, and a recipe's
+``pipeline_args`` supply more.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import BadInputError, gist
+from ..errors import BadInputError, SvdqError, gist
 from .base import Adapter, Protocol
 
 FAMILY = "diffusers"
@@ -45,6 +46,8 @@ class GenericAdapter(Adapter):
             arguments["max_area"] = resolution**2
         try:
             result = pipeline(**arguments)
+        except SvdqError:
+            raise  # svdq's own, from a hook inside the call: already one line
         except (TypeError, ValueError, KeyError, IndexError) as error:  # how a call convention it lacks fails
             shown = ", ".join(sorted(set(arguments) - {"generator", "prompt"}))
             raise BadInputError(

@@ -93,7 +93,14 @@ def to_tensors(encoding: Encoding) -> tuple[dict[str, torch.Tensor], dict[str, s
 
 
 def from_tensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Encoding:
-    empty, lists = json.loads(metadata["empty"]), json.loads(metadata.get("lists", "{}"))
+    empty, lists = json.loads(metadata["empty"]), json.loads(metadata.get("lists", "{}"))  # older caches: no lists
+
+    def output(i: int):
+        if i in empty:
+            return None
+        if str(i) in lists:
+            return [tensors[f"{i}.{j}"] for j in range(lists[str(i)])]
+        return tensors[str(i)]
+
     size = len(empty) + len(lists) + sum(1 for key in tensors if "." not in key)
-    return tuple(None if i in empty else [tensors[f"{i}.{j}"] for j in range(lists[str(i)])] if str(i) in lists
-                 else tensors[str(i)] for i in range(size))
+    return tuple(output(i) for i in range(size))
