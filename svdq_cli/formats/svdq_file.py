@@ -191,6 +191,11 @@ def _check_same_transformer(path: Path | str, model_config: dict, transformer) -
                                 f"pipeline's has {key}={theirs!r} (another model)")
 
 
+def recorded_base(metadata: dict) -> str:
+    """The base model an export records (older exports: the recipe's model as typed)."""
+    return str(metadata.get("base_model") or metadata["recipe"]["model"])
+
+
 def load_quantized_pipeline(path: Path | str, device: str = "cpu", base: str | Path | None = None):
     """The whole pipeline of an export: the base model (``base``: a local diffusers directory or Hub id; by
     default the one the export records — an absolute path, a Hub id or a built-in tiny model) with the
@@ -202,7 +207,7 @@ def load_quantized_pipeline(path: Path | str, device: str = "cpu", base: str | P
     """
     metadata = read_metadata(Path(path))
     recipe = metadata["recipe"]
-    model = str(base) if base is not None else str(metadata.get("base_model") or recipe["model"])
+    model = str(base) if base is not None else recorded_base(metadata)
     if base is None and Path(model).is_absolute() and not Path(model).exists():
         raise BadInputError(f"{path} was quantized from {model}, which is not here; pass base= the model's "
                             "diffusers directory or Hub id")

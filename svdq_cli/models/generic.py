@@ -22,6 +22,7 @@ import torch
 
 from ..errors import BadInputError, SvdqError, gist
 from .base import Adapter, Protocol
+from .streaming import pipeline_index, transformer_config
 
 FAMILY = "diffusers"
 CALL = ("prompt", "num_inference_steps", "height", "width", "generator", "output_type")  # what svdq passes
@@ -66,8 +67,8 @@ def read_adapter(directory: Path) -> GenericAdapter:
     """
     import diffusers
 
-    index = _read_json(directory / "model_index.json", f"{directory} is not a diffusers pipeline directory")
-    name = index.get("_class_name")
+    index = pipeline_index(directory)
+    name = index["_class_name"]
     pipeline_class = getattr(diffusers, str(name), None)
     if not isinstance(pipeline_class, type):
         raise BadInputError(f"{directory}: pipeline {name} is not a class of the installed diffusers "
@@ -78,7 +79,7 @@ def read_adapter(directory: Path) -> GenericAdapter:
         raise BadInputError(f"{directory}: {name} has {found}; svdq quantizes a pipeline's transformer")
     parameters = inspect.signature(pipeline_class.__call__).parameters
     _check_call(name, parameters, pipeline_class)
-    transformer = _read_json(directory / "transformer" / "config.json", f"{directory}/transformer has no config")
+    transformer = transformer_config(directory)
     return GenericAdapter(
         family=FAMILY, pipeline_class=name, transformer_class=denoiser[1], protocol=_protocol(directory, parameters,
                                                                                               transformer),
@@ -137,12 +138,3 @@ def _vae_factor(directory: Path) -> int | None:
         return 2 ** len(config["temperal_downsample"])
     return None
 
-
-def _read_json(path: Path, message: str) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        raise BadInputError(f"{message} (no readable {path.name})") from None
-    if not isinstance(data, dict):
-        raise BadInputError(f"{message} ({path.name} is not a mapping)")
-    return data

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 from pathlib import Path
 
@@ -13,7 +12,7 @@ from ..system import online
 from . import generic
 from .base import Adapter
 from .registry import ADAPTERS, TINY_MODELS, get_adapter
-from .streaming import check_weights_match, transformer_checkpoint
+from .streaming import check_weights_match, pipeline_index, transformer_checkpoint
 
 PIPELINE_FAMILIES = {
     "FluxPipeline": "flux-dev", "PixArtSigmaPipeline": "pixart-sigma", "SanaPipeline": "sana",
@@ -49,12 +48,7 @@ class ModelFetchError(SvdqError):
 def family_of_directory(path: Path) -> str:
     """The adapter family of a local diffusers directory, from its ``model_index.json``: a preset's, else the
     generic adapter's (which says in one line what it cannot drive)."""
-    index = Path(path) / "model_index.json"
-    try:
-        pipeline_class = json.loads(index.read_text())["_class_name"]
-    except (OSError, ValueError, KeyError):
-        raise BadInputError(f"{path} is not a diffusers pipeline directory (no readable model_index.json)") from None
-    return PIPELINE_FAMILIES.get(pipeline_class, generic.FAMILY)
+    return PIPELINE_FAMILIES.get(pipeline_index(path)["_class_name"], generic.FAMILY)
 
 
 def model_directory(model: str) -> Path | None:
@@ -135,8 +129,8 @@ def check_pipeline_class(directory: Path, adapter: Adapter) -> None:
         BadInputError: the directory's pipeline class is not the adapter's.
     """
     try:
-        found = json.loads((Path(directory) / "model_index.json").read_text()).get("_class_name")
-    except (OSError, ValueError, AttributeError):
+        found = pipeline_index(directory)["_class_name"]
+    except BadInputError:
         return  # load_pipeline's own error names what is wrong with the directory
     if found and found != adapter.pipeline_class:
         raise BadInputError(f"{directory} is a {found}; the {adapter.family} recipe drives a {adapter.pipeline_class}. "
@@ -145,8 +139,7 @@ def check_pipeline_class(directory: Path, adapter: Adapter) -> None:
 
 def text_encoder_names(directory: Path) -> list[str]:
     """The pipeline's text encoder components (``text_encoder``, ``text_encoder_2``…), from model_index.json."""
-    index = json.loads((Path(directory) / "model_index.json").read_text())
-    return [name for name in index if name.startswith("text_encoder")]
+    return [name for name in pipeline_index(directory) if name.startswith("text_encoder")]
 
 
 def check_weights_match_config(model_dir: Path, transformer: torch.nn.Module) -> None:

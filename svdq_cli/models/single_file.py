@@ -20,10 +20,8 @@ from pathlib import Path
 import torch
 
 from ..errors import BadInputError, gist
-from ..system.files import user_cache
-from .streaming import empty_model, transformer_config
-
-WEIGHTS = "diffusion_pytorch_model.safetensors"
+from ..system.files import file_layout, user_cache
+from .streaming import empty_model, pipeline_index, transformer_config
 
 
 def is_single_file(model: str) -> bool:
@@ -37,9 +35,10 @@ def assemble(file: Path, base_dir: Path, base: str) -> Path:
         BadInputError: the base has no transformer, or the file does not fit it (the first mismatched tensor).
     """
     import diffusers
+    from diffusers.utils import SAFETENSORS_WEIGHTS_NAME
 
     file, base_dir = Path(file).resolve(), Path(base_dir).resolve()
-    index = json.loads((base_dir / "model_index.json").read_text())
+    index = pipeline_index(base_dir)
     if not isinstance(index.get("transformer"), list):
         raise BadInputError(f"--base {base} has no transformer component for {file.name} to replace")
     model_class = getattr(diffusers, index["transformer"][1])
@@ -51,7 +50,8 @@ def assemble(file: Path, base_dir: Path, base: str) -> Path:
         return target
     skeleton = empty_model(model_class, config, torch.float32)  # meta tensors: shapes, no memory
     expected = {name: tuple(tensor.shape) for name, tensor in skeleton.state_dict().items()}
-    work = Path(tempfile.mkdtemp(prefix=".assembling-", dir=_made(target.parent)))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=".assembling-", dir=target.parent))
     try:
         _link_components(base_dir, index, work)
         (work / "transformer").mkdir()
@@ -59,7 +59,7 @@ def assemble(file: Path, base_dir: Path, base: str) -> Path:
         found = _shapes(file)
         if set(found) == set(expected):
             _check_shapes(file, found, expected)
-            os.symlink(file, work / "transformer" / WEIGHTS)
+            os.symlink(file, work / "transformer" / SAFETENSORS_WEIGHTS_NAME)
         else:
             _convert(file, base_dir, model_class, found, expected, work / "transformer")
         os.replace(work, target)  # atomic: a half-assembled directory is never seen
@@ -76,11 +76,8 @@ def _link_components(base_dir: Path, index: dict, work: Path) -> None:
 
 
 def _shapes(file: Path) -> dict[str, tuple[int, ...]]:
-    from safetensors import safe_open
-
     try:
-        with safe_open(str(file), "pt") as handle:
-            return {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
+        return {name: shape for name, (_, shape) in file_layout(file).items()}
     except Exception as error:  # safetensors raises several types for a file that is not one
         raise BadInputError(f"{file} is not a readable safetensors file ({gist(error)})") from None
 
@@ -114,7 +111,3 @@ def _convertible() -> list[str]:
 
     return sorted(name for name in SINGLE_FILE_LOADABLE_CLASSES if "Transformer" in name)
 
-
-def _made(directory: Path) -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
-    return directory

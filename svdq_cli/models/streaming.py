@@ -243,6 +243,21 @@ def transformer_checkpoint(model_dir: Path) -> Checkpoint:
     return Checkpoint(Path(model_dir) / "transformer")
 
 
+def pipeline_index(model_dir: Path) -> dict:
+    """A diffusers pipeline directory's ``model_index.json``: its class and components.
+
+    Raises:
+        BadInputError: missing, not JSON, or not a mapping with a ``_class_name``.
+    """
+    try:
+        index = json.loads((Path(model_dir) / "model_index.json").read_text())
+    except (OSError, ValueError):
+        index = None
+    if not isinstance(index, dict) or "_class_name" not in index:
+        raise BadInputError(f"{model_dir} is not a diffusers pipeline directory (no readable model_index.json)")
+    return index
+
+
 def transformer_config(model_dir: Path) -> dict:
     path = Path(model_dir) / "transformer" / "config.json"
     try:

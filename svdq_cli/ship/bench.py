@@ -21,7 +21,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from ..formats.svdq_file import load_quantized_pipeline, read_metadata
+from ..formats.svdq_file import load_quantized_pipeline, read_metadata, recorded_base
 from ..methods.config import QuantConfig
 from ..models.loading import adapter_of, load_pipeline
 from ..runtime import cost_model, kernels
@@ -141,7 +141,7 @@ def model_bench(export: str, device: str, repeats: int) -> dict[str, object]:
     """One transformer step of the exported model against the 16-bit one: latency and memory."""
     metadata = read_metadata(export)
     recipe = metadata["recipe"]
-    base = str(metadata.get("base_model") or recipe["model"])
+    base = recorded_base(metadata)
     adapter = adapter_of(recipe["family"], base, recipe.get("pipeline_args"))
     pipeline = load_quantized_pipeline(export, device)
     quantized = pipeline.transformer
