@@ -194,7 +194,7 @@ def part_streamed_block(emulate: bool, result: dict, save) -> None:
 
         ADAPTERS["tiny-flux"].build_tiny(0, torch.bfloat16).save_pretrained(model)
     else:
-        from svdq_cli.models.flux_shaped import write_flux_shaped
+        from svdq_cli.models.shaped import write_flux_shaped
 
         result["checkpoint_bytes"] = write_flux_shaped(model, double=1, single=0)
     device = ["--device", "cpu"] if emulate else ["--device", "cuda"]

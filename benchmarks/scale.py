@@ -1,13 +1,15 @@
-"""Peak memory and time of a streamed `svdq quantize` on FLUX.1-dev-shaped checkpoints, 1 to 57 blocks.
+"""Peak memory and time of a streamed `svdq quantize` on FLUX.1-dev-shaped checkpoints, 1 to 57 blocks, and on
+an SDXL-shaped UNet.
 
-Each size is a diffusers directory written by `svdq_cli.models.flux_shaped` (FLUX.1-dev's exact widths,
-random weights), quantized in a fresh process with every stage at its smallest protocol (one prompt, one
-step, 256 px), so the figures are the model's cost, not the calibration's. The child's /proc status is
+Each size is a diffusers directory written by `svdq_cli.models.shaped` (FLUX.1-dev's or SDXL base's exact
+widths, random weights), quantized in a fresh process with every stage at its smallest protocol (one
+prompt, one step, 256 px), so the figures are the model's cost, not the calibration's. The child's /proc status is
 sampled every 50 ms; each stage's peak is attributed from the stage name that prefixes its progress lines.
 
     python benchmarks/scale.py                         # 1, 4 and 16 blocks (about 10 GB of disk)
     python benchmarks/scale.py --blocks 1 4 16 57      # and FLUX.1-dev's full 19 + 38 (24 GB more)
     python benchmarks/scale.py --work /big/disk --json
+    python benchmarks/scale.py --sdxl                  # the SDXL-shaped UNet instead (5.1 GB of disk)
 
 Anonymous RSS is what the process itself holds (tensors, the interpreter); total RSS adds the checkpoint
 pages mapped while a block is read, which the kernel can drop at will. The split of a block count into
@@ -17,6 +19,7 @@ double- and single-stream blocks keeps FLUX.1-dev's one to two ratio.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shutil
@@ -78,14 +81,22 @@ def run_measured(command: list[str], env: dict[str, str]) -> dict[str, object]:
     return {"wall_seconds": time.perf_counter() - start, "result": json.loads(output[0]), "peaks": peaks}
 
 
-def measure(blocks: int, work: Path, keep: bool) -> dict[str, object]:
-    from svdq_cli.models.flux_shaped import write_flux_shaped
+def measure(blocks: int | None, work: Path, keep: bool) -> dict[str, object]:
+    """One streamed quantize: of ``blocks`` FLUX blocks, or (None) of the SDXL-shaped UNet."""
+    from svdq_cli.models.shaped import write_flux_shaped, write_sdxl_shaped
 
-    double, single = SPLITS.get(blocks, (round(blocks / 3), blocks - round(blocks / 3)))
-    model, run = work / f"flux-shaped-{double}+{single}", work / f"run-{double}+{single}"
+    if blocks is None:
+        label = "sdxl-unet"
+        model, run = work / "sdxl-shaped", work / "run-sdxl"
+        write = functools.partial(write_sdxl_shaped, model)
+    else:
+        double, single = SPLITS.get(blocks, (round(blocks / 3), blocks - round(blocks / 3)))
+        label = f"{double}+{single}"
+        model, run = work / f"flux-shaped-{label}", work / f"run-{label}"
+        write = functools.partial(write_flux_shaped, model, double=double, single=single)
     shutil.rmtree(run, ignore_errors=True)
     start = time.perf_counter()
-    checkpoint = write_flux_shaped(model, double=double, single=single)
+    checkpoint = write()
     write_seconds = time.perf_counter() - start
     command = [sys.executable, "-m", "svdq_cli", "quantize", str(model), "--out", str(run), "--stream",
                *SMALLEST_PROTOCOL, "--json"]
@@ -94,7 +105,7 @@ def measure(blocks: int, work: Path, keep: bool) -> dict[str, object]:
     layers = stages["quantize"].get("layers", 0)
     weight_side = sum(stages[name]["seconds"] for name in ("smooth", "svd", "quantize"))
     peaks = measured["peaks"]
-    row = {"blocks": blocks, "double": double, "single": single, "checkpoint_bytes": checkpoint,
+    row = {"model": label, "checkpoint_bytes": checkpoint,
            "write_seconds": write_seconds, "wall_seconds": measured["wall_seconds"],
            "stage_seconds": {name: stages[name]["seconds"] for name in stages},
            "layers": layers, "weight_side_seconds_per_layer": weight_side / max(layers, 1),
@@ -102,6 +113,7 @@ def measure(blocks: int, work: Path, keep: bool) -> dict[str, object]:
            "peak_anon_mib": max(anon for anon, _ in peaks.values()),
            "peak_total_mib": max(total for _, total in peaks.values()),
            "stage_peaks_mib": {name: {"anon": anon, "total": total} for name, (anon, total) in peaks.items()},
+           "peak_anon_over_checkpoint": max(anon for anon, _ in peaks.values()) * 2**20 / checkpoint,
            "psnr": measured["result"]["validate"]["psnr"]}
     if not keep:
         shutil.rmtree(model)
@@ -110,36 +122,37 @@ def measure(blocks: int, work: Path, keep: bool) -> dict[str, object]:
 
 
 def print_table(rows: list[dict[str, object]]) -> None:
-    table = Table(title="streamed svdq quantize on FLUX.1-dev-shaped checkpoints (one prompt, one step, 256 px)")
-    columns = ("blocks", "ckpt GiB", "export GiB", "peak anon MiB", "peak total MiB", "heaviest stage",
+    table = Table(title="streamed svdq quantize on real-size checkpoints (one prompt, one step, 256 px)")
+    columns = ("model", "ckpt GiB", "export GiB", "peak anon MiB", "peak / ckpt", "peak total MiB", "heaviest stage",
                "weight side s/layer", "wall s")
     for column in columns:
         table.add_column(column, justify="right")
     for r in rows:
         heaviest = max(r["stage_peaks_mib"], key=lambda name: r["stage_peaks_mib"][name]["anon"])
-        table.add_row(f"{r['double']}+{r['single']}", f"{r['checkpoint_bytes'] / 2**30:.2f}",
-                      f"{r['export_bytes'] / 2**30:.2f}", str(r["peak_anon_mib"]), str(r["peak_total_mib"]), heaviest,
-                      f"{r['weight_side_seconds_per_layer']:.2f}", f"{r['wall_seconds']:.0f}")
+        table.add_row(r["model"], f"{r['checkpoint_bytes'] / 2**30:.2f}", f"{r['export_bytes'] / 2**30:.2f}",
+                      str(r["peak_anon_mib"]), f"{r['peak_anon_over_checkpoint']:.2f}", str(r["peak_total_mib"]),
+                      heaviest, f"{r['weight_side_seconds_per_layer']:.2f}", f"{r['wall_seconds']:.0f}")
     Console(width=None if sys.stdout.isatty() else 140).print(table)
     stages = Table(title="seconds per stage")
-    stages.add_column("blocks", justify="right")
+    stages.add_column("model", justify="right")
     for name in STAGES[1:]:
         stages.add_column(name, justify="right")
     for r in rows:
-        stages.add_row(f"{r['double']}+{r['single']}", *(f"{r['stage_seconds'].get(n, 0):.0f}" for n in STAGES[1:]))
+        stages.add_row(r["model"], *(f"{r['stage_seconds'].get(n, 0):.0f}" for n in STAGES[1:]))
     Console(width=None if sys.stdout.isatty() else 140).print(stages)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--blocks", type=int, nargs="+", default=[1, 4, 16])
+    parser.add_argument("--blocks", type=int, nargs="+", default=[1, 4, 16], help="FLUX.1-dev-shaped block counts")
+    parser.add_argument("--sdxl", action="store_true", help="measure the SDXL-shaped UNet instead")
     parser.add_argument("--work", type=Path, default=Path("runs/scale"), help="where checkpoints and runs go")
     parser.add_argument("--keep", action="store_true", help="keep each checkpoint and run (else removed)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     rows = []
-    for blocks in args.blocks:
+    for blocks in [None] if args.sdxl else args.blocks:
         rows.append(measure(blocks, args.work, args.keep))
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)  # a long run's partial results survive
     if args.json:

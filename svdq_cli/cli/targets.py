@@ -6,6 +6,7 @@ import json
 from collections import Counter
 from typing import Annotated
 
+import torch
 import typer
 from rich.table import Table
 
@@ -37,8 +38,9 @@ def targets(
     workspace = Workspace(config)
     _, rows = workspace.planned
     lists = _block_lists(rows)
+    whole = _parameters(workspace.denoiser, rows)
     result = {"model": config.model, "family": config.family, "method": config.quant.method,
-              "precision": config.quant.precision, "block_lists": lists,
+              "precision": config.quant.precision, "block_lists": lists, "parameters": whole,
               "layers": [{"name": r.name, "block": r.block, "in_features": r.in_features,
                           "out_features": r.out_features, "mode": r.mode, "reason": r.reason, "group": r.group}
                          for r in rows]}
@@ -52,6 +54,10 @@ def targets(
         summary.add_row(name, str(entry["blocks"]), str(entry["quantized"]), str(entry["weight_only"]),
                         str(entry["kept"]), f"{entry['parameters_quantized']:.1%}")
     out.print(summary)
+    convolutions = (f"; {whole['convolutions']} convolutions ({whole['convolution_parameters'] / whole['total']:.1%}) "
+                    "stay 16-bit") if whole["convolutions"] else ""
+    out.print(f"{whole['quantized'] / whole['total']:.1%} of the denoiser's {whole['total'] / 1e6:,.1f} M parameters "
+              f"are quantized{convolutions}")
     table = Table(title="linears of the first block of each list, and those outside the blocks")
     for column in ("layer", "in", "out", "mode", "group", "why"):
         table.add_column(column, justify="right" if column in ("in", "out", "group") else "left")
@@ -61,6 +67,16 @@ def targets(
             table.add_row(row.name, str(row.in_features), str(row.out_features), row.mode,
                           "" if row.group is None else str(row.group), row.reason)
     out.print(table)
+
+
+def _parameters(denoiser, rows) -> dict[str, int]:
+    """The denoiser's parameters: all, in quantized linears (weights), and in convolutions (a UNet's resnets),
+    which stay 16-bit."""
+    convolutions = [m for m in denoiser.modules() if isinstance(m, torch.nn.modules.conv._ConvNd)]
+    return {"total": sum(p.numel() for p in denoiser.parameters()),
+            "quantized": sum(r.in_features * r.out_features for r in rows if r.mode != "16-bit"),
+            "convolutions": len(convolutions),
+            "convolution_parameters": sum(p.numel() for m in convolutions for p in m.parameters())}
 
 
 def _block_lists(rows) -> dict[str, dict]:

@@ -1,10 +1,10 @@
 """The single-file export (DESIGN.md §4) and loading it back into a diffusers pipeline.
 
 ``svdq-{int4|fp4}_r{rank}-{model}.safetensors`` (``svdq-vq{bits}_d{dim}-{model}`` for VQ4DiT) holds every
-tensor of the transformer — quantized layers as their SVDQLinear (or VQLinear) tensors under the layer's
-path, every other parameter and buffer in 16 bits — and string metadata: ``format_version``,
-``quantization_config``, ``model_config`` (transformer class and config, family), ``recipe``, ``svdq_version``,
-``validate`` (summary) and ``layers`` (per-layer format facts).
+tensor of the denoiser (transformer or UNet) — quantized layers as their SVDQLinear (or VQLinear) tensors under
+the layer's path, every other parameter and buffer in 16 bits — and string metadata: ``format_version``,
+``quantization_config``, ``model_config`` (denoiser class, pipeline component, config, family), ``recipe``,
+``svdq_version``, ``validate`` (summary) and ``layers`` (per-layer format facts).
 """
 
 from __future__ import annotations
@@ -130,15 +130,15 @@ def layer_state(tensors: dict[str, torch.Tensor], name: str) -> dict[str, torch.
 
 
 def load_quantized(path: Path | str, pipeline=None, device: str | torch.device = "cpu"):
-    """Rebuild the quantized transformer of an export; with ``pipeline``, install it there.
+    """Rebuild the quantized denoiser of an export; with ``pipeline``, install it there.
 
     Args:
         path: the exported ``.safetensors`` file.
-        pipeline: a diffusers pipeline of the same model to receive the transformer (optional).
-        device: where the transformer's tensors go.
+        pipeline: a diffusers pipeline of the same model to receive the denoiser (optional).
+        device: where the denoiser's tensors go.
 
     Returns:
-        The pipeline when one was given, else the transformer.
+        The pipeline when one was given, else the denoiser.
     """
     import diffusers
     from accelerate.utils import set_module_tensor_to_device
@@ -146,11 +146,12 @@ def load_quantized(path: Path | str, pipeline=None, device: str | torch.device =
     metadata = read_metadata(Path(path))
     device = resolve_device(str(device))
     model_config = metadata["model_config"]
-    if pipeline is not None and getattr(pipeline, "transformer", None) is not None:
-        _check_same_transformer(path, model_config, pipeline.transformer)
-    transformer_class = getattr(diffusers, model_config["class"])
+    component = model_config.get("component", "transformer")  # older exports: always a transformer
+    if pipeline is not None and getattr(pipeline, component, None) is not None:
+        _check_same_denoiser(path, model_config, getattr(pipeline, component))
+    denoiser_class = getattr(diffusers, model_config["class"])
     dtype = getattr(torch, metadata["recipe"]["dtype"])
-    transformer = empty_model(transformer_class, model_config["config"], dtype)  # no 16-bit weights allocated
+    denoiser = empty_model(denoiser_class, model_config["config"], dtype)  # no 16-bit weights allocated
     layers = metadata["layers"]
     with safe_open(str(path), "pt", device=str(device)) as handle:  # tensor by tensor: the file once in memory
         layer_keys: dict[str, list[str]] = {name: [] for name in layers}
@@ -160,33 +161,33 @@ def load_quantized(path: Path | str, pipeline=None, device: str | torch.device =
             (layer_keys[owner] if owner in layer_keys else other_keys).append(key)
         for name, keys in layer_keys.items():
             state = {key[len(name) + 1:]: handle.get_tensor(key) for key in keys}
-            replace_module(transformer, name, load_layer(state, layers[name]))
-        expected = transformer.state_dict(keep_vars=True)
+            replace_module(denoiser, name, load_layer(state, layers[name]))
+        expected = denoiser.state_dict(keep_vars=True)
         unexpected = [key for key in other_keys if key not in expected]
         for key in other_keys:
             if key in expected:
-                set_module_tensor_to_device(transformer, key, device, value=handle.get_tensor(key).clone(),
+                set_module_tensor_to_device(denoiser, key, device, value=handle.get_tensor(key).clone(),
                                             clear_cache=False)
-    missing = [key for key, tensor in transformer.state_dict(keep_vars=True).items() if tensor.device.type == "meta"]
+    missing = [key for key, tensor in denoiser.state_dict(keep_vars=True).items() if tensor.device.type == "meta"]
     if missing or unexpected:
         raise BadInputError(f"{path} does not fit {model_config['class']}: missing {missing[:3]}, "
                             f"unexpected {unexpected[:3]}")
-    transformer.to(device)
+    denoiser.to(device)
     if pipeline is None:
-        return transformer
-    pipeline.transformer = transformer
+        return denoiser
+    setattr(pipeline, component, denoiser)
     return pipeline
 
 
-def _check_same_transformer(path: Path | str, model_config: dict, transformer) -> None:
-    """The pipeline's transformer must be the exported model's architecture: replacing another one silently
-    would give a pipeline whose other parts do not fit its transformer."""
-    if type(transformer).__name__ != model_config["class"]:
-        raise BadInputError(f"{path} holds a {model_config['class']}; the pipeline's transformer is a "
-                            f"{type(transformer).__name__}")
+def _check_same_denoiser(path: Path | str, model_config: dict, denoiser) -> None:
+    """The pipeline's denoiser must be the exported model's architecture: replacing another one silently
+    would give a pipeline whose other parts do not fit its denoiser."""
+    if type(denoiser).__name__ != model_config["class"]:
+        raise BadInputError(f"{path} holds a {model_config['class']}; the pipeline's denoiser is a "
+                            f"{type(denoiser).__name__}")
     for key, value in model_config["config"].items():
-        theirs = transformer.config.get(key)
-        if key in transformer.config and json.dumps(theirs, default=str) != json.dumps(value, default=str):
+        theirs = denoiser.config.get(key)
+        if key in denoiser.config and json.dumps(theirs, default=str) != json.dumps(value, default=str):
             raise BadInputError(f"{path} was exported from a {model_config['class']} with {key}={value!r}; the "
                                 f"pipeline's has {key}={theirs!r} (another model)")
 
@@ -199,7 +200,7 @@ def recorded_base(metadata: dict) -> str:
 def load_quantized_pipeline(path: Path | str, device: str = "cpu", base: str | Path | None = None):
     """The whole pipeline of an export: the base model (``base``: a local diffusers directory or Hub id; by
     default the one the export records — an absolute path, a Hub id or a built-in tiny model) with the
-    quantized transformer in place of the 16-bit one, which is never loaded.
+    quantized denoiser in place of the 16-bit one, which is never loaded.
 
     Raises:
         BadInputError: the base model is a directory that is not there (moved, or quantized on another
@@ -212,5 +213,5 @@ def load_quantized_pipeline(path: Path | str, device: str = "cpu", base: str | P
         raise BadInputError(f"{path} was quantized from {model}, which is not here; pass base= the model's "
                             "diffusers directory or Hub id")
     adapter = adapter_of(recipe["family"], model, recipe.get("pipeline_args"))
-    transformer = load_quantized(path, device=device)
-    return load_pipeline(model, adapter, getattr(torch, recipe["dtype"]), device, transformer=transformer)
+    denoiser = load_quantized(path, device=device)
+    return load_pipeline(model, adapter, getattr(torch, recipe["dtype"]), device, denoiser=denoiser)

@@ -31,12 +31,17 @@ class Adapter:
 
     family: str
     pipeline_class: str
-    transformer_class: str
+    denoiser_class: str
     protocol: Protocol
     build_tiny: Callable[..., object]
-    latent_patch: int | None = None  # latent pixels per token side; None: the transformer's patch_size
+    denoiser: str = "transformer"  # the pipeline component svdq quantizes (``unet`` for a UNet)
+    latent_patch: int | None = None  # latent pixels per token side; None: the denoiser's patch_size
     guidance_distilled: bool = False  # guidance is an input (Flux): one transformer pass a step, not two
     text_conditioned: bool = True  # prompts are text the pipeline encodes (DiT's are class labels)
+
+    def denoiser_of(self, pipeline):
+        """The pipeline's denoiser module (its transformer or UNet)."""
+        return getattr(pipeline, self.denoiser)
 
     def passes_per_step(self, guidance: float) -> int:
         """Transformer passes a denoising step makes: two with classifier-free guidance."""
@@ -44,7 +49,7 @@ class Adapter:
 
     def resolution_multiple(self, pipeline) -> int:
         """Image sizes the pipeline can take are multiples of this: VAE downsampling × latent patch."""
-        patch = self.latent_patch or pipeline.transformer.config.get("patch_size", 1) or 1
+        patch = self.latent_patch or self.denoiser_of(pipeline).config.get("patch_size", 1) or 1
         return getattr(pipeline, "vae_scale_factor", 8) * patch
 
     def resolution_error(self, pipeline, resolution: int, flag: str) -> str | None:
@@ -53,7 +58,7 @@ class Adapter:
         if resolution % multiple:
             return (f"{flag} {resolution} is not a multiple of {multiple} (the model's VAE and patch size); try "
                     f"{max(multiple, resolution // multiple * multiple)}")
-        positions = pipeline.transformer.config.get("pos_embed_max_size")  # SD3: a fixed table of positions
+        positions = self.denoiser_of(pipeline).config.get("pos_embed_max_size")  # SD3: a fixed table of positions
         if positions and resolution > positions * multiple:
             return (f"{flag} {resolution} exceeds the {positions * multiple} px its position embedding covers "
                     f"(pos_embed_max_size {positions})")
@@ -61,22 +66,22 @@ class Adapter:
 
     def activation_bytes(self, pipeline, resolution: int, widest: int, element_size: int) -> tuple[int, str]:
         """An estimate of the largest activations one generation at ``resolution`` holds at once, and where:
-        a transformer pass (tokens × the widest linear output, a few such tensors live) or the VAE decoder at
+        a denoiser pass (tokens × the widest linear output, a few such tensors live) or the VAE decoder at
         full resolution (its first-level channels). A bound for refusing the impossible, not a prediction."""
         live = 4  # input, output and the intermediates of one layer
         tokens = (resolution // self.resolution_multiple(pipeline)) ** 2
-        transformer = tokens * widest * element_size * live
+        denoiser = tokens * widest * element_size * live
         vae = getattr(pipeline, "vae", None)
         channels = (getattr(getattr(vae, "config", None), "block_out_channels", None) or [128])[0]
         decoder = resolution**2 * channels * element_size * live
-        return max((transformer, "a transformer pass"), (decoder, "the VAE decoder"))
+        return max((denoiser, "a denoiser pass"), (decoder, "the VAE decoder"))
 
     def discover(self, pipeline, prompt: str = "a photo of a cat") -> Layout:
-        """What to quantize in ``pipeline``'s transformer, traced from its first call generating ``prompt``."""
-        protocol = self.protocol
-        return discover(pipeline.transformer, lambda: self.generate(
+        """What to quantize in ``pipeline``'s denoiser, traced from its first call generating ``prompt``."""
+        protocol, denoiser = self.protocol, self.denoiser_of(pipeline)
+        return discover(denoiser, lambda: self.generate(
             pipeline, [prompt], [0], protocol.steps, protocol.guidance, protocol.resolution, output_type="latent"),
-            pipeline.transformer.dtype)
+            denoiser.dtype)
 
     def generate(
         self,

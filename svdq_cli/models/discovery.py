@@ -4,14 +4,18 @@ Two sources, never class or attribute names (diffusers renames them between rele
 
 - **structure**: the denoiser's repeated blocks are its top-level ``nn.ModuleList``s of modules that hold
   linears (``transformer_blocks``, ``single_transformer_blocks``, Wan's ``blocks``, Lumina's ``layers``…);
-  they are the unit of streaming and distribution. Linears outside them (embedders, the final projection)
-  stay 16-bit.
+  they are the unit of streaming and distribution. A UNet's levels are such a list too, but each level is
+  itself lists of resnets and attention transformers: its blocks are their items, and so are those of a
+  module made of such lists outside a list (the UNet's mid block). Linears outside the blocks (embedders,
+  the final projection) stay 16-bit.
 - **one traced call**: the denoiser's first call of a real generation is captured and replayed on a meta
   copy (no weights, no arithmetic), with hooks that see which tensor each linear reads. Linears that read
   the same tensor (q, k and v; or two AdaLN linears that each take ``silu(temb)``) form a group that shares
   the smoothing factor λ; a linear that reads one vector per sample instead of one per token (AdaLN
   modulation, timestep embedders) is weight-only; one that reads a GELU's output has non-negative inputs
-  up to a small shift; a linear the call never reaches stays 16-bit.
+  up to a small shift; a linear the call never reaches stays 16-bit. Blocks of a module outside the lists
+  that run before every listed block condition them (Chroma's guidance approximator computes every
+  block's modulation) and stay 16-bit; the UNet's mid block runs between its levels and is quantized.
 """
 
 from __future__ import annotations
@@ -73,15 +77,31 @@ def discover(denoiser: nn.Module, generate: Callable[[], object], dtype: torch.d
 
 
 def block_paths(model: nn.Module) -> list[str]:
-    """Every repeated block of ``model`` (``transformer_blocks.0``, …), list by list in module order.
-
-    Only the model's own lists count: a list nested in a submodule belongs to an embedder or a conditioning
-    network (Chroma's guidance approximator computes every block's modulation), which stays 16-bit."""
+    """Every block of ``model`` (``transformer_blocks.0``, …; a UNet's ``down_blocks.1.attentions.0``), list by
+    list in module order: the items of its own lists of linear-holding modules, and the list items of a module
+    made of such lists (see the module docstring; the trace decides whether those are quantized)."""
     paths = []
     for name, module in model.named_children():
-        if isinstance(module, nn.ModuleList) and len(module) and all(_holds_linears(item) for item in module):
-            paths += [f"{name}.{index}" for index in range(len(module))]
+        if _is_block_list(module):
+            for index, item in enumerate(module):
+                paths += _units(f"{name}.{index}", item)
+        elif _block_lists(module):
+            paths += _units(name, module)
     return paths
+
+
+def _units(path: str, module: nn.Module) -> list[str]:
+    """``module`` itself, or, when it is made of block lists (a UNet level), their items."""
+    lists = _block_lists(module)
+    return [f"{path}.{name}.{index}" for name, items in lists for index in range(len(items))] if lists else [path]
+
+
+def _block_lists(module: nn.Module) -> list[tuple[str, nn.ModuleList]]:
+    return [(name, child) for name, child in module.named_children() if _is_block_list(child)]
+
+
+def _is_block_list(module: nn.Module) -> bool:
+    return isinstance(module, nn.ModuleList) and len(module) > 0 and all(_holds_linears(item) for item in module)
 
 
 def _holds_linears(module: nn.Module) -> bool:
@@ -172,10 +192,13 @@ class _Observer:
         self.made_by: dict[int, tuple[type, torch.Tensor]] = {}  # parameter-free output → (module type, input)
         self.gelu_outputs: set[int] = set()
         self.alive: list[torch.Tensor] = []  # keeps every recorded tensor alive, so no id() is reused
+        self.entered: dict[str, int] = {}  # block → its rank in the order blocks were first entered
         self.handles = []
 
     def __enter__(self):
         gelus = _gelu_classes()
+        for block in dict.fromkeys(self.inside.values()):
+            self.handles.append(self.modules[block].register_forward_pre_hook(self._entering(block)))
         for name, module in self.modules.items():
             if name not in self.inside:
                 continue
@@ -188,6 +211,11 @@ class _Observer:
     def __exit__(self, *exc) -> None:
         for handle in self.handles:
             handle.remove()
+
+    def _entering(self, block: str):
+        def hook(_module, _args):
+            self.entered.setdefault(block, len(self.entered))
+        return hook
 
     def _linear(self, name: str):
         def hook(_module, args):
@@ -220,17 +248,26 @@ class _Observer:
             gelu = gelu or id(tensor) in self.gelu_outputs
         return (id(tensor), tuple(chain)), gelu
 
+    def _conditioning(self, blocks: list[str]) -> set[str]:
+        """The blocks outside the model's own lists that ran before every listed block."""
+        listed = {block for block in blocks if isinstance(self.modules[block.split(".")[0]], nn.ModuleList)}
+        first = min((self.entered[b] for b in listed if b in self.entered), default=len(self.entered))
+        return {b for b in blocks if b not in listed and self.entered.get(b, first) < first}
+
     def layout(self, blocks: list[str], samples: int) -> Layout:
         groups: dict[str, dict[tuple, list[str]]] = {block: {} for block in blocks}
-        weight_only, nonnegative = set(), set()
+        weight_only, nonnegative, kept = set(), set(), {}
+        conditioning = self._conditioning(blocks)
         for name, tensor in self.reads.items():
+            if self.inside[name] in conditioning:
+                kept[name] = "conditions the repeated blocks (runs before them)"
+                continue
             key, gelu = self._origin(tensor)
             groups[self.inside[name]].setdefault(key, []).append(name)
             if tensor.numel() // max(tensor.shape[-1], 1) <= samples:
                 weight_only.add(name)
             elif gelu:
                 nonnegative.add(name)
-        kept = {}
         for name, module in self.modules.items():
             if isinstance(module, nn.Linear) and name not in self.reads:
                 kept[name] = ("not reached by a generation" if name in self.inside

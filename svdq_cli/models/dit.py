@@ -110,7 +110,7 @@ class ClassConditionalAdapter(Adapter):
 
 def _adapter(family: str, protocol: Protocol) -> ClassConditionalAdapter:
     return ClassConditionalAdapter(
-        family=family, pipeline_class="DiTPipeline", transformer_class="DiTTransformer2DModel",
+        family=family, pipeline_class="DiTPipeline", denoiser_class="DiTTransformer2DModel",
         protocol=protocol, build_tiny=build_tiny,
     )
 

@@ -39,7 +39,7 @@ def _adapter(family: str, protocol: Protocol, build=build_tiny) -> Adapter:
     return Adapter(
         family=family,
         pipeline_class="FluxPipeline",
-        transformer_class="FluxTransformer2DModel",
+        denoiser_class="FluxTransformer2DModel",
         protocol=protocol,
         build_tiny=build,
         latent_patch=2,  # Flux packs 2×2 latent pixels into a token

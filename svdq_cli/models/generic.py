@@ -1,13 +1,13 @@
 """Any diffusers pipeline without a preset: the adapter's facts read from the model and the pipeline class.
 
 A preset (``flux``, ``sd3``…) is what svdq was told about a family; this adapter learns the same from the
-model directory: the pipeline class from ``model_index.json``, the denoiser class from its component entry,
-the protocol from the call's own defaults (``num_inference_steps``, ``guidance_scale``) and the configs
-(resolution: the transformer's sample size × the VAE's downsampling), and which keyword arguments the call
-takes. What to quantize is discovered from a traced call, as for every family (:mod:`.discovery`). A call
-it cannot drive is one line: what the call requires beyond a prompt (an image, class labels, video frames)
-is refused before work starts; a call that fails as driven names the arguments svdq passed, and a recipe's
-``pipeline_args`` supply more.
+model directory: the pipeline class from ``model_index.json``, the denoiser (its ``transformer`` or ``unet``
+component) and its class, the protocol from the call's own defaults (``num_inference_steps``,
+``guidance_scale``) and the configs (resolution: the denoiser's sample size × the VAE's downsampling), and
+which keyword arguments the call takes. What to quantize is discovered from a traced call, as for every
+family (:mod:`.discovery`). A call it cannot drive is one line: what the call requires beyond a prompt (an
+image, class labels, video frames) is refused before work starts; a call that fails as driven names the
+arguments svdq passed, and a recipe's ``pipeline_args`` supply more.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import torch
 
 from ..errors import BadInputError, SvdqError, gist
 from .base import Adapter, Protocol
-from .streaming import pipeline_index, transformer_config
+from .streaming import component_config, denoiser_component, pipeline_index
 
 FAMILY = "diffusers"
 CALL = ("prompt", "num_inference_steps", "height", "width", "generator", "output_type")  # what svdq passes
@@ -62,8 +62,8 @@ def read_adapter(directory: Path) -> GenericAdapter:
     """The adapter of the diffusers pipeline saved in ``directory``.
 
     Raises:
-        BadInputError: not a pipeline directory, a class the installed diffusers lacks, no transformer
-            (a UNet), or a call svdq cannot drive (what is missing is named).
+        BadInputError: not a pipeline directory, a class the installed diffusers lacks, no transformer or
+            UNet, or a call svdq cannot drive (what is missing is named).
     """
     import diffusers
 
@@ -73,21 +73,18 @@ def read_adapter(directory: Path) -> GenericAdapter:
     if not isinstance(pipeline_class, type):
         raise BadInputError(f"{directory}: pipeline {name} is not a class of the installed diffusers "
                             f"{diffusers.__version__}; upgrade diffusers")
-    denoiser = index.get("transformer")
-    if not (isinstance(denoiser, list) and len(denoiser) == 2 and denoiser[1]):
-        found = "a UNet, which svdq does not quantize yet" if index.get("unet") else "no transformer component"
-        raise BadInputError(f"{directory}: {name} has {found}; svdq quantizes a pipeline's transformer")
+    component = denoiser_component(index)
+    if component is None:
+        raise BadInputError(f"{directory}: {name} has no transformer or unet component; svdq quantizes a "
+                            "pipeline's denoiser")
     parameters = inspect.signature(pipeline_class.__call__).parameters
     _check_call(name, parameters, pipeline_class)
-    transformer = transformer_config(directory)
+    config = component_config(directory, component)
     return GenericAdapter(
-        family=FAMILY, pipeline_class=name, transformer_class=denoiser[1], protocol=_protocol(directory, parameters,
-                                                                                              transformer),
-        build_tiny=None,
-        # Flux-style pipelines pack 2×2 latent pixels into a token with patch_size 1 in the config; asking for 2
-        # refuses only sizes that a true 1-patch model could also take.
-        latent_patch=max(2, int(transformer.get("patch_size") or 1)),
-        guidance_distilled=bool(transformer.get("guidance_embeds")),
+        family=FAMILY, pipeline_class=name, denoiser_class=index[component][1], denoiser=component,
+        protocol=_protocol(directory, parameters, config), build_tiny=None,
+        latent_patch=_latent_patch(component, config),
+        guidance_distilled=bool(config.get("guidance_embeds")),
         guidance_argument=isinstance(_default(parameters, "guidance_scale"), (int, float)),
         area_argument="max_area" in parameters,
     )
@@ -109,11 +106,21 @@ def _check_call(name: str, parameters, pipeline_class) -> None:
         raise BadInputError(f"{name} has no encode_prompt, which svdq records to encode each prompt once")
 
 
-def _protocol(directory: Path, parameters, transformer: dict) -> Protocol:
+def _latent_patch(component: str, config: dict) -> int:
+    """Latent pixels per token side. A UNet's attention sees every latent pixel at its first level (and
+    diffusers' UNets pad sizes their downsampling does not divide). Flux-style transformers pack 2×2 latent
+    pixels into a token with patch_size 1 in the config: asking for 2 refuses only sizes that a true 1-patch
+    model could also take."""
+    if component == "unet":
+        return 1
+    return max(2, int(config.get("patch_size") or 1))
+
+
+def _protocol(directory: Path, parameters, denoiser: dict) -> Protocol:
     """The call's own defaults; the resolution the model was built for (its sample size in latent pixels)."""
     steps, guidance = _default(parameters, "num_inference_steps"), _default(parameters, "guidance_scale")
     extra = {"use_resolution_binning": False} if "use_resolution_binning" in parameters else {}
-    sample = transformer.get("sample_size")
+    sample = denoiser.get("sample_size")
     factor = _vae_factor(directory)
     resolution = sample * factor if isinstance(sample, int) and factor else DEFAULT_RESOLUTION
     return Protocol(steps=steps if isinstance(steps, int) and steps > 0 else DEFAULT_STEPS,

@@ -12,7 +12,7 @@ from ..system import online
 from . import generic
 from .base import Adapter
 from .registry import ADAPTERS, TINY_MODELS, get_adapter
-from .streaming import check_weights_match, pipeline_index, transformer_checkpoint
+from .streaming import check_weights_match, component_checkpoint, pipeline_index
 
 PIPELINE_FAMILIES = {
     "FluxPipeline": "flux-dev", "PixArtSigmaPipeline": "pixart-sigma", "SanaPipeline": "sana",
@@ -74,12 +74,12 @@ def model_directory(model: str) -> Path | None:
 
 
 def load_pipeline(model: str, adapter: Adapter, dtype: torch.dtype, device: str = "cpu", offload: bool = False,
-                  transformer=None, without: tuple[str, ...] = ()):
+                  denoiser=None, without: tuple[str, ...] = ()):
     """The 16-bit pipeline for ``model``, with progress bars off, on ``device`` (or CPU-offloaded).
 
-    ``transformer`` replaces the checkpoint's (a streamed or quantized one, left where it is); ``without``
-    names components not to load: ``transformer``, or ``text_encoders`` (all of them: prompts are then
-    encoded beforehand, see :mod:`.text_first`).
+    ``denoiser`` replaces the checkpoint's (a streamed or quantized one, left where it is); ``without``
+    names components not to load: the denoiser's (``adapter.denoiser``), or ``text_encoders`` (all of them:
+    prompts are then encoded beforehand, see :mod:`.text_first`).
 
     Raises:
         ModelFetchError: a Hub id that cannot be fetched (offline, gated, missing).
@@ -87,15 +87,15 @@ def load_pipeline(model: str, adapter: Adapter, dtype: torch.dtype, device: str 
     """
     if model in TINY_MODELS:
         pipeline = ADAPTERS[model].build_tiny(0, dtype)
-        if transformer is not None:
-            pipeline.transformer = transformer
+        if denoiser is not None:
+            setattr(pipeline, adapter.denoiser, denoiser)
     else:
         import diffusers
 
         directory = model_directory(model)
         check_pipeline_class(directory, adapter)
         pipeline_class = getattr(diffusers, adapter.pipeline_class)
-        overrides = {} if transformer is None else {"transformer": transformer}
+        overrides = {} if denoiser is None else {adapter.denoiser: denoiser}
         for name in without:
             overrides.update(dict.fromkeys(text_encoder_names(directory) if name == "text_encoders" else [name]))
         try:
@@ -106,8 +106,8 @@ def load_pipeline(model: str, adapter: Adapter, dtype: torch.dtype, device: str 
         except Exception as error:  # diffusers, transformers and safetensors raise many types for bad files
             raise BadInputError(f"cannot load {model} as a {adapter.pipeline_class} ({type(error).__name__}: "
                                 f"{gist(error)})") from None
-        if transformer is None and "transformer" not in without:
-            check_weights_match_config(directory, pipeline.transformer)
+        if denoiser is None and adapter.denoiser not in without:
+            check_weights_match_config(directory, adapter.denoiser, adapter.denoiser_of(pipeline))
     for component in pipeline.components.values():
         if isinstance(component, torch.nn.Module):
             component.eval()
@@ -116,7 +116,7 @@ def load_pipeline(model: str, adapter: Adapter, dtype: torch.dtype, device: str 
         pipeline.enable_model_cpu_offload(device=device)
     else:
         for component in pipeline.components.values():
-            if isinstance(component, torch.nn.Module) and component is not transformer:
+            if isinstance(component, torch.nn.Module) and component is not denoiser:
                 component.to(device)
     return pipeline
 
@@ -142,8 +142,8 @@ def text_encoder_names(directory: Path) -> list[str]:
     return [name for name in pipeline_index(directory) if name.startswith("text_encoder")]
 
 
-def check_weights_match_config(model_dir: Path, transformer: torch.nn.Module) -> None:
-    """The transformer's safetensors weights hold exactly the tensors its config describes (see
+def check_weights_match_config(model_dir: Path, component: str, model: torch.nn.Module) -> None:
+    """A component's safetensors weights hold exactly the tensors its config describes (see
     :func:`.streaming.check_weights_match`); other weight formats are not checked."""
-    if any((Path(model_dir) / "transformer").glob("*.safetensors")):
-        check_weights_match(transformer_checkpoint(model_dir), transformer.state_dict())
+    if any((Path(model_dir) / component).glob("*.safetensors")):
+        check_weights_match(component_checkpoint(model_dir, component), model.state_dict())

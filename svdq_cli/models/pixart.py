@@ -30,7 +30,7 @@ def build_tiny(seed: int = 0, dtype: torch.dtype = torch.float32, blocks: int = 
 
 def _adapter(family: str, protocol: Protocol) -> Adapter:
     return Adapter(
-        family=family, pipeline_class="PixArtSigmaPipeline", transformer_class="PixArtTransformer2DModel",
+        family=family, pipeline_class="PixArtSigmaPipeline", denoiser_class="PixArtTransformer2DModel",
         protocol=protocol, build_tiny=build_tiny,
     )
 

@@ -43,7 +43,7 @@ def build_tiny(seed: int = 0, dtype: torch.dtype = torch.float32, blocks: int = 
 
 def _adapter(family: str, protocol: Protocol) -> Adapter:
     return Adapter(
-        family=family, pipeline_class="SanaPipeline", transformer_class="SanaTransformer2DModel",
+        family=family, pipeline_class="SanaPipeline", denoiser_class="SanaTransformer2DModel",
         protocol=protocol, build_tiny=build_tiny,
     )
 

@@ -35,7 +35,7 @@ def build_tiny(seed: int = 0, dtype: torch.dtype = torch.float32, blocks: int = 
 
 def _adapter(family: str, protocol: Protocol) -> Adapter:
     return Adapter(
-        family=family, pipeline_class="StableDiffusion3Pipeline", transformer_class="SD3Transformer2DModel",
+        family=family, pipeline_class="StableDiffusion3Pipeline", denoiser_class="SD3Transformer2DModel",
         protocol=protocol, build_tiny=build_tiny,
     )
 

@@ -1,8 +1,9 @@
 """Your own checkpoint: a single-file fine-tune of a model whose other parts (text encoders, VAE, scheduler and
-the transformer's config) come from a base model.
+the denoiser's config) come from a base model. The denoiser is the base's transformer or UNet (an SDXL
+fine-tune).
 
 The two are assembled into a diffusers directory in svdq's cache — links to the base's components, the
-transformer's config and the file's weights — so every stage, streaming included, reads it as any model and
+denoiser's config and the file's weights — so every stage, streaming included, reads it as any model and
 an export records it like a local directory. A file in diffusers' key names is linked as it is (no copy, no
 memory); one in the original release's names goes through diffusers' ``from_single_file`` for the classes
 that have it, once.
@@ -21,7 +22,7 @@ import torch
 
 from ..errors import BadInputError, gist
 from ..system.files import file_layout, user_cache
-from .streaming import empty_model, pipeline_index, transformer_config
+from .streaming import component_config, denoiser_component, empty_model, pipeline_index
 
 
 def is_single_file(model: str) -> bool:
@@ -29,20 +30,21 @@ def is_single_file(model: str) -> bool:
 
 
 def assemble(file: Path, base_dir: Path, base: str) -> Path:
-    """The diffusers directory of ``base_dir``'s pipeline with ``file``'s transformer weights (made once).
+    """The diffusers directory of ``base_dir``'s pipeline with ``file``'s denoiser weights (made once).
 
     Raises:
-        BadInputError: the base has no transformer, or the file does not fit it (the first mismatched tensor).
+        BadInputError: the base has no denoiser, or the file does not fit it (the first mismatched tensor).
     """
     import diffusers
     from diffusers.utils import SAFETENSORS_WEIGHTS_NAME
 
     file, base_dir = Path(file).resolve(), Path(base_dir).resolve()
     index = pipeline_index(base_dir)
-    if not isinstance(index.get("transformer"), list):
-        raise BadInputError(f"--base {base} has no transformer component for {file.name} to replace")
-    model_class = getattr(diffusers, index["transformer"][1])
-    config = transformer_config(base_dir)
+    component = denoiser_component(index)
+    if component is None:
+        raise BadInputError(f"--base {base} has no transformer or unet component for {file.name} to replace")
+    model_class = getattr(diffusers, index[component][1])
+    config = component_config(base_dir, component)
     stat = file.stat()
     key = hashlib.sha256(f"{file}|{stat.st_size}|{stat.st_mtime_ns}|{base_dir}".encode()).hexdigest()[:16]
     target = user_cache() / "single-file" / f"{file.stem}-{key}"
@@ -53,24 +55,24 @@ def assemble(file: Path, base_dir: Path, base: str) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=".assembling-", dir=target.parent))
     try:
-        _link_components(base_dir, index, work)
-        (work / "transformer").mkdir()
-        (work / "transformer" / "config.json").write_text(json.dumps(config, indent=2))
+        _link_components(base_dir, index, component, work)
+        (work / component).mkdir()
+        (work / component / "config.json").write_text(json.dumps(config, indent=2))
         found = _shapes(file)
         if set(found) == set(expected):
             _check_shapes(file, found, expected)
-            os.symlink(file, work / "transformer" / SAFETENSORS_WEIGHTS_NAME)
+            os.symlink(file, work / component / SAFETENSORS_WEIGHTS_NAME)
         else:
-            _convert(file, base_dir, model_class, found, expected, work / "transformer")
+            _convert(file, base_dir, model_class, component, found, expected, work / component)
         os.replace(work, target)  # atomic: a half-assembled directory is never seen
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return target
 
 
-def _link_components(base_dir: Path, index: dict, work: Path) -> None:
+def _link_components(base_dir: Path, index: dict, denoiser: str, work: Path) -> None:
     for name, value in index.items():
-        if isinstance(value, list) and name != "transformer" and (base_dir / name).exists():
+        if isinstance(value, list) and name != denoiser and (base_dir / name).exists():
             os.symlink(base_dir / name, work / name)
     (work / "model_index.json").write_text(json.dumps(index, indent=2))
 
@@ -89,7 +91,8 @@ def _check_shapes(file: Path, found: dict, expected: dict) -> None:
                                 f"base's config makes it {list(expected[name])}")
 
 
-def _convert(file: Path, base_dir: Path, model_class, found: dict, expected: dict, out: Path) -> None:
+def _convert(file: Path, base_dir: Path, model_class, component: str, found: dict, expected: dict,
+             out: Path) -> None:
     """Original key names through diffusers' converter; what fits neither is one line naming a tensor."""
     missing = sorted(set(expected) - set(found))
     mismatch = (f"{file.name} does not fit the base model's {model_class.__name__}: {len(missing)} of its tensors "
@@ -98,7 +101,7 @@ def _convert(file: Path, base_dir: Path, model_class, found: dict, expected: dic
         raise BadInputError(f"{mismatch}; diffusers converts original key names only for "
                             f"{', '.join(_convertible())}")
     try:
-        model = model_class.from_single_file(str(file), config=str(base_dir), subfolder="transformer",
+        model = model_class.from_single_file(str(file), config=str(base_dir), subfolder=component,
                                              torch_dtype=torch.bfloat16)
     except Exception as error:  # the converters raise KeyError, ValueError, RuntimeError… for a foreign file
         raise BadInputError(f"{mismatch}, and diffusers could not convert it ({type(error).__name__}: "
@@ -109,5 +112,5 @@ def _convert(file: Path, base_dir: Path, model_class, found: dict, expected: dic
 def _convertible() -> list[str]:
     from diffusers.loaders.single_file_model import SINGLE_FILE_LOADABLE_CLASSES
 
-    return sorted(name for name in SINGLE_FILE_LOADABLE_CLASSES if "Transformer" in name)
+    return sorted(name for name in SINGLE_FILE_LOADABLE_CLASSES if "Transformer" in name or "UNet" in name)
 

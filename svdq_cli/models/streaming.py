@@ -1,4 +1,4 @@
-"""Block streaming: a transformer whose repeated blocks stay on disk until they run (DESIGN.md §4).
+"""Block streaming: a denoiser whose repeated blocks stay on disk until they run (DESIGN.md §4).
 
 The model is built with empty (meta) parameters; the small parts outside the block lists (embedders, final
 layer) are read from the checkpoint and kept; each block's tensors are read from the checkpoint's
@@ -138,10 +138,11 @@ def _set(model: nn.Module, name: str, tensor: torch.Tensor, device) -> None:
 class BlockStreamer:
     """Materializes the blocks of an empty model from its checkpoint one at a time.
 
-    Hooks on every block load its tensors before it runs and drop them after; while block ``i`` runs, block
-    ``i + 1`` is read on a background thread. :meth:`resident` does the same around arbitrary code (without
-    reading ahead: what runs there takes far longer than the reading), and the two nest (a reference count
-    per block).
+    Hooks on every block load its tensors before it runs and drop them after; while a block runs, the one
+    that ran after it last time (at first: the next in module order) is read on a background thread — a UNet
+    calls its resnets and attention transformers alternately, not list by list. :meth:`resident` does the
+    same around arbitrary code (without reading ahead: what runs there takes far longer than the reading), and
+    the two nest (a reference count per block).
     """
 
     def __init__(self, model: nn.Module, checkpoint: Checkpoint, block_paths: list[str], device="cpu") -> None:
@@ -159,7 +160,12 @@ class BlockStreamer:
         self._overlay: Overlay | None = None
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="svdq-prefetch")
         self._ahead: tuple[int, Future] | None = None
+        self._successor: dict[int, int | None] = {}  # block → the block entered after it (None: the last)
+        self._last: int | None = None
         modules = dict(model.named_modules())
+        # Successors are learnt within one call of the model: none across calls, nor after one that failed midway.
+        model.register_forward_pre_hook(lambda _m, _a: setattr(self, "_last", None))
+        model.register_forward_hook(lambda _m, _a, _o: self._end_pass())
         for index, path in enumerate(block_paths):
             modules[path].register_forward_pre_hook(lambda _m, _a, i=index: self._enter(i))
             modules[path].register_forward_hook(lambda _m, _a, _o, i=index: self._leave(i))
@@ -202,9 +208,21 @@ class BlockStreamer:
         needed = [n for n in self.names[self.blocks[index]] if not any(n.startswith(f"{r}.") for r in replaced)]
         for name, tensor in self._read(index, needed).items():
             _set(self.model, name, tensor, self.device)
-        if prefetch and self._overlay is None and index + 1 < len(self.blocks):
-            following = self.names[self.blocks[index + 1]]
-            self._ahead = (index + 1, self._reader.submit(self.checkpoint.read, following, self.dtypes))
+        if not prefetch:
+            return
+        if self._last is not None:
+            self._successor[self._last] = index
+        self._last = index
+        following = self._successor.get(index, index + 1)
+        if self._overlay is None and following is not None and following < len(self.blocks):
+            names = self.names[self.blocks[following]]
+            self._ahead = (following, self._reader.submit(self.checkpoint.read, names, self.dtypes))
+
+    def _end_pass(self) -> None:
+        """The model's call is over: the last block entered has no successor in it."""
+        if self._last is not None:
+            self._successor[self._last] = None
+        self._last = None
 
     def _read(self, index: int, names: list[str]) -> dict[str, torch.Tensor]:
         ahead, self._ahead = self._ahead, None
@@ -238,9 +256,9 @@ class BlockStreamer:
             module._buffers[leaf] = empty
 
 
-def transformer_checkpoint(model_dir: Path) -> Checkpoint:
-    """The checkpoint of a diffusers pipeline directory's transformer."""
-    return Checkpoint(Path(model_dir) / "transformer")
+def component_checkpoint(model_dir: Path, component: str) -> Checkpoint:
+    """The checkpoint of one component (``transformer``, ``unet``) of a diffusers pipeline directory."""
+    return Checkpoint(Path(model_dir) / component)
 
 
 def pipeline_index(model_dir: Path) -> dict:
@@ -258,8 +276,17 @@ def pipeline_index(model_dir: Path) -> dict:
     return index
 
 
-def transformer_config(model_dir: Path) -> dict:
-    path = Path(model_dir) / "transformer" / "config.json"
+DENOISERS = ("transformer", "unet")  # the component names diffusers gives a pipeline's denoiser
+
+
+def denoiser_component(index: dict) -> str | None:
+    """The name of the pipeline's denoiser component in its ``model_index.json``, or None (no denoiser)."""
+    return next((name for name in DENOISERS if isinstance(index.get(name), list) and len(index[name]) == 2
+                 and index[name][1]), None)
+
+
+def component_config(model_dir: Path, component: str) -> dict:
+    path = Path(model_dir) / component / "config.json"
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError):

@@ -144,8 +144,8 @@ def model_bench(export: str, device: str, repeats: int) -> dict[str, object]:
     base = recorded_base(metadata)
     adapter = adapter_of(recipe["family"], base, recipe.get("pipeline_args"))
     pipeline = load_quantized_pipeline(export, device)
-    quantized = pipeline.transformer
-    reference = load_pipeline(base, adapter, getattr(torch, recipe["dtype"]), device).transformer
+    quantized = adapter.denoiser_of(pipeline)
+    reference = adapter.denoiser_of(load_pipeline(base, adapter, getattr(torch, recipe["dtype"]), device))
     captured: dict[str, object] = {}
 
     def keep_inputs(_module, args, kwargs):

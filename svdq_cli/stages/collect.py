@@ -57,7 +57,7 @@ def run(run, workspace) -> dict:
             denoise(workspace, prompts[unit], encodings[unit])
             advance(prompts[unit][:40])
 
-        result = collect_statistics(workspace.transformer, workspace.originals, calibrate, config.quant, groups,
+        result = collect_statistics(workspace.denoiser, workspace.originals, calibrate, config.quant, groups,
                                     units=len(prompts), world=world)
     for index in missing:
         if not world.owns(index):
@@ -88,7 +88,7 @@ def collect_block_inputs(run, workspace, prompts: list[str], mine: list[int], mi
     ``vq_calls`` of its input calls (``calibration/block_inputs.py``); the ranks exchange which calls they kept
     (keys and spill files on the shared run directory) and each writes the artifacts of its own blocks."""
     calibration, quant, world = workspace.config.calibration, workspace.config.quant, workspace.world
-    modules = [workspace.transformer.get_submodule(name) for name, _ in workspace.blocks]
+    modules = [workspace.denoiser.get_submodule(name) for name, _ in workspace.blocks]
     spill = run.path / "collect" / "calls.partial"
     sampler = BlockInputSampler(modules, quant.vq_calls, quant.seed, spill / f"rank-{world.rank}")
     encodings = workspace.encodings([prompts[index] for index in mine], calibration)

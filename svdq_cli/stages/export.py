@@ -1,4 +1,4 @@
-"""export: one self-describing safetensors file with the quantized transformer (see formats/svdq_file.py), written
+"""export: one self-describing safetensors file with the quantized denoiser (see formats/svdq_file.py), written
 block by block."""
 
 from __future__ import annotations
@@ -33,10 +33,10 @@ def run(run, workspace) -> dict:
     """Write the export block by block (header first, from the artifacts' headers), so the file is never
     assembled in memory: what is resident is one block's quantized layers and 16-bit tensors."""
     config = workspace.config
-    transformer = workspace.transformer
+    denoiser = workspace.denoiser
     blocks = [quantized_tensors_layout(run, index) for index in range(len(workspace.blocks))]
     layers = {name: facts for _, block_layers in blocks for name, facts in block_layers.items()}
-    state = transformer.state_dict()  # a streamed transformer's block tensors are empty: only shapes are used
+    state = denoiser.state_dict()  # a streamed denoiser's block tensors are empty: only shapes are used
     block_names = [[n for n in state if n.startswith(f"{block}.") and _owner(n) not in layers]
                    for block, _ in workspace.blocks]
     in_blocks = {n for names in block_names for n in names} | {n for n in state if _owner(n) in layers}
@@ -46,7 +46,8 @@ def run(run, workspace) -> dict:
         merged = {**quantized, **{n: (state[n].dtype, tuple(state[n].shape)) for n in names}}
         layout.update((n, merged[n]) for n in sorted(merged))
     name = export_name(config.quant, config.model)
-    with run.writer("export", f"export/{name}", layout, export_metadata(run, config, transformer, layers)) as out:
+    metadata = export_metadata(run, config, workspace.adapter.denoiser, denoiser, layers)
+    with run.writer("export", f"export/{name}", layout, metadata) as out:
         for key in resident:
             out.write(key, state[key].detach())
         for index, names in enumerate(block_names):
@@ -77,15 +78,15 @@ def base_model(model: str) -> str:
     return str(path.resolve()) if path.exists() else model
 
 
-def export_metadata(run, config, transformer, layers: dict[str, dict]) -> dict[str, str]:
+def export_metadata(run, config, component: str, denoiser, layers: dict[str, dict]) -> dict[str, str]:
     # Private keys (_use_default_values, _diffusers_version…) are diffusers bookkeeping, some built from sets
     # whose order changes between processes; the model is fully described without them.
-    model_config = {key: value for key, value in dict(transformer.config).items() if not key.startswith("_")}
+    model_config = {key: value for key, value in dict(denoiser.config).items() if not key.startswith("_")}
     return {
         "format_version": FORMAT_VERSION,
         "quantization_config": json.dumps(config.quant.to_dict(), sort_keys=True),
-        "model_config": json.dumps({"class": type(transformer).__name__, "family": config.family,
-                                    "config": model_config}, sort_keys=True, default=str),
+        "model_config": json.dumps({"class": type(denoiser).__name__, "component": component,
+                                    "family": config.family, "config": model_config}, sort_keys=True, default=str),
         # how the run read its model (streamed or whole) is not what it computed: the file is the same either way
         "recipe": json.dumps({k: v for k, v in config.to_dict().items() if k != "stream"}, sort_keys=True),
         "base_model": json.dumps(base_model(config.model)),

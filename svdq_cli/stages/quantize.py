@@ -87,7 +87,7 @@ def vq_block(run, workspace, index: int, quant=None) -> BlockResult:
     tensors, metadata = run.read("collect", block_artifact("collect", index))
     names = [name[len(block) + 1:] for group in groups for name in group]
     quant = quant or workspace.config.quant
-    return quantize_block(workspace.transformer.get_submodule(block), names, calls_from_artifact(tensors, metadata),
+    return quantize_block(workspace.denoiser.get_submodule(block), names, calls_from_artifact(tensors, metadata),
                           quant, seed=quant.seed * 7919 + index)
 
 

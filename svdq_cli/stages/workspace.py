@@ -19,9 +19,9 @@ from ..models.discovery import Layout, block_paths, discover
 from ..models.loading import adapter_of, load_pipeline, model_directory
 from ..models.streaming import (
     BlockStreamer,
+    component_checkpoint,
+    component_config,
     empty_model,
-    transformer_checkpoint,
-    transformer_config,
 )
 from ..models.targets import Target, fallback_warning, plan_targets
 from ..models.text_first import Encoding, encode, from_tensors, replaying, to_tensors
@@ -55,7 +55,7 @@ class Workspace:
 
     @cached_property
     def streamed(self) -> bool:
-        """Whether the transformer is read block by block from its checkpoint (see RunConfig.stream)."""
+        """Whether the denoiser is read block by block from its checkpoint (see RunConfig.stream)."""
         if self.directory is None:
             if self.config.stream:
                 warn(f"--stream: {self.config.model} is built in memory, not read from a checkpoint; not streaming")
@@ -64,20 +64,20 @@ class Workspace:
             return self.config.stream
         if self.config.offload:
             return False
-        size = sum(f.stat().st_size for f in (self.directory / "transformer").glob("*.safetensors"))
+        size = sum(f.stat().st_size for f in (self.directory / self.adapter.denoiser).glob("*.safetensors"))
         return 2 * size > free_memory("cpu")
 
     @cached_property
     def streamer(self) -> BlockStreamer | None:
-        """The block streamer of a streamed transformer (None when the transformer is whole in memory)."""
+        """The block streamer of a streamed denoiser (None when the denoiser is whole in memory)."""
         if not self.streamed:
             return None
         import diffusers
 
-        model_class = getattr(diffusers, self.adapter.transformer_class)
-        model = empty_model(model_class, transformer_config(self.directory), self.dtype)
+        model_class = getattr(diffusers, self.adapter.denoiser_class)
+        model = empty_model(model_class, component_config(self.directory, self.adapter.denoiser), self.dtype)
         paths = block_paths(model)
-        checkpoint = transformer_checkpoint(self.directory)
+        checkpoint = component_checkpoint(self.directory, self.adapter.denoiser)
         say(f"streaming {self.config.model}: {len(paths)} blocks read one at a time from "
             f"{checkpoint.nbytes / 2**30:.1f} GiB of weights ({self.config.dtype}, {self.device})")
         return BlockStreamer(model, checkpoint, paths, self.device)
@@ -87,20 +87,21 @@ class Workspace:
         """The generating pipeline; a streamed one has no text encoders (prompts are encoded first)."""
         if self.streamer is not None:
             return load_pipeline(self.config.model, self.adapter, self.dtype, self.device,
-                                 transformer=self.streamer.model, without=("text_encoders",))
+                                 denoiser=self.streamer.model, without=("text_encoders",))
         say(f"loading {self.config.model} ({self.config.dtype}, {self.device})")
         return load_pipeline(self.config.model, self.adapter, self.dtype, self.device, self.config.offload)
 
     @property
-    def transformer(self) -> nn.Module:
-        return self.streamer.model if self.streamer is not None else self.pipeline.transformer
+    def denoiser(self) -> nn.Module:
+        """The model svdq quantizes: the pipeline's transformer or UNet."""
+        return self.streamer.model if self.streamer is not None else self.adapter.denoiser_of(self.pipeline)
 
     @cached_property
     def discovered(self) -> Layout:
-        """What could be quantized, found by tracing the transformer's first call in a calibration generation (see
+        """What could be quantized, found by tracing the denoiser's first call in a calibration generation (see
         :mod:`..models.discovery`); kept in the run's cache, so a resumed run does not encode a prompt for it."""
         # The family's own protocol at a small size: the structure traced is the same at any resolution, and a
-        # first transformer call at 1024 px costs minutes on a CPU (a tiny VAE makes it 262k tokens).
+        # first denoiser call at 1024 px costs minutes on a CPU (a tiny VAE makes it 262k tokens).
         multiple = self.adapter.resolution_multiple(self.pipeline)
         section = CalibrationConfig(prompts=self.config.calibration.prompts,
                                     resolution=max(multiple, 64 // multiple * multiple))
@@ -111,7 +112,7 @@ class Workspace:
         if cached is not None:
             return Layout.from_json(cached[1]["layout"])
         encoding = self.encodings([prompt], section)[0]
-        layout = discover(self.transformer, lambda: self.generate_one(prompt, 0, encoding, section, "latent"),
+        layout = discover(self.denoiser, lambda: self.generate_one(prompt, 0, encoding, section, "latent"),
                           self.dtype)
         if self.cache:
             self.cache.put("layout", fields, {}, {"layout": layout.to_json()})
@@ -121,7 +122,7 @@ class Workspace:
     def planned(self) -> tuple[Layout, list[Target]]:
         """The layout this run quantizes (the discovered one under the quantization and the recipe's targets
         overrides) and a row for every linear saying what happens to it and why."""
-        return plan_targets(self.discovered, self.transformer, self.config.quant, self.config.targets)
+        return plan_targets(self.discovered, self.denoiser, self.config.quant, self.config.targets)
 
     @property
     def layout(self) -> Layout:
@@ -134,9 +135,9 @@ class Workspace:
 
     @cached_property
     def originals(self) -> dict[str, nn.Linear]:
-        """Every target linear of the 16-bit transformer, captured before any swap (a streamed block's have
+        """Every target linear of the 16-bit denoiser, captured before any swap (a streamed block's have
         their weights only inside :meth:`block_resident`)."""
-        modules = dict(self.transformer.named_modules())
+        modules = dict(self.denoiser.named_modules())
         return {name: modules[name] for _, groups in self.blocks for group in groups for name in group}
 
     def block_resident(self, index: int):
@@ -148,7 +149,7 @@ class Workspace:
         if self.streamer is not None:
             return self.streamer.block_tensors(index)
         prefix = f"{self.blocks[index][0]}."
-        return {n: t.detach() for n, t in self.transformer.state_dict().items() if n.startswith(prefix)}
+        return {n: t.detach() for n, t in self.denoiser.state_dict().items() if n.startswith(prefix)}
 
     @contextmanager
     def with_layers(self, layers_of_block: Callable[[int], dict[str, nn.Module]]):
@@ -162,12 +163,12 @@ class Workspace:
         layers = {name: layer.to(self.device) for index in range(len(self.blocks))
                   for name, layer in layers_of_block(index).items()}
         for name, layer in layers.items():
-            replace_module(self.transformer, name, layer)
+            replace_module(self.denoiser, name, layer)
         try:
             yield
         finally:
             for name in layers:
-                replace_module(self.transformer, name, self.originals[name])
+                replace_module(self.denoiser, name, self.originals[name])
 
     def settings(self, section) -> tuple[int, float, int]:
         """Steps, guidance and resolution of a calibration or validation section (the protocol's by default)."""
@@ -203,13 +204,14 @@ class Workspace:
 
     @cached_property
     def _text_pipeline(self):
-        """A pipeline that can encode prompts: the generating one, or (streamed) one without a transformer that
-        lives only as long as the encoding pass (see :meth:`encode_prompts`)."""
+        """A pipeline that can encode prompts: the generating one, or (streamed) one with the streamer's
+        denoiser, whose blocks are never read since the call stops at the encoding (a UNet pipeline reads its
+        config before), and which lives only as long as the encoding pass (see :meth:`encode_prompts`)."""
         if self.streamer is None:
             return self.pipeline
 
         say(f"encoding prompts with {self.config.model}'s text encoders")
-        return load_pipeline(self.config.model, self.adapter, self.dtype, self.device, without=("transformer",))
+        return load_pipeline(self.config.model, self.adapter, self.dtype, self.device, denoiser=self.streamer.model)
 
     def stage_world(self, stage: str) -> World:
         """The ranks that share ``stage``: the run's world, or a one-rank world for a stage rank 0 runs alone
@@ -222,7 +224,7 @@ class Workspace:
         return prompts, [index for index in range(len(prompts)) if self.world.owns(index)]
 
     def encode_prompts(self, todo: list[str]) -> None:
-        """Encode every prompt the stages to run will generate on this rank, before the transformer is touched;
+        """Encode every prompt the stages to run will generate on this rank, before the denoiser is touched;
         then free the text encoders of a streamed model."""
         if "collect" in todo:
             prompts, mine = self.calibration_prompts()
@@ -315,10 +317,10 @@ class Workspace:
     def say_cpu_cost(self, todo: list[str], multiple: int) -> None:
         """On a CPU, one line per generating stage whose estimated cost exceeds a minute, with the flags that
         size it (a full-size protocol on a CPU would otherwise run for hours without a word)."""
-        transformer = self.transformer
-        params = sum(p.numel() for p in transformer.parameters())
-        config = transformer.config
-        width = config.get("num_attention_heads", 1) * config.get("attention_head_dim", 64)
+        params = sum(p.numel() for p in self.denoiser.parameters())
+        heads, head_dim = (self.denoiser.config.get(key) for key in ("num_attention_heads", "attention_head_dim"))
+        width = heads * head_dim if isinstance(heads, int) and isinstance(head_dim, int) else \
+            max(module.in_features for module in self.originals.values())  # a UNet: per-level widths
         text_tokens = int(self.adapter.protocol.extra.get("max_sequence_length", 120))
         rate = _cpu_flop_rate()
         for name, section, flags in (("collect", self.config.calibration, "--num-prompts/--steps/--resolution"),

@@ -1,5 +1,5 @@
-"""Tiny offline pipelines of families svdq has no preset for, saved in diffusers format as a user's would be:
-the generic adapter (models/generic.py) must drive them from what the directory says."""
+"""Tiny offline pipelines of families svdq has no preset for (transformers and UNets), saved in diffusers format
+as a user's would be: the generic adapter (models/generic.py) must drive them from what the directory says."""
 
 from __future__ import annotations
 
@@ -88,13 +88,54 @@ def z_image(seed: int = 0):
         )
 
 
+def _unet(cross_attention_dim: int, **config):
+    """A two-level UNet2DConditionModel at 64 and 128 channels: a plain level, then one with cross-attention
+    transformers (GEGLU feed-forward, linear projections in and out), a mid block, and the mirror way up."""
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=32, block_out_channels=(64, 128), layers_per_block=1, norm_num_groups=32,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=cross_attention_dim, attention_head_dim=(4, 8), use_linear_projection=True, **config,
+    )
+
+
+def stable_diffusion_xl(seed: int = 0):
+    """A StableDiffusionXLPipeline: two CLIP text encoders (the second pooled and projected), a UNet with
+    SDXL's text-and-time added conditioning and two transformer layers per attention block at level 2."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+
+    with tiny.seeded(seed):
+        unet = _unet(64, transformer_layers_per_block=(1, 2), addition_embed_type="text_time",
+                     addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + 32)
+        return StableDiffusionXLPipeline(
+            vae=tiny.kl_vae(4), text_encoder=tiny.clip_text_encoder(32), tokenizer=tiny.tokenizer(77),
+            text_encoder_2=tiny.clip_text_encoder(32, with_projection=True), tokenizer_2=tiny.tokenizer(77),
+            unet=unet, scheduler=EulerDiscreteScheduler(timestep_spacing="trailing"),
+        )
+
+
+def stable_diffusion(seed: int = 0):
+    """A StableDiffusionPipeline (SD 1.x/2.x): one CLIP text encoder, a UNet with cross-attention, no safety
+    checker."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    with tiny.seeded(seed):
+        return StableDiffusionPipeline(
+            vae=tiny.kl_vae(4), text_encoder=tiny.clip_text_encoder(64), tokenizer=tiny.tokenizer(77),
+            unet=_unet(64), scheduler=DDIMScheduler(clip_sample=False), safety_checker=None, feature_extractor=None,
+            requires_safety_checker=False,
+        )
+
+
 BUILDERS = {"ChromaPipeline": chroma, "FluxKontextPipeline": flux_kontext, "QwenImagePipeline": qwen_image,
             "ZImagePipeline": z_image}
+UNET_BUILDERS = {"StableDiffusionXLPipeline": stable_diffusion_xl, "StableDiffusionPipeline": stable_diffusion}
 
 
 def saved(name: str, directory: Path) -> Path:
     """The tiny pipeline ``name`` saved under ``directory`` (once: later calls reuse it)."""
     path = Path(directory) / name
     if not (path / "model_index.json").exists():
-        BUILDERS[name]().save_pretrained(path)
+        {**BUILDERS, **UNET_BUILDERS}[name]().save_pretrained(path)
     return path

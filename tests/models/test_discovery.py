@@ -133,3 +133,31 @@ def test_a_model_without_repeated_blocks_or_that_needs_values_is_one_error():
 
     with pytest.raises(DiscoveryError, match="tracing DataDependent on the meta device failed"):
         trace_layout(DataDependent().to("meta"), (torch.randn(1, 2, 8),), {"temb": torch.randn(1, 8)})
+
+
+def _denoiser_classes() -> list[str]:
+    """Every transformer and UNet model class of the installed diffusers."""
+    import diffusers
+    from diffusers import ModelMixin
+
+    classes = {name: getattr(diffusers, name, None) for name in dir(diffusers)
+               if "Transformer" in name or "UNet" in name}
+    return sorted(name for name, cls in classes.items() if isinstance(cls, type) and issubclass(cls, ModelMixin))
+
+
+@pytest.mark.parametrize("name", _denoiser_classes())
+def test_every_installed_denoiser_class_has_blocks_of_linears(name):
+    """Built from its default config on the meta device (no memory): whatever diffusers ships — DiTs, video
+    transformers, UNets — structure alone finds its blocks, each holding linears. Classes whose defaults do not
+    make a model (they require an argument) are skipped, naming why."""
+    import diffusers
+
+    try:
+        with torch.device("meta"):
+            model = getattr(diffusers, name)()
+    except (TypeError, ValueError) as error:
+        pytest.skip(f"{name} needs configuration to be built ({type(error).__name__})")
+    paths = block_paths(model)
+    assert paths, f"{name}: no blocks found"
+    assert all(any(isinstance(m, nn.Linear) for m in model.get_submodule(p).modules()) for p in paths)
+    assert len(set(paths)) == len(paths) and not any(a.startswith(f"{b}.") for a in paths for b in paths)

@@ -42,7 +42,7 @@ def generic_recipe(tmp_path_factory):
 
 def test_the_protocol_is_read_from_the_pipeline_call_and_configs(models):
     chroma = adapter_of("diffusers", str(saved("ChromaPipeline", models)))
-    assert (chroma.pipeline_class, chroma.transformer_class) == ("ChromaPipeline", "ChromaTransformer2DModel")
+    assert (chroma.pipeline_class, chroma.denoiser_class) == ("ChromaPipeline", "ChromaTransformer2DModel")
     assert (chroma.protocol.steps, chroma.protocol.guidance) == (35, 5.0)  # ChromaPipeline.__call__'s defaults
     assert chroma.passes_per_step(chroma.protocol.guidance) == 2  # true classifier-free guidance
     kontext = adapter_of("diffusers", str(saved("FluxKontextPipeline", models)), {"max_sequence_length": 32})
@@ -55,10 +55,16 @@ def test_a_directory_without_a_preset_takes_the_generic_recipe(models):
     assert code == 0, stderr
     result = json.loads(stdout)
     assert result["family"] == "diffusers"
-    assert set(result["block_lists"]) == {"transformer_blocks", "single_transformer_blocks", "(outside)"}
-    modes = {layer["name"]: layer["mode"] for layer in result["layers"]}
-    # Chroma's guidance approximator (a list inside a submodule) computes every modulation: it stays 16-bit
-    assert modes["distilled_guidance_layer.layers.0.linear_1"] == "16-bit"
+    assert set(result["block_lists"]) == {"transformer_blocks", "single_transformer_blocks",
+                                          "distilled_guidance_layer.layers", "(outside)"}
+    layers = {layer["name"]: layer for layer in result["layers"]}
+    # Chroma's guidance approximator (a list inside a submodule) computes every modulation before the blocks
+    # run: its layers are streamed like blocks, and stay 16-bit
+    approximator = layers["distilled_guidance_layer.layers.0.linear_1"]
+    assert (approximator["mode"], approximator["reason"]) == ("16-bit", "conditions the repeated blocks (runs "
+                                                                          "before them)")
+    assert result["block_lists"]["distilled_guidance_layer.layers"]["quantized"] == 0
+    modes = {name: layer["mode"] for name, layer in layers.items()}
     assert modes["transformer_blocks.0.attn.to_q"] == "W4A4"
 
 
@@ -96,8 +102,8 @@ def test_pipeline_args_cannot_set_what_svdq_sets(tmp_path):
 
 
 @pytest.mark.parametrize("index,message", [
-    ({"_class_name": "StableDiffusionXLPipeline", "unet": ["diffusers", "UNet2DConditionModel"]},
-     "StableDiffusionXLPipeline has a UNet, which svdq does not quantize yet"),
+    ({"_class_name": "StableDiffusionXLPipeline", "vae": ["diffusers", "AutoencoderKL"]},
+     "StableDiffusionXLPipeline has no transformer or unet component"),
     ({"_class_name": "WanPipeline", "transformer": ["diffusers", "WanTransformer3DModel"]},
      "WanPipeline generates video; svdq validates images and has no video preset yet"),
     ({"_class_name": "ChronoEditPipeline", "transformer": ["diffusers", "ChronoEditTransformer3DModel"]},

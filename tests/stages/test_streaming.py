@@ -15,7 +15,7 @@ import torch
 
 from svdq_cli.models.discovery import block_paths
 from svdq_cli.models.registry import ADAPTERS
-from svdq_cli.models.streaming import BlockStreamer, empty_model, transformer_checkpoint, transformer_config
+from svdq_cli.models.streaming import BlockStreamer, component_checkpoint, component_config, empty_model
 from svdq_cli.run.directory import FAULT_VARIABLE
 from tests.conftest import RECIPE, svdq
 
@@ -64,9 +64,9 @@ def test_the_streamed_transformer_computes_what_the_whole_one_does_one_block_at_
     from diffusers import FluxTransformer2DModel
 
     whole = FluxTransformer2DModel.from_pretrained(flux_dir, subfolder="transformer", dtype=torch.bfloat16).eval()
-    model = empty_model(FluxTransformer2DModel, transformer_config(flux_dir), torch.bfloat16)
+    model = empty_model(FluxTransformer2DModel, component_config(flux_dir, "transformer"), torch.bfloat16)
     paths = block_paths(model)
-    streamer = BlockStreamer(model, transformer_checkpoint(flux_dir), paths)
+    streamer = BlockStreamer(model, component_checkpoint(flux_dir, "transformer"), paths)
     resident = []
 
     def count(*_):
@@ -156,7 +156,7 @@ def test_a_flux_width_model_quantizes_streamed_in_less_memory_than_its_weights(t
     """Three double and three single FLUX.1 blocks at full width (2.8 GiB in bf16): every stage, streamed,
     peaks below the size of the 16-bit transformer alone. (Fewer blocks cannot show it: a double block is 0.65
     GiB, and the current block, the next one read ahead and the interpreter are resident at once.)"""
-    from svdq_cli.models.flux_shaped import write_flux_shaped
+    from svdq_cli.models.shaped import write_flux_shaped
 
     model = tmp_path / "flux-width"
     size = write_flux_shaped(model, double=3, single=3)
