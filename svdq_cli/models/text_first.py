@@ -1,9 +1,11 @@
-"""Text first: every prompt is encoded once, before the transformer is touched, and replayed after.
+"""Text first: every prompt is encoded once, before the denoiser is touched, and replayed after.
 
 The pipeline's own ``encode_prompt`` is recorded from a real call of the pipeline — the same arguments a
-generation passes, whatever the family — and the call is cut short right there, before any latent or
-transformer work. A generation then gets the recorded outputs back instead of running the text encoders,
-so they can be freed (T5-XXL is 9.5 GB of FLUX.1-dev's memory) and the results are the same bits.
+generation passes, whatever the family — and the call is cut short at the denoiser's first call, before any
+denoising. Every ``encode_prompt`` call until then is kept, in order: a pipeline with classifier-free
+guidance on a negative prompt encodes twice (FLUX.2 klein, Qwen-Image's true CFG, Wan). A generation then
+gets the recorded outputs back, call by call, instead of running the text encoders, so they can be freed
+(T5-XXL is 9.5 GB of FLUX.1-dev's memory) and the results are the same bits.
 """
 
 from __future__ import annotations
@@ -13,54 +15,61 @@ from contextlib import contextmanager
 
 import torch
 
-# What the pipeline's encode_prompt returned for one prompt: tensors, Nones, and lists of per-prompt tensors of
-# different lengths (Z-Image).
-Encoding = tuple[torch.Tensor | list[torch.Tensor] | None, ...]
+# What one encode_prompt call returned: tensors, Nones, and lists of per-prompt tensors of different lengths
+# (Z-Image); an Encoding holds every call of one generation, in order.
+Outputs = tuple[torch.Tensor | list[torch.Tensor] | None, ...]
+Encoding = tuple[Outputs, ...]
 
 
 class _Encoded(Exception):
-    """Raised from inside the pipeline call once the prompt is encoded: nothing after it needs to run."""
-
-    def __init__(self, outputs: Encoding) -> None:
-        super().__init__("prompt encoded")
-        self.outputs = outputs
+    """Raised from the denoiser's forward pre-hook: every prompt of the generation is encoded by then."""
 
 
-def encode(pipeline, call) -> Encoding:
-    """The outputs of ``pipeline.encode_prompt`` during ``call(pipeline)`` (a generation call that stops there).
+def encode(pipeline, denoiser: torch.nn.Module, call) -> Encoding:
+    """The outputs of every ``pipeline.encode_prompt`` call during ``call(pipeline)`` (a generation call), which
+    stops at ``denoiser``'s first call.
 
     Raises:
-        RuntimeError: the call finished without encoding a prompt (a pipeline without ``encode_prompt``).
+        RuntimeError: the call reached the denoiser without encoding a prompt.
     """
-    original = pipeline.encode_prompt
+    original, calls = pipeline.encode_prompt, []
 
     def recording(*args, **kwargs):
         outputs = original(*args, **kwargs)
-        raise _Encoded(tuple(_to(o, "cpu", detach=True) for o in outputs))
+        calls.append(tuple(_to(o, "cpu", detach=True) for o in outputs))
+        return outputs
+
+    def stop(_module, _args):
+        raise _Encoded("prompts encoded")
 
     pipeline.encode_prompt = recording
+    handle = denoiser.register_forward_pre_hook(stop)
     try:
         call(pipeline)
-    except _Encoded as encoded:
-        return encoded.outputs
+    except _Encoded:
+        pass
     finally:
+        handle.remove()
         del pipeline.encode_prompt  # back to the class's method
-    raise RuntimeError(f"{type(pipeline).__name__} generated without calling encode_prompt")
+    if not calls:
+        raise RuntimeError(f"{type(pipeline).__name__} generated without calling encode_prompt")
+    return tuple(calls)
 
 
 @contextmanager
 def replaying(pipeline, encoding: Encoding):
-    """Within the block, the pipeline's ``encode_prompt`` returns ``encoding`` (on the device asked for) once;
-    a second call is an error rather than a silent reuse."""
+    """Within the block, the pipeline's ``encode_prompt`` returns ``encoding``'s calls in order (on the device
+    asked for); one call more than were recorded is an error rather than a silent reuse."""
     calls = []
 
     def replay(*_args, device=None, **_kwargs):
-        if calls:
-            raise RuntimeError(f"{type(pipeline).__name__} encoded a prompt twice in one generation; svdq "
-                               "recorded one encoding per prompt")
+        if len(calls) == len(encoding):
+            raise RuntimeError(f"{type(pipeline).__name__} encoded a prompt {len(calls) + 1} times in one "
+                               f"generation; svdq recorded {len(encoding)}")
+        outputs = encoding[len(calls)]
         calls.append(device)
         target = device or pipeline._execution_device
-        return tuple(_to(o, target) for o in encoding)
+        return tuple(_to(o, target) for o in outputs)
 
     pipeline.encode_prompt = replay
     try:
@@ -78,29 +87,32 @@ def _to(output, device, detach: bool = False):
 
 
 def to_tensors(encoding: Encoding) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """A flat safetensors-ready form: the tensors by position (a list's items as ``position.index``), and
-    metadata naming the positions that were None and the lengths of the lists."""
-    tensors, empty, lists = {}, [], {}
-    for i, output in enumerate(encoding):
-        if output is None:
-            empty.append(i)
-        elif isinstance(output, list):
-            lists[str(i)] = len(output)
-            tensors.update({f"{i}.{j}": item.contiguous() for j, item in enumerate(output)})
-        else:
-            tensors[str(i)] = output.contiguous()
-    return tensors, {"empty": json.dumps(empty), "lists": json.dumps(lists)}
+    """A flat safetensors-ready form: call ``c``'s tensors by position as ``c/position`` (a list's items as
+    ``c/position.index``), and metadata naming, per call, the positions that were None and the lists' lengths."""
+    tensors, shapes = {}, []
+    for number, outputs in enumerate(encoding):
+        empty, lists = [], {}
+        for i, output in enumerate(outputs):
+            if output is None:
+                empty.append(i)
+            elif isinstance(output, list):
+                lists[str(i)] = len(output)
+                tensors.update({f"{number}/{i}.{j}": item.contiguous() for j, item in enumerate(output)})
+            else:
+                tensors[f"{number}/{i}"] = output.contiguous()
+        shapes.append({"size": len(outputs), "empty": empty, "lists": lists})
+    return tensors, {"calls": json.dumps(shapes)}
 
 
 def from_tensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Encoding:
-    empty, lists = json.loads(metadata["empty"]), json.loads(metadata.get("lists", "{}"))  # older caches: no lists
+    def outputs(number: int, shape: dict) -> Outputs:
+        def output(i: int):
+            if i in shape["empty"]:
+                return None
+            if str(i) in shape["lists"]:
+                return [tensors[f"{number}/{i}.{j}"] for j in range(shape["lists"][str(i)])]
+            return tensors[f"{number}/{i}"]
 
-    def output(i: int):
-        if i in empty:
-            return None
-        if str(i) in lists:
-            return [tensors[f"{i}.{j}"] for j in range(lists[str(i)])]
-        return tensors[str(i)]
+        return tuple(output(i) for i in range(shape["size"]))
 
-    size = len(empty) + len(lists) + sum(1 for key in tensors if "." not in key)
-    return tuple(output(i) for i in range(size))
+    return tuple(outputs(number, shape) for number, shape in enumerate(json.loads(metadata["calls"])))

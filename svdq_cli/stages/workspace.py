@@ -179,6 +179,7 @@ class Workspace:
     def _encoding_fields(self, prompt: str, guidance: float) -> dict:
         return {"model": self.config.model, "family": self.config.family, "dtype": self.config.dtype,
                 "prompt": prompt, "guidance": guidance, "extra": self.adapter.protocol.extra,
+                "form": "every encode_prompt call",  # the cache once held the first call only
                 "versions": {**library_versions(), "svdq": __version__}}
 
     def encodings(self, prompts: list[str], section) -> list[Encoding]:
@@ -192,9 +193,10 @@ class Workspace:
         missing = [p for p in prompts if found[p] is None]
         if missing:
             pipeline = self._text_pipeline
+            denoiser = self.adapter.denoiser_of(pipeline)
             with task("encode", len(missing)) as advance:
                 for prompt in missing:
-                    encoding = encode(pipeline, lambda pipe, p=prompt: self.adapter.generate(
+                    encoding = encode(pipeline, denoiser, lambda pipe, p=prompt: self.adapter.generate(
                         pipe, [p], [0], steps, guidance, resolution, output_type="latent"))
                     found[prompt] = to_tensors(encoding)
                     if self.cache:

@@ -88,6 +88,38 @@ def z_image(seed: int = 0):
         )
 
 
+def flux2_klein(seed: int = 0):
+    """A Flux2KleinPipeline (FLUX.2 [klein], base: true classifier-free guidance on an empty negative prompt, so
+    two encode_prompt calls a generation): a tiny Qwen3 causal LM whose layers 9, 18 and 27 are stacked into the
+    text embedding, the FLUX.2 VAE (patchified, batch-normed latents), shared-modulation double and single
+    blocks."""
+    from diffusers import (
+        AutoencoderKLFlux2,
+        FlowMatchEulerDiscreteScheduler,
+        Flux2KleinPipeline,
+        Flux2Transformer2DModel,
+    )
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    with tiny.seeded(seed):
+        transformer = Flux2Transformer2DModel(
+            in_channels=32, num_layers=1, num_single_layers=2, attention_head_dim=32, num_attention_heads=4,
+            joint_attention_dim=3 * 32, timestep_guidance_channels=64, axes_dims_rope=(8, 8, 8, 8),
+            guidance_embeds=False,
+        )
+        text_encoder = Qwen3ForCausalLM(Qwen3Config(
+            vocab_size=len(tiny.vocabulary()), hidden_size=32, intermediate_size=64, num_hidden_layers=28,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=8, pad_token_id=0, eos_token_id=1,
+        ))
+        tokenizer = tiny.tokenizer(64)
+        tokenizer.chat_template = "{% for message in messages %}{{ message['content'] }}{% endfor %}"
+        vae = AutoencoderKLFlux2(block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
+                                 up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, latent_channels=8,
+                                 norm_num_groups=8)
+        return Flux2KleinPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=text_encoder,
+                                  tokenizer=tokenizer, transformer=transformer)
+
+
 def _unet(cross_attention_dim: int, **config):
     """A two-level UNet2DConditionModel at 64 and 128 channels: a plain level, then one with cross-attention
     transformers (GEGLU feed-forward, linear projections in and out), a mid block, and the mirror way up."""
@@ -128,8 +160,8 @@ def stable_diffusion(seed: int = 0):
         )
 
 
-BUILDERS = {"ChromaPipeline": chroma, "FluxKontextPipeline": flux_kontext, "QwenImagePipeline": qwen_image,
-            "ZImagePipeline": z_image}
+BUILDERS = {"ChromaPipeline": chroma, "Flux2KleinPipeline": flux2_klein, "FluxKontextPipeline": flux_kontext,
+            "QwenImagePipeline": qwen_image, "ZImagePipeline": z_image}
 UNET_BUILDERS = {"StableDiffusionXLPipeline": stable_diffusion_xl, "StableDiffusionPipeline": stable_diffusion}
 
 

@@ -87,11 +87,37 @@ def test_an_encoding_of_per_prompt_lists_round_trips_through_the_cache_form():
     """Z-Image's encode_prompt returns lists of tensors of each prompt's own length."""
     from svdq_cli.models.text_first import from_tensors, to_tensors
 
-    encoding = (torch.randn(1, 5, 8), None, [torch.randn(3, 8), torch.randn(7, 8)], [])
-    tensors, metadata = to_tensors(encoding)
-    back = from_tensors(tensors, metadata)
-    assert back[1] is None and back[3] == [] and torch.equal(back[0], encoding[0])
-    assert [t.shape for t in back[2]] == [(3, 8), (7, 8)] and all(map(torch.equal, back[2], encoding[2]))
+    outputs = (torch.randn(1, 5, 8), None, [torch.randn(3, 8), torch.randn(7, 8)], [])
+    negative = (torch.randn(1, 2, 8), torch.randn(1, 2))  # a second encode_prompt call (a negative prompt)
+    tensors, metadata = to_tensors((outputs, negative))
+    back, back_negative = from_tensors(tensors, metadata)
+    assert back[1] is None and back[3] == [] and torch.equal(back[0], outputs[0])
+    assert [t.shape for t in back[2]] == [(3, 8), (7, 8)] and all(map(torch.equal, back[2], outputs[2]))
+    assert len(back_negative) == 2 and all(map(torch.equal, back_negative, negative))
+
+
+def test_a_negative_prompt_is_recorded_and_replayed_with_the_prompt(models):
+    """FLUX.2 klein's classifier-free guidance encodes an empty negative prompt in a second encode_prompt
+    call: both are recorded, and a generation replaying them gives the latents of one that encodes."""
+    from svdq_cli.models.loading import load_pipeline
+    from svdq_cli.models.text_first import encode, replaying
+
+    model = str(saved("Flux2KleinPipeline", models))
+    adapter = adapter_of("diffusers", model, {"max_sequence_length": 32})
+    pipeline = load_pipeline(model, adapter, torch.float32)
+
+    def generate(pipe):
+        return adapter.generate(pipe, ["a red fox in fresh snow"], [3], 2, adapter.protocol.guidance, 64, "latent")
+
+    encoding = encode(pipeline, pipeline.transformer, generate)
+    assert len(encoding) == 2 and encoding[0][0].shape == encoding[1][0].shape
+    assert not torch.equal(encoding[0][0], encoding[1][0])  # the prompt and the empty negative prompt
+    expected = generate(pipeline)
+    pipeline.text_encoder = None  # a replayed generation must not need the text encoder
+    with replaying(pipeline, encoding):
+        assert torch.equal(generate(pipeline), expected)
+    with replaying(pipeline, encoding[:1]), pytest.raises(RuntimeError, match="encoded a prompt 2 times"):
+        generate(pipeline)
 
 
 def test_pipeline_args_cannot_set_what_svdq_sets(tmp_path):
