@@ -109,3 +109,16 @@ class Adapter:
             **self.protocol.extra,
         )
         return result.images
+
+
+def frame_strip(frames: torch.Tensor) -> torch.Tensor:
+    """Videos ``[B, F, C, H, W]`` as images ``[B, C, H, F·W]``, their frames side by side: every image-side
+    stage (metrics over every pixel, the comparison sheet, the caches) then takes a video as it is."""
+    b, f, c, h, w = frames.shape
+    return frames.permute(0, 2, 3, 1, 4).reshape(b, c, h, f * w)
+
+
+def strip_frames(strip: torch.Tensor) -> torch.Tensor:
+    """The square frames ``[F, C, H, H]`` of one strip ``[1, C, H, F·H]`` (an image is its one frame)."""
+    _, c, h, width = strip.shape
+    return strip.reshape(c, h, width // h, h).permute(2, 0, 1, 3)

@@ -6,7 +6,8 @@ component) and its class, the protocol from the call's own defaults (``num_infer
 ``guidance_scale``) and the configs (resolution: the denoiser's sample size × the VAE's downsampling), and
 which keyword arguments the call takes. What to quantize is discovered from a traced call, as for every
 family (:mod:`.discovery`). A call it cannot drive is one line: what the call requires beyond a prompt (an
-image, class labels, video frames) is refused before work starts; a call that fails as driven names the
+image, class labels) is refused before work starts; a video pipeline (``num_frames``: Wan) returns its
+frames side by side, one wide image per prompt, so every frame is validated; a call that fails as driven names the
 arguments svdq passed, and a recipe's ``pipeline_args`` supply more.
 """
 
@@ -21,7 +22,7 @@ from pathlib import Path
 import torch
 
 from ..errors import BadInputError, SvdqError, gist
-from .base import Adapter, Protocol
+from .base import Adapter, Protocol, frame_strip
 from .streaming import component_config, denoiser_component, pipeline_index
 
 FAMILY = "diffusers"
@@ -36,6 +37,7 @@ class GenericAdapter(Adapter):
 
     guidance_argument: bool = True  # the call takes a numeric guidance_scale (Qwen-Image's defaults to None)
     area_argument: bool = False  # the call resizes to max_area (Kontext: 1024² whatever height and width say)
+    video: bool = False  # the call generates frames (Wan): they are returned side by side, as one wide image
 
     def generate(self, pipeline, prompts, seeds, steps, guidance, resolution, output_type="pt") -> torch.Tensor:
         generators = [torch.Generator(device="cpu").manual_seed(seed) for seed in seeds]
@@ -54,7 +56,9 @@ class GenericAdapter(Adapter):
             raise BadInputError(
                 f"{self.pipeline_class} failed when svdq called it with prompt, {shown} ({type(error).__name__}: "
                 f"{gist(error)}); give the arguments it needs as the recipe's pipeline_args") from None
-        return result.images
+        if not self.video:
+            return result.images
+        return result.frames if output_type == "latent" else frame_strip(result.frames)
 
 
 @lru_cache(maxsize=8)
@@ -87,6 +91,7 @@ def read_adapter(directory: Path) -> GenericAdapter:
         guidance_distilled=bool(config.get("guidance_embeds")),
         guidance_argument=isinstance(_default(parameters, "guidance_scale"), (int, float)),
         area_argument="max_area" in parameters,
+        video="num_frames" in parameters,
     )
 
 
@@ -100,8 +105,6 @@ def _check_call(name: str, parameters, pipeline_class) -> None:
     if required:
         raise BadInputError(f"{name}'s call requires {', '.join(required)}, which svdq's calibration prompts do "
                             "not carry; this pipeline needs a preset")
-    if "num_frames" in parameters:
-        raise BadInputError(f"{name} generates video; svdq validates images and has no video preset yet")
     if not callable(getattr(pipeline_class, "encode_prompt", None)):
         raise BadInputError(f"{name} has no encode_prompt, which svdq records to encode each prompt once")
 
@@ -113,7 +116,8 @@ def _latent_patch(component: str, config: dict) -> int:
     model could also take."""
     if component == "unet":
         return 1
-    return max(2, int(config.get("patch_size") or 1))
+    patch = config.get("patch_size") or 1
+    return max(2, int(patch[-1] if isinstance(patch, (list, tuple)) else patch))  # Wan's: (frames, height, width)
 
 
 def _protocol(directory: Path, parameters, denoiser: dict) -> Protocol:
@@ -138,6 +142,8 @@ def _vae_factor(directory: Path) -> int | None:
         config = json.loads((directory / "vae" / "config.json").read_text())
     except (OSError, ValueError):
         return None
+    if isinstance(config.get("scale_factor_spatial"), int):  # Wan's VAE says it
+        return config["scale_factor_spatial"]
     for key in ("block_out_channels", "encoder_block_out_channels"):
         if isinstance(config.get(key), list) and config[key]:
             return 2 ** (len(config[key]) - 1)

@@ -99,13 +99,13 @@ def load_pipeline(model: str, adapter: Adapter, dtype: torch.dtype, device: str 
         for name in without:
             overrides.update(dict.fromkeys(text_encoder_names(directory) if name == "text_encoders" else [name]))
         try:
-            # low_cpu_mem_usage=False: weights are copied into fresh memory rather than left on the files'
-            # mappings, whose 8-byte alignment would make the CPU kernels' results depend on the file layout.
-            pipeline = pipeline_class.from_pretrained(directory, dtype=dtype, local_files_only=True,
-                                                      low_cpu_mem_usage=False, **overrides)
+            pipeline = pipeline_class.from_pretrained(directory, dtype=dtype, local_files_only=True, **overrides)
         except Exception as error:  # diffusers, transformers and safetensors raise many types for bad files
             raise BadInputError(f"cannot load {model} as a {adapter.pipeline_class} ({type(error).__name__}: "
                                 f"{gist(error)})") from None
+        for component in pipeline.components.values():
+            if isinstance(component, torch.nn.Module) and component is not denoiser:
+                _into_fresh_memory(component)
         if denoiser is None and adapter.denoiser not in without:
             check_weights_match_config(directory, adapter.denoiser, adapter.denoiser_of(pipeline))
     for component in pipeline.components.values():
@@ -119,6 +119,15 @@ def load_pipeline(model: str, adapter: Adapter, dtype: torch.dtype, device: str 
             if isinstance(component, torch.nn.Module) and component is not denoiser:
                 component.to(device)
     return pipeline
+
+
+@torch.no_grad()
+def _into_fresh_memory(module: torch.nn.Module) -> None:
+    """Every tensor copied out of the file mapping it was loaded on, whose 8-byte alignment would make the CPU
+    kernels' results depend on the file layout. (``low_cpu_mem_usage=False`` did the same, but transformers
+    refuses it for models that keep modules in float32, such as Wan's UMT5.)"""
+    for tensor in [*module.parameters(), *module.buffers()]:
+        tensor.data = tensor.data.clone()
 
 
 def check_pipeline_class(directory: Path, adapter: Adapter) -> None:

@@ -120,6 +120,28 @@ def flux2_klein(seed: int = 0):
                                   tokenizer=tokenizer, transformer=transformer)
 
 
+def wan(seed: int = 0):
+    """A WanPipeline (Wan 2.x text to video): a tiny UMT5 text encoder, the Wan VAE at two levels halving time
+    once, 3D patches of 1×2×2 and rotary positions over frames, height and width."""
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    with tiny.seeded(seed):
+        transformer = WanTransformer3DModel(
+            num_attention_heads=4, attention_head_dim=32, in_channels=8, out_channels=8, text_dim=64, freq_dim=64,
+            ffn_dim=256, num_layers=2, rope_max_seq_len=64,
+        )
+        text_encoder = UMT5EncoderModel(UMT5Config(
+            vocab_size=len(tiny.vocabulary()), d_model=64, d_ff=128, d_kv=16, num_layers=2, num_heads=4,
+            pad_token_id=0, eos_token_id=1,
+        ))
+        vae = AutoencoderKLWan(base_dim=8, z_dim=8, dim_mult=[1, 2], num_res_blocks=1, temperal_downsample=[True],
+                               latents_mean=[0.0] * 8, latents_std=[1.0] * 8, scale_factor_temporal=2,
+                               scale_factor_spatial=2)
+        return WanPipeline(tokenizer=tiny.tokenizer(64), text_encoder=text_encoder, vae=vae, transformer=transformer,
+                           scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))
+
+
 def _unet(cross_attention_dim: int, **config):
     """A two-level UNet2DConditionModel at 64 and 128 channels: a plain level, then one with cross-attention
     transformers (GEGLU feed-forward, linear projections in and out), a mid block, and the mirror way up."""
@@ -162,6 +184,7 @@ def stable_diffusion(seed: int = 0):
 
 BUILDERS = {"ChromaPipeline": chroma, "Flux2KleinPipeline": flux2_klein, "FluxKontextPipeline": flux_kontext,
             "QwenImagePipeline": qwen_image, "ZImagePipeline": z_image}
+VIDEO_BUILDERS = {"WanPipeline": wan}
 UNET_BUILDERS = {"StableDiffusionXLPipeline": stable_diffusion_xl, "StableDiffusionPipeline": stable_diffusion}
 
 
@@ -169,5 +192,5 @@ def saved(name: str, directory: Path) -> Path:
     """The tiny pipeline ``name`` saved under ``directory`` (once: later calls reuse it)."""
     path = Path(directory) / name
     if not (path / "model_index.json").exists():
-        {**BUILDERS, **UNET_BUILDERS}[name]().save_pretrained(path)
+        {**BUILDERS, **UNET_BUILDERS, **VIDEO_BUILDERS}[name]().save_pretrained(path)
     return path

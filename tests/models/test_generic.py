@@ -83,6 +83,46 @@ def test_a_new_family_quantizes_exports_loads_and_generates(models, generic_reci
     assert image.shape == (1, 3, 64, 64) and torch.isfinite(image).all()
 
 
+def test_a_video_pipeline_validates_every_frame_and_loads_back(models, generic_recipe, tmp_path):
+    """Wan 2.x text to video: a video is its frames side by side, so validation compares every frame and its
+    comparison sheet is a frame strip per prompt."""
+    from PIL import Image
+
+    model = saved("WanPipeline", models)
+    recipe = tmp_path / "wan.yaml"
+    recipe.write_text(RECIPE.replace("{max_sequence_length: 32}", "{max_sequence_length: 32, num_frames: 5}"))
+    code, stdout, stderr = svdq("quantize", model, "--recipe", recipe, "--out", tmp_path / "run", "--json")
+    assert code == 0, stderr
+    summary = json.loads(stdout)
+    assert summary["validate"]["passed"] and summary["validate"]["psnr"] > 20, summary["validate"]
+    sheet = Image.open(tmp_path / "run" / "validate" / "comparison.png")
+    assert sheet.width == 3 * 5 * 64  # 16-bit, quantized and difference columns, five frames each
+    pipeline = load_quantized_pipeline(summary["export"])
+    assert type(pipeline).__name__ == "WanPipeline"
+    assert sum(isinstance(m, SVDQLinear) for m in pipeline.transformer.modules()) > 10
+    adapter = adapter_of("diffusers", str(model), {"max_sequence_length": 32, "num_frames": 5})
+    video = adapter.generate(pipeline, ["a red fox in fresh snow"], [0], 2, adapter.protocol.guidance, 64)
+    assert video.shape == (1, 3, 64, 5 * 64) and torch.isfinite(video).all()
+
+
+def test_a_strip_holds_the_frames_in_order_and_ssim_is_taken_frame_by_frame():
+    from torchmetrics.functional.image import structural_similarity_index_measure as ssim
+
+    from svdq_cli.models.base import frame_strip, strip_frames
+    from svdq_cli.stages.validate import _metrics
+
+    generator = torch.Generator().manual_seed(7)
+    frames = torch.rand(1, 4, 3, 32, 32, generator=generator)
+    noisy = (frames + 0.05 * torch.randn(frames.shape, generator=generator)).clamp(0, 1)
+    strip = frame_strip(frames)
+    assert torch.equal(strip[0, ..., 64:96], frames[0, 2]) and torch.equal(strip_frames(strip), frames[0])
+    latents = torch.randn(1, 8, generator=generator)
+    got = _metrics(frame_strip(noisy), latents, strip, latents)
+    expected = sum(ssim(noisy[:, f], frames[:, f], data_range=1.0).item() for f in range(4)) / 4
+    assert got["ssim"] == pytest.approx(expected, rel=1e-5)
+    assert got["ssim"] != pytest.approx(ssim(frame_strip(noisy), strip, data_range=1.0).item(), rel=1e-5)
+
+
 def test_an_encoding_of_per_prompt_lists_round_trips_through_the_cache_form():
     """Z-Image's encode_prompt returns lists of tensors of each prompt's own length."""
     from svdq_cli.models.text_first import from_tensors, to_tensors
@@ -120,6 +160,23 @@ def test_a_negative_prompt_is_recorded_and_replayed_with_the_prompt(models):
         generate(pipeline)
 
 
+@pytest.mark.parametrize("recipe,pipeline_class,block_list", [
+    ("qwen-image", "QwenImagePipeline", "transformer_blocks"),  # true CFG: the negative prompt is a second call
+    ("sdxl-turbo", "StableDiffusionXLPipeline", "down_blocks.1.attentions"),  # its skip patterns match
+])
+def test_a_shipped_recipe_drives_its_pipeline_class(models, recipe, pipeline_class, block_list):
+    """The published recipes of families without a preset, applied to a tiny model of their class: their
+    pipeline_args are arguments the call takes and their target overrides match its layers."""
+    code, stdout, stderr = svdq("targets", saved(pipeline_class, models), "--recipe", recipe, "--device", "cpu",
+                                "--json")
+    assert code == 0, stderr
+    result = json.loads(stdout)
+    assert result["block_lists"][block_list]["quantized"] > 0
+    if recipe == "sdxl-turbo":
+        layers = {layer["name"]: layer for layer in result["layers"]}
+        assert layers["down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k"]["mode"] == "16-bit"
+
+
 def test_pipeline_args_cannot_set_what_svdq_sets(tmp_path):
     recipe = tmp_path / "bad.yaml"
     recipe.write_text(RECIPE.replace("{max_sequence_length: 32}", "{height: 512}"))
@@ -130,8 +187,6 @@ def test_pipeline_args_cannot_set_what_svdq_sets(tmp_path):
 @pytest.mark.parametrize("index,message", [
     ({"_class_name": "StableDiffusionXLPipeline", "vae": ["diffusers", "AutoencoderKL"]},
      "StableDiffusionXLPipeline has no transformer or unet component"),
-    ({"_class_name": "WanPipeline", "transformer": ["diffusers", "WanTransformer3DModel"]},
-     "WanPipeline generates video; svdq validates images and has no video preset yet"),
     ({"_class_name": "ChronoEditPipeline", "transformer": ["diffusers", "ChronoEditTransformer3DModel"]},
      "ChronoEditPipeline's call requires image, which svdq's calibration prompts do not carry"),
     ({"_class_name": "NoSuchPipeline", "transformer": ["diffusers", "X"]},
