@@ -188,6 +188,26 @@ VIDEO_BUILDERS = {"WanPipeline": wan}
 UNET_BUILDERS = {"StableDiffusionXLPipeline": stable_diffusion_xl, "StableDiffusionPipeline": stable_diffusion}
 
 
+TINY_RECIPE = """
+model: ""
+family: diffusers
+dtype: float32
+device: cpu
+quant: {{method: svdquant, precision: int4, rank: 16, calib_rows: 128, search_rows: 64}}
+calibration: {{num_prompts: 2, steps: 2, resolution: 64}}
+validation: {{num_prompts: 1, steps: 2, resolution: 64}}
+pipeline_args: {pipeline_args}
+"""
+
+
+def tiny_recipe(directory: Path, pipeline_args: str = "{max_sequence_length: 32}") -> Path:
+    """A generic recipe sized for these models (float32 on the CPU, rank 16, two calibration prompts and one
+    validation prompt, two steps at 64 px), written to ``directory``."""
+    path = Path(directory) / "tiny-generic.yaml"
+    path.write_text(TINY_RECIPE.format(pipeline_args=pipeline_args))
+    return path
+
+
 def saved(name: str, directory: Path) -> Path:
     """The tiny pipeline ``name`` saved under ``directory`` (once: later calls reuse it)."""
     path = Path(directory) / name

@@ -14,18 +14,7 @@ from svdq_cli.models.loading import adapter_of
 from svdq_cli.run.recipe import load_recipe
 from svdq_cli.runtime.layers import SVDQLinear
 from tests.conftest import svdq
-from tests.models.new_families import BUILDERS, saved
-
-RECIPE = """
-model: ""
-family: diffusers
-dtype: float32
-device: cpu
-quant: {method: svdquant, precision: int4, rank: 16, calib_rows: 128, search_rows: 64}
-calibration: {num_prompts: 2, steps: 2, resolution: 64}
-validation: {num_prompts: 1, steps: 2, resolution: 64}
-pipeline_args: {max_sequence_length: 32}
-"""
+from tests.models.new_families import BUILDERS, saved, tiny_recipe
 
 
 @pytest.fixture(scope="module")
@@ -35,9 +24,7 @@ def models(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def generic_recipe(tmp_path_factory):
-    path = tmp_path_factory.mktemp("recipe") / "tiny-generic.yaml"
-    path.write_text(RECIPE)
-    return path
+    return tiny_recipe(tmp_path_factory.mktemp("recipe"))
 
 
 def test_the_protocol_is_read_from_the_pipeline_call_and_configs(models):
@@ -89,8 +76,7 @@ def test_a_video_pipeline_validates_every_frame_and_loads_back(models, generic_r
     from PIL import Image
 
     model = saved("WanPipeline", models)
-    recipe = tmp_path / "wan.yaml"
-    recipe.write_text(RECIPE.replace("{max_sequence_length: 32}", "{max_sequence_length: 32, num_frames: 5}"))
+    recipe = tiny_recipe(tmp_path, "{max_sequence_length: 32, num_frames: 5}")
     code, stdout, stderr = svdq("quantize", model, "--recipe", recipe, "--out", tmp_path / "run", "--json")
     assert code == 0, stderr
     summary = json.loads(stdout)
@@ -178,8 +164,7 @@ def test_a_shipped_recipe_drives_its_pipeline_class(models, recipe, pipeline_cla
 
 
 def test_pipeline_args_cannot_set_what_svdq_sets(tmp_path):
-    recipe = tmp_path / "bad.yaml"
-    recipe.write_text(RECIPE.replace("{max_sequence_length: 32}", "{height: 512}"))
+    recipe = tiny_recipe(tmp_path, "{height: 512}")
     with pytest.raises(BadInputError, match=r"pipeline_args.height: svdq sets it from the recipe \(resolution\)"):
         load_recipe(str(recipe))
 

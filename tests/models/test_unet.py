@@ -15,17 +15,7 @@ from svdq_cli.models.loading import adapter_of
 from svdq_cli.models.streaming import BlockStreamer, component_checkpoint, component_config, empty_model
 from svdq_cli.runtime.layers import SVDQLinear
 from tests.conftest import svdq
-from tests.models.new_families import UNET_BUILDERS, saved
-
-RECIPE = """
-model: ""
-family: diffusers
-dtype: float32
-device: cpu
-quant: {method: svdquant, precision: int4, rank: 16, calib_rows: 128, search_rows: 64}
-calibration: {num_prompts: 2, steps: 2, resolution: 64}
-validation: {num_prompts: 1, steps: 2, resolution: 64}
-"""
+from tests.models.new_families import UNET_BUILDERS, saved, tiny_recipe
 
 
 @pytest.fixture(scope="module")
@@ -35,9 +25,7 @@ def models(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def unet_recipe(tmp_path_factory):
-    path = tmp_path_factory.mktemp("recipe") / "tiny-unet.yaml"
-    path.write_text(RECIPE)
-    return path
+    return tiny_recipe(tmp_path_factory.mktemp("recipe"), pipeline_args="{}")  # a UNet call has no max_sequence_length
 
 
 @pytest.fixture(scope="module")
