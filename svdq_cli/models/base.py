@@ -50,7 +50,8 @@ class Adapter:
     def resolution_multiple(self, pipeline) -> int:
         """Image sizes the pipeline can take are multiples of this: VAE downsampling × latent patch."""
         patch = self.latent_patch or self.denoiser_of(pipeline).config.get("patch_size", 1) or 1
-        return getattr(pipeline, "vae_scale_factor", 8) * patch
+        scale = getattr(pipeline, "vae_scale_factor", None) or getattr(pipeline, "vae_scale_factor_spatial", 8)  # Wan's
+        return scale * patch
 
     def resolution_error(self, pipeline, resolution: int, flag: str) -> str | None:
         """Why the pipeline cannot generate at ``resolution`` (``flag`` names the option), or None."""
@@ -64,13 +65,19 @@ class Adapter:
                     f"(pos_embed_max_size {positions})")
         return None
 
+    def tokens(self, pipeline, resolution: int) -> int:
+        """Latent tokens of one generation at ``resolution`` (a video's: of every latent frame)."""
+        return (resolution // self.resolution_multiple(pipeline)) ** 2 * self.latent_frames(pipeline)
+
+    def latent_frames(self, pipeline) -> int:
+        return 1
+
     def activation_bytes(self, pipeline, resolution: int, widest: int, element_size: int) -> tuple[int, str]:
         """An estimate of the largest activations one generation at ``resolution`` holds at once, and where:
         a denoiser pass (tokens × the widest linear output, a few such tensors live) or the VAE decoder at
         full resolution (its first-level channels). A bound for refusing the impossible, not a prediction."""
         live = 4  # input, output and the intermediates of one layer
-        tokens = (resolution // self.resolution_multiple(pipeline)) ** 2
-        denoiser = tokens * widest * element_size * live
+        denoiser = self.tokens(pipeline, resolution) * widest * element_size * live
         vae = getattr(pipeline, "vae", None)
         channels = (getattr(getattr(vae, "config", None), "block_out_channels", None) or [128])[0]
         decoder = resolution**2 * channels * element_size * live

@@ -38,6 +38,15 @@ class GenericAdapter(Adapter):
     guidance_argument: bool = True  # the call takes a numeric guidance_scale (Qwen-Image's defaults to None)
     area_argument: bool = False  # the call resizes to max_area (Kontext: 1024² whatever height and width say)
     video: bool = False  # the call generates frames (Wan): they are returned side by side, as one wide image
+    default_frames: int = 1  # the call's own num_frames
+
+    def latent_frames(self, pipeline) -> int:
+        """A video's latent frames: the frames asked for (else the call's default), compressed in time by the
+        VAE (Wan: 81 frames are 21 latent frames)."""
+        if not self.video:
+            return 1
+        frames = self.protocol.extra.get("num_frames", self.default_frames)
+        return (int(frames) - 1) // getattr(pipeline, "vae_scale_factor_temporal", 1) + 1
 
     def generate(self, pipeline, prompts, seeds, steps, guidance, resolution, output_type="pt") -> torch.Tensor:
         generators = [torch.Generator(device="cpu").manual_seed(seed) for seed in seeds]
@@ -92,6 +101,7 @@ def read_adapter(directory: Path) -> GenericAdapter:
         guidance_argument=isinstance(_default(parameters, "guidance_scale"), (int, float)),
         area_argument="max_area" in parameters,
         video="num_frames" in parameters,
+        default_frames=int(_default(parameters, "num_frames") or 1),
     )
 
 

@@ -274,7 +274,6 @@ class Workspace:
             if rank > min(module.in_features, module.out_features):
                 raise BadInputError(f"--rank {rank} exceeds layer {name} "
                                     f"(min(in, out) = {min(module.in_features, module.out_features)})")
-        multiple = self.adapter.resolution_multiple(self.pipeline)
         for section, flag in ((self.config.calibration, "--resolution"), (self.config.validation, "--val-resolution")):
             error = self.adapter.resolution_error(self.pipeline, section.resolution or self.adapter.protocol.resolution,
                                                   flag)
@@ -285,7 +284,7 @@ class Workspace:
         if "validate" in todo and self.config.validation.runtime == "emulated" and self.device != "cpu":
             raise BadInputError("--runtime emulated runs the kernels on the CPU emulator: add --device cpu")
         if self.device == "cpu":
-            self.say_cpu_cost(todo, multiple)
+            self.say_cpu_cost(todo)
 
     def check_fits(self, section, flag: str) -> None:
         """Refuse a resolution whose activations cannot fit in this device's free memory (the model is loaded
@@ -316,7 +315,7 @@ class Workspace:
             if steps > timesteps:
                 raise BadInputError(f"{flag} {steps} exceeds the scheduler's {timesteps} training timesteps")
 
-    def say_cpu_cost(self, todo: list[str], multiple: int) -> None:
+    def say_cpu_cost(self, todo: list[str]) -> None:
         """On a CPU, one line per generating stage whose estimated cost exceeds a minute, with the flags that
         size it (a full-size protocol on a CPU would otherwise run for hours without a word)."""
         params = sum(p.numel() for p in self.denoiser.parameters())
@@ -333,7 +332,7 @@ class Workspace:
             protocol = self.adapter.protocol
             steps, resolution = section.steps or protocol.steps, section.resolution or protocol.resolution
             guidance = protocol.guidance if section.guidance is None else section.guidance
-            tokens = (resolution // multiple) ** 2 + text_tokens
+            tokens = self.adapter.tokens(self.pipeline, resolution) + text_tokens
             per_pass = 2 * params * tokens + 4 * tokens**2 * width * len(self.blocks)  # linears + attention
             generations = section.num_prompts * (1 + len(getattr(section, "baselines", ())) + 1) \
                 if name == "validate" else section.num_prompts  # validate: 16-bit, quantized, baselines

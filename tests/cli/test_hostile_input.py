@@ -545,7 +545,7 @@ def test_a_full_size_protocol_on_a_cpu_says_what_it_will_cost(flux_dir, capsys):
     config = resolve_model(str(flux_dir), None, {"device": "cpu"})  # a local Flux directory: flux-dev's protocol
     assert config.calibration.steps == 50 and config.validation.resolution == 1024
     workspace = Workspace(config)
-    workspace.say_cpu_cost(["collect", "validate"], workspace.adapter.resolution_multiple(workspace.pipeline))
+    workspace.say_cpu_cost(["collect", "validate"])
     notices = [line for line in capsys.readouterr().err.splitlines() if "on this CPU (estimated" in line]
     assert len(notices) == 2
     assert notices[0].startswith("collect: about") and "size it with --num-prompts/--steps/--resolution" in notices[0]

@@ -91,6 +91,17 @@ def test_a_video_pipeline_validates_every_frame_and_loads_back(models, generic_r
     assert video.shape == (1, 3, 64, 5 * 64) and torch.isfinite(video).all()
 
 
+def test_a_videos_token_count_covers_every_latent_frame(models):
+    """The memory bound and the CPU cost notice count the tokens of every latent frame: the tiny Wan's VAE
+    halves time, so 81 frames are 41 latent frames of (64 px / 2 / 2)² tokens each."""
+    from svdq_cli.models.loading import load_pipeline
+
+    model = str(saved("WanPipeline", models))
+    pipeline = load_pipeline(model, adapter_of("diffusers", model), torch.float32)
+    assert adapter_of("diffusers", model).tokens(pipeline, 64) == 16**2 * 41  # the call's default: 81 frames
+    assert adapter_of("diffusers", model, {"num_frames": 5}).tokens(pipeline, 64) == 16**2 * 3
+
+
 def test_a_strip_holds_the_frames_in_order_and_ssim_is_taken_frame_by_frame():
     from torchmetrics.functional.image import structural_similarity_index_measure as ssim
 
