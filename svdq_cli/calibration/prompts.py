@@ -1,4 +1,9 @@
-"""Prompt sets: the built-in ones, text/JSON/CSV files, or a Hub dataset (``hf:org/name[:split[:column]]``)."""
+"""Prompt sets: the built-in ones, text/JSON/CSV files, or a Hub dataset (``hf:org/name[:split[:column]]``).
+
+An image-editing prompt carries a reference image: a JSON object ``{"prompt": …, "image": PATH}`` or a CSV
+``image`` column, the path relative to the prompt file. Such a prompt is a :class:`Prompt`, a ``str`` that
+also knows its image, so every stage passes it on unchanged; caches key it by :func:`identity`.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +12,36 @@ import hashlib
 import json
 from pathlib import Path
 
+from PIL import Image, UnidentifiedImageError
+
 from ..errors import BadInputError
 from ..system import online
 from ..system.resources import data_dir
 
 BUILTIN = {"builtin:calibration": "calibration.txt", "builtin:validation": "validation.txt"}
 MAX_PROMPT_CHARACTERS = 4000
+
+
+class Prompt(str):
+    """A prompt's text with the reference image it edits (an absolute path) and that file's sha256."""
+
+    image: str
+    image_sha256: str
+
+    def __new__(cls, text: str, image: Path) -> Prompt:
+        prompt = super().__new__(cls, text)
+        prompt.image, prompt.image_sha256 = str(image), _image_digest(image)
+        return prompt
+
+    def reference_image(self, size: int) -> Image.Image:
+        """The reference image in RGB, resized to the generation's square ``size``."""
+        with Image.open(self.image) as image:
+            return image.convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
+
+
+def identity(prompt: str):
+    """What a cache keys a prompt by: its text, with its reference image's content when it has one."""
+    return [str(prompt), prompt.image_sha256] if isinstance(prompt, Prompt) else str(prompt)
 
 
 def load_prompts(source: str, count: int | None = None) -> list[str]:
@@ -29,7 +58,7 @@ def load_prompts(source: str, count: int | None = None) -> list[str]:
         raise BadInputError(f"unknown prompt set {source!r} (built in: {', '.join(BUILTIN)})")
     else:
         prompts = _from_file(Path(source))
-    prompts = [p.strip() for p in prompts if p and p.strip()]
+    prompts = [_stripped(p) for p in prompts if p and p.strip()]
     if not prompts:
         raise BadInputError(f"prompt source {source} holds no prompts")
     for number, prompt in enumerate(prompts, 1):
@@ -41,6 +70,30 @@ def load_prompts(source: str, count: int | None = None) -> list[str]:
             raise BadInputError(f"the number of prompts must be at least 1, got {count}")
         prompts = prompts[:count]
     return prompts
+
+
+def _stripped(prompt: str) -> str:
+    if isinstance(prompt, Prompt):
+        return Prompt(prompt.strip(), Path(prompt.image))
+    return prompt.strip()
+
+
+def _image_digest(path: Path) -> str:
+    """The sha256 of a readable image file.
+
+    Raises:
+        BadInputError: missing, unreadable, or not an image.
+    """
+    try:
+        data = Path(path).read_bytes()
+        with Image.open(path) as image:
+            image.verify()
+    except (UnidentifiedImageError, SyntaxError, ValueError):  # before OSError: PIL's error is one
+        raise BadInputError(f"reference image {path} is not an image PIL can read") from None
+    except OSError as error:
+        raise BadInputError(f"reference image {path} cannot be read ({getattr(error, 'strerror', None) or error})"
+                            ) from None
+    return hashlib.sha256(data).hexdigest()
 
 
 def prompt_seed(prompt: str, base_seed: int) -> int:
@@ -69,8 +122,7 @@ def _from_file(path: Path) -> list[str]:
                                 "list of strings (or of objects with a \"prompt\")") from None
         if not isinstance(items, list):
             raise BadInputError(f"prompt file {path} must hold a JSON list")
-        return [item["prompt"] if isinstance(item, dict) and "prompt" in item else item for item in items
-                if isinstance(item, (str, dict))]
+        return [_item(item, path.parent) for item in items if isinstance(item, (str, dict))]
     if path.suffix.lower() == ".csv":
         try:
             rows = list(csv.DictReader(text.splitlines()))
@@ -78,8 +130,22 @@ def _from_file(path: Path) -> list[str]:
             raise BadInputError(f"CSV prompt file {path} is malformed ({error})") from None
         if rows and "prompt" not in rows[0]:
             raise BadInputError(f"CSV prompt file {path} has no 'prompt' column")
-        return [row["prompt"] for row in rows]
+        return [_item(row, path.parent) for row in rows]
     return text.splitlines()
+
+
+def _item(item, directory: Path):
+    """A JSON item or CSV row: a string, or an object with a prompt and maybe a reference image."""
+    if not isinstance(item, dict):
+        return item
+    text, image = item.get("prompt"), item.get("image")
+    if not isinstance(text, str):
+        return None  # no prompt: skipped like an empty line
+    if image in (None, ""):
+        return text
+    if not isinstance(image, str):
+        raise BadInputError(f"the image of prompt {text[:40]!r} must be a path, got {type(image).__name__}")
+    return Prompt(text, (directory / image).resolve())
 
 
 def _from_dataset(source: str) -> list[str]:

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..calibration.prompts import Prompt
+from ..errors import BadInputError
 from .discovery import Layout, discover
 
 
@@ -104,6 +106,9 @@ class Adapter:
 
         Generators live on the CPU, so a seed gives the same noise on any device.
         """
+        if reference_images(prompts, resolution):
+            raise BadInputError(f"the {self.family} recipe drives {self.pipeline_class}, which takes no reference "
+                                "image; prompts with images are for editing pipelines (FLUX.1 Kontext)")
         generators = [torch.Generator(device="cpu").manual_seed(seed) for seed in seeds]
         result = pipeline(
             prompt=prompts,
@@ -129,3 +134,18 @@ def strip_frames(strip: torch.Tensor) -> torch.Tensor:
     """The square frames ``[F, C, H, H]`` of one strip ``[1, C, H, F·H]`` (an image is its one frame)."""
     _, c, h, width = strip.shape
     return strip.reshape(c, h, width // h, h).permute(2, 0, 1, 3)
+
+
+def reference_images(prompts: list[str], resolution: int) -> list | None:
+    """The reference images of editing prompts (:class:`..calibration.prompts.Prompt`) at the generation's
+    size, or None when no prompt has one.
+
+    Raises:
+        BadInputError: a batch that mixes prompts with and without images (svdq generates one at a time).
+    """
+    with_image = [isinstance(prompt, Prompt) for prompt in prompts]
+    if not any(with_image):
+        return None
+    if not all(with_image):
+        raise BadInputError("prompts with and without reference images cannot be generated in one batch")
+    return [prompt.reference_image(resolution) for prompt in prompts]

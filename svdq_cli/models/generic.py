@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from ..errors import BadInputError, SvdqError, gist
-from .base import Adapter, Protocol, frame_strip
+from .base import Adapter, Protocol, frame_strip, reference_images
 from .streaming import component_config, denoiser_component, pipeline_index
 
 FAMILY = "diffusers"
@@ -39,6 +39,8 @@ class GenericAdapter(Adapter):
     area_argument: bool = False  # the call resizes to max_area (Kontext: 1024² whatever height and width say)
     video: bool = False  # the call generates frames (Wan): they are returned side by side, as one wide image
     default_frames: int = 1  # the call's own num_frames
+    image_argument: bool = False  # the call takes a reference image (editing: Kontext, Qwen-Image-Edit)
+    resize_argument: bool = False  # the call resizes the reference image to a preferred size by default
 
     def latent_frames(self, pipeline) -> int:
         """A video's latent frames: the frames asked for (else the call's default), compressed in time by the
@@ -56,6 +58,13 @@ class GenericAdapter(Adapter):
             arguments["guidance_scale"] = guidance
         if self.area_argument:
             arguments["max_area"] = resolution**2
+        images = reference_images(prompts, resolution)
+        if images is not None:
+            if not self.image_argument:
+                raise BadInputError(f"{self.pipeline_class} takes no reference image; give it text prompts")
+            arguments["image"] = images[0] if len(images) == 1 else images
+            if self.resize_argument:  # Kontext: keep the size asked, not its preferred ones (672 px and up)
+                arguments["_auto_resize"] = False
         try:
             result = pipeline(**arguments)
         except SvdqError:
@@ -102,6 +111,8 @@ def read_adapter(directory: Path) -> GenericAdapter:
         area_argument="max_area" in parameters,
         video="num_frames" in parameters,
         default_frames=int(_default(parameters, "num_frames") or 1),
+        image_argument="image" in parameters,
+        resize_argument="_auto_resize" in parameters,
     )
 
 

@@ -19,7 +19,7 @@ from functools import cache, partial
 import torch
 from torch import nn
 
-from ..calibration.prompts import load_prompts, prompt_seed
+from ..calibration.prompts import identity, load_prompts, prompt_seed
 from ..engines.uniform import GroupPlan, input_gram, plan_group, quantize_layer
 from ..methods.baselines import baseline_config
 from ..methods.config import LOW_BIT_PRECISIONS, QuantConfig
@@ -121,7 +121,8 @@ def reference(workspace, prompts: list[str], seeds: list[int],
     hit the other ranks get None (rank 0 alone computes the metrics)."""
     steps, guidance, resolution = workspace.settings(workspace.config.validation)
     fields = {"model": workspace.config.model, "family": workspace.config.family, "dtype": workspace.config.dtype,
-              "prompts": prompts, "seeds": seeds, "steps": steps, "guidance": guidance, "resolution": resolution,
+              "prompts": [identity(p) for p in prompts], "seeds": seeds, "steps": steps, "guidance": guidance,
+              "resolution": resolution,
               "extra": workspace.adapter.protocol.extra, "versions": {**library_versions(), "svdq": __version__}}
 
     found = workspace.cache.get("reference", fields) if world.leader else None

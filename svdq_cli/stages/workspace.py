@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..calibration.prompts import load_prompts
+from ..calibration.prompts import identity, load_prompts
 from ..errors import BadInputError
 from ..models.base import Adapter
 from ..models.discovery import Layout, block_paths, discover
@@ -178,7 +178,7 @@ class Workspace:
 
     def _encoding_fields(self, prompt: str, guidance: float) -> dict:
         return {"model": self.config.model, "family": self.config.family, "dtype": self.config.dtype,
-                "prompt": prompt, "guidance": guidance, "extra": self.adapter.protocol.extra,
+                "prompt": identity(prompt), "guidance": guidance, "extra": self.adapter.protocol.extra,
                 "form": "every encode_prompt call",  # the cache once held the first call only
                 "versions": {**library_versions(), "svdq": __version__}}
 

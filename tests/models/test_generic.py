@@ -4,6 +4,7 @@ say, through every stage to an export that loads back as the same pipeline class
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -100,6 +101,48 @@ def test_a_videos_token_count_covers_every_latent_frame(models):
     pipeline = load_pipeline(model, adapter_of("diffusers", model), torch.float32)
     assert adapter_of("diffusers", model).tokens(pipeline, 64) == 16**2 * 41  # the call's default: 81 frames
     assert adapter_of("diffusers", model, {"num_frames": 5}).tokens(pipeline, 64) == 16**2 * 3
+
+
+def _edit_prompts(directory, count: int) -> Path:
+    """A prompt file of ``count`` editing prompts, each with its own 48×80 random reference image."""
+    import numpy as np
+    from PIL import Image
+
+    generator = np.random.default_rng(count)
+    items = []
+    for index in range(count):
+        Image.fromarray(generator.integers(0, 255, (48, 80, 3), dtype=np.uint8)).save(directory / f"ref{index}.png")
+        items.append({"prompt": "make it night", "image": f"ref{index}.png"})
+    path = directory / f"edits-{count}.json"
+    path.write_text(json.dumps(items))
+    return path
+
+
+def test_kontext_edits_its_reference_image_in_calibration_and_validation(models, tmp_path):
+    """FLUX.1 Kontext with prompts that carry reference images: the image reaches the transformer (its latent
+    tokens join the generated ones), and the run quantizes, validates and exports."""
+    from svdq_cli.calibration.prompts import load_prompts
+    from svdq_cli.models.loading import load_pipeline
+
+    model = str(saved("FluxKontextPipeline", models))
+    calibration, validation = _edit_prompts(tmp_path, 2), _edit_prompts(tmp_path, 1)
+    adapter = adapter_of("diffusers", model, {"max_sequence_length": 32})
+    pipeline = load_pipeline(model, adapter, torch.float32)
+    tokens = []
+    pipeline.transformer.register_forward_pre_hook(lambda _m, _a, kwargs: tokens.append(
+        kwargs["hidden_states"].shape[1]), with_kwargs=True)
+    edit = load_prompts(str(validation))
+    for prompts in (["make it night"], edit):
+        adapter.generate(pipeline, prompts, [0], 1, adapter.protocol.guidance, 64, "latent")
+    assert tokens == [16**2, 2 * 16**2]  # 64 px: 16×16 packed tokens, and as many of the reference image
+    recipe = tiny_recipe(tmp_path)
+    recipe.write_text(recipe.read_text().replace("num_prompts: 2,", f"prompts: {calibration}, num_prompts: 2,")
+                      .replace("num_prompts: 1,", f"prompts: {validation}, num_prompts: 1,"))
+    code, stdout, stderr = svdq("quantize", model, "--recipe", recipe, "--out", tmp_path / "run", "--json")
+    assert code == 0, stderr
+    assert json.loads(stdout)["validate"]["passed"]
+    code, _, stderr = svdq("quantize", "tiny-flux", "--prompts", calibration, "--out", tmp_path / "flux")
+    assert code == 2 and "FluxPipeline, which takes no reference image" in stderr.strip().splitlines()[-1]
 
 
 def test_a_strip_holds_the_frames_in_order_and_ssim_is_taken_frame_by_frame():
