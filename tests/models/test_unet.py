@@ -15,7 +15,7 @@ from svdq_cli.models.loading import adapter_of
 from svdq_cli.models.streaming import BlockStreamer, component_checkpoint, component_config, empty_model
 from svdq_cli.runtime.layers import SVDQLinear
 from tests.conftest import svdq
-from tests.models.new_families import UNET_BUILDERS, saved, tiny_recipe
+from tests.models.new_families import saved, tiny_recipe
 
 
 @pytest.fixture(scope="module")
@@ -100,20 +100,12 @@ def test_a_streamed_unet_exports_the_same_bytes(sdxl_runs):
     assert exports[0] == exports[1]
 
 
-@pytest.mark.parametrize("pipeline_class", sorted(UNET_BUILDERS))
-def test_a_unet_pipeline_quantizes_exports_loads_and_generates(models, unet_recipe, sdxl_runs, tmp_path,
-                                                               pipeline_class):
+def test_a_unet_pipeline_quantizes_exports_loads_and_generates(models, sdxl_runs):
+    pipeline_class = "StableDiffusionXLPipeline"
     model = saved(pipeline_class, models)
-    if pipeline_class == "StableDiffusionXLPipeline":
-        export = next((sdxl_runs / "no-stream" / "export").glob("*.safetensors"))
-        report = json.loads((sdxl_runs / "no-stream" / "validate" / "report.json").read_text())
-        validate = {"passed": report["passed"], "psnr": report["methods"]["svdquant"]["psnr"]}
-    else:
-        code, stdout, stderr = svdq("quantize", model, "--recipe", unet_recipe, "--out", tmp_path / "run", "--json")
-        assert code == 0, stderr
-        summary = json.loads(stdout)
-        export, validate = summary["export"], summary["validate"]
-    assert validate["passed"] and validate["psnr"] > 20, validate
+    export = next((sdxl_runs / "no-stream" / "export").glob("*.safetensors"))
+    report = json.loads((sdxl_runs / "no-stream" / "validate" / "report.json").read_text())
+    assert report["passed"] and report["methods"]["svdquant"]["psnr"] > 20, report["methods"]
     assert read_metadata(export)["model_config"]["component"] == "unet"
     pipeline = load_quantized_pipeline(export)
     assert type(pipeline).__name__ == pipeline_class
@@ -122,6 +114,15 @@ def test_a_unet_pipeline_quantizes_exports_loads_and_generates(models, unet_reci
     assert (adapter.denoiser, adapter.protocol.resolution) == ("unet", 64)  # sample_size 32 × the VAE's 2
     image = adapter.generate(pipeline, ["a red fox in fresh snow"], [0], 2, adapter.protocol.guidance, 64)
     assert image.shape == (1, 3, 64, 64) and torch.isfinite(image).all()
+
+
+def test_stable_diffusion_1_and_2_come_free(models):
+    """SD 1.x/2.x: one text encoder, no added conditioning; the same UNet blocks (SDXL runs end to end above)."""
+    code, stdout, stderr = svdq("targets", saved("StableDiffusionPipeline", models), "--json")
+    assert code == 0, stderr
+    lists = json.loads(stdout)["block_lists"]
+    assert lists["down_blocks.1.attentions"]["quantized"] > 10 and lists["mid_block.attentions"]["quantized"] > 10
+    assert lists["down_blocks.0.resnets"]["weight_only"] == 1
 
 
 def test_a_single_file_unet_fine_tune_takes_its_base(models, tmp_path):
