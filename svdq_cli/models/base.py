@@ -92,6 +92,16 @@ class Adapter:
             pipeline, [prompt], [0], protocol.steps, protocol.guidance, protocol.resolution, output_type="latent"),
             denoiser.dtype)
 
+    def refuse_reference_images(self, prompts: list[str]) -> None:
+        """A preset's call takes text (or class labels) only.
+
+        Raises:
+            BadInputError: a prompt that carries a reference image.
+        """
+        if any(isinstance(prompt, Prompt) for prompt in prompts):
+            raise BadInputError(f"the {self.family} recipe drives {self.pipeline_class}, which takes no reference "
+                                "image; prompts with images are for editing pipelines (FLUX.1 Kontext)")
+
     def generate(
         self,
         pipeline,
@@ -106,9 +116,7 @@ class Adapter:
 
         Generators live on the CPU, so a seed gives the same noise on any device.
         """
-        if reference_images(prompts, resolution):
-            raise BadInputError(f"the {self.family} recipe drives {self.pipeline_class}, which takes no reference "
-                                "image; prompts with images are for editing pipelines (FLUX.1 Kontext)")
+        self.refuse_reference_images(prompts)
         generators = [torch.Generator(device="cpu").manual_seed(seed) for seed in seeds]
         result = pipeline(
             prompt=prompts,

@@ -85,6 +85,7 @@ class ClassConditionalAdapter(Adapter):
 
     def generate(self, pipeline, prompts, seeds, steps, guidance, resolution, output_type="pt") -> torch.Tensor:
         """Images in [0, 1] ``[B, 3, H, W]``, or the final latents (``output_type="latent"``, decoding skipped)."""
+        self.refuse_reference_images(prompts)
         labels = [class_label(prompt, pipeline) for prompt in prompts]
         generators = [torch.Generator(device="cpu").manual_seed(seed) for seed in seeds]
         if output_type != "latent":
