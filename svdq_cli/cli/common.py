@@ -158,9 +158,9 @@ BaselinesOpt = Annotated[str | None, typer.Option(help="Baselines validation als
 
 
 StreamOpt = Annotated[bool | None, typer.Option("--stream/--no-stream", metavar="",
-                                                help="Read the transformer block by block from its checkpoint, "
-                                                     "so memory holds one block (default: when the checkpoint is "
-                                                     "over half the available memory).")]
+                                                help="Read the denoiser (transformer or UNet) block by block "
+                                                     "from its checkpoint, so memory holds one block (default: "
+                                                     "when the checkpoint is over half the available memory).")]
 
 
 RuntimeOpt = Annotated[str | None, typer.Option(help="How validation runs the quantized layers: auto (fused CUDA "
@@ -170,7 +170,7 @@ RuntimeOpt = Annotated[str | None, typer.Option(help="How validation runs the qu
 
 BaseOpt = Annotated[str | None, typer.Option("--base", help="The model a single-file fine-tune (MODEL.safetensors) "
                                                          "fine-tunes: a recipe, diffusers directory or Hub id; "
-                                                         "it gives every part but the transformer's weights.")]
+                                                         "it gives every part but the denoiser's weights.")]
 
 
 SkipOpt = Annotated[list[str] | None, typer.Option("--skip", help="Keep these linears 16-bit: a glob over full "

@@ -27,7 +27,8 @@ def targets(
 ) -> None:
     """Each linear of the model's denoiser: W4A4, weight-only or 16-bit, with the reason, its group (members share
     the smoothing factor) and the share of parameters quantized, per block list. The model is loaded and traced
-    once (its transformer on the meta device); nothing is written."""
+    once (its denoiser on the meta device), and the convolutions that stay 16-bit are counted; nothing is
+    written."""
     from ..stages.workspace import Workspace
     from .quantize import resolve_model
 
