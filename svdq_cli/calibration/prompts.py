@@ -58,7 +58,7 @@ def load_prompts(source: str, count: int | None = None) -> list[str]:
         raise BadInputError(f"unknown prompt set {source!r} (built in: {', '.join(BUILTIN)})")
     else:
         prompts = _from_file(Path(source))
-    prompts = [_stripped(p) for p in prompts if p and p.strip()]
+    prompts = [p if isinstance(p, Prompt) else p.strip() for p in prompts if p and p.strip()]  # Prompt: stripped
     if not prompts:
         raise BadInputError(f"prompt source {source} holds no prompts")
     for number, prompt in enumerate(prompts, 1):
@@ -70,12 +70,6 @@ def load_prompts(source: str, count: int | None = None) -> list[str]:
             raise BadInputError(f"the number of prompts must be at least 1, got {count}")
         prompts = prompts[:count]
     return prompts
-
-
-def _stripped(prompt: str) -> str:
-    if isinstance(prompt, Prompt):
-        return Prompt(prompt.strip(), Path(prompt.image))
-    return prompt.strip()
 
 
 def _image_digest(path: Path) -> str:
@@ -145,7 +139,7 @@ def _item(item, directory: Path):
         return text
     if not isinstance(image, str):
         raise BadInputError(f"the image of prompt {text[:40]!r} must be a path, got {type(image).__name__}")
-    return Prompt(text, (directory / image).resolve())
+    return Prompt(text.strip(), (directory / image).resolve())  # its image read once, here
 
 
 def _from_dataset(source: str) -> list[str]:

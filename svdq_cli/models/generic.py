@@ -14,7 +14,6 @@ arguments svdq passed, and a recipe's ``pipeline_args`` supply more.
 from __future__ import annotations
 
 import inspect
-import json
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -160,8 +159,8 @@ def _default(parameters, name: str):
 def _vae_factor(directory: Path) -> int | None:
     """Pixels per latent pixel, from the VAE's config: one halving per level after the first."""
     try:
-        config = json.loads((directory / "vae" / "config.json").read_text())
-    except (OSError, ValueError):
+        config = component_config(directory, "vae")
+    except BadInputError:  # no VAE config: the default resolution
         return None
     if isinstance(config.get("scale_factor_spatial"), int):  # Wan's VAE says it
         return config["scale_factor_spatial"]
