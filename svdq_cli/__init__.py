@@ -8,6 +8,12 @@ Public API::
     from svdq_cli import load_quantized_pipeline
     pipeline = load_quantized_pipeline("svdq-int4_r32-FLUX.1-dev.safetensors")
 
+    # a `svdq export --format diffusers` directory, opened by diffusers itself; on a machine without the
+    # GPU its kernels need, first install the slow pure-torch stand-in:
+    from svdq_cli import use_cpu_lite_kernels
+    use_cpu_lite_kernels()
+    pipeline = DiffusionPipeline.from_pretrained("run/export/diffusers", torch_dtype=torch.bfloat16)
+
 The names load on first use (PEP 562), so importing one part of svdq (the CLI, a stage) does not import the
 rest. docs/DESIGN.md §3 lays out the packages and the direction their imports go.
 """
@@ -23,6 +29,7 @@ _PUBLIC = {  # name → the module that defines it
     "QuantConfig": "methods.config",
     "SVDQLinear": "runtime.linear", "VQLinear": "runtime.vq_linear",
     "load_quantized": "formats.svdq_file", "load_quantized_pipeline": "formats.svdq_file",
+    "use_cpu_lite_kernels": "formats.nunchaku.lite_kernels",
 }
 __all__ = ["__version__", *sorted(_PUBLIC)]
 

@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from ..errors import BadInputError
 from .common import (
     JsonOpt,
     RunDirArg,
@@ -24,12 +25,17 @@ def push_to_hub(
     token: Annotated[str | None, typer.Option(help="Hub token (default: HF_TOKEN or the cached login); "
                                                    "never printed or stored.")] = None,
     force: Annotated[bool, typer.Option(metavar="", help="Publish even if validation failed or never ran.")] = False,
+    format: Annotated[str, typer.Option(help="svdq (the single-file export) or diffusers (the pipeline directory "
+                                             "of `svdq export --format diffusers`: a repo "
+                                             "DiffusionPipeline.from_pretrained opens).")] = "svdq",
     as_json: JsonOpt = False,
 ) -> None:
     """Upload the export, a generated model card and the resolved recipe in one commit."""
     from ..ship.hub import describe, plan_upload, push
 
-    upload = plan_upload(run_dir, repo_id, force)
+    if format not in ("svdq", "diffusers"):
+        raise BadInputError(f"--format {format!r} is unknown (available: svdq, diffusers)")
+    upload = plan_upload(run_dir, repo_id, force, format)
     summary = {"repo_id": repo_id, "dry_run": dry_run, **describe(upload)}
     if not dry_run:
         summary["url"] = push(upload, repo_id, token, private, revision, create_pr)

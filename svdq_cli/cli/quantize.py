@@ -111,6 +111,11 @@ def quantize(
                                                     "quantization) or kmeans (its baseline) (default: the "
                                                     "recipe's).")] = None,
     bits: Annotated[int | None, typer.Option(help="Bits per weight of vq4dit/kmeans: 2 or 3 (default 2).")] = None,
+    act_range: Annotated[str | None, typer.Option(help="How activations are quantized: svdq (full-range signed "
+                                                       "groups, unsigned after GELU) or nunchaku (the rule of "
+                                                       "Nunchaku's kernels, which the diffusers export runs on: "
+                                                       "signed max|x|/7; NVFP4 without a per-token scale) "
+                                                       "(default: the recipe's, svdq).")] = None,
     out_dir: Annotated[Path | None, typer.Option("--out", help="Run directory (default: runs/RECIPE).")] = None,
     prompts: Annotated[str | None, typer.Option(help="Calibration prompts: builtin:calibration, a text/JSON/CSV "
                                                      "file or hf:org/name[:split[:column]].")] = None,
@@ -146,6 +151,7 @@ def quantize(
     from ..system.progress import set_rank_label
 
     overrides = {"quant.rank": rank, "quant.precision": precision, "quant.method": method, "quant.bits": bits,
+                 "quant.act_range": act_range,
                  "calibration.prompts": prompts,
                  "calibration.num_prompts": num_prompts, "calibration.steps": steps,
                  "calibration.resolution": resolution, "device": device, "dtype": dtype, "offload": offload,

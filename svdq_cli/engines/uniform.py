@@ -56,9 +56,9 @@ def plan_group(
     dtype = modules[0].weight.dtype
     act = "none" if config.weight_only or matches(names[0], weight_only) else "signed"
     shift = 0.0
-    if act == "signed" and config.precision == "int4" and matches(names[0], nonnegative):
+    if act == "signed" and config.precision == "int4" and config.act_range == "svdq" and matches(names[0], nonnegative):
         act, shift = "unsigned", max(0.0, -stats.minimum)
-    if not config.smooths:
+    if not config.smooths or config.plain_weight_only(act):
         return GroupPlan(act, shift, 0.0, 0.0, None, time.perf_counter() - start)
     raw = stats.sample(config.search_rows)
     choice = search_smoothing([m.weight for m in modules], raw, stats.absmax(shift), config, act, dtype, shift)

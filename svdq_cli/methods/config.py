@@ -23,6 +23,7 @@ VQ_BITS = (2, 3)
 LOW_BIT_PRECISIONS = ("int2", "int3")  # uniform baselines of the VQ methods: weight-only RTN
 SCALE_DTYPES = ("model", "float32")
 SEARCHES = ("local", "exhaustive")
+ACT_RANGES = ("svdq", "nunchaku")
 CONFIG_VERSION = 2
 
 
@@ -77,6 +78,11 @@ class QuantConfig:
         scale_search: each weight group's scale is chosen among the symmetric, the full-range and shrunk
             (clipping) scales by the calibration-weighted output error (weight error without calibration
             rows). Default: on from config version 2.
+        act_range: how activations are quantized at run time: ``svdq`` (signed groups over the full range, or
+            the symmetric ``max|x|/7`` of config version 1; unsigned codes for non-negative inputs) or
+            ``nunchaku``, the rule of Nunchaku's kernels (signed everywhere, ``max|x|/7`` with the scale stored
+            in the model dtype; NVFP4 without a per-token scale), so that what is validated is what a
+            Nunchaku Lite export runs.
         seed: seeds every random choice (row sampling, randomized SVD), so runs are reproducible.
         version: config schema version, so old serialized configs still load and mean what they meant: a
             version-1 config quantizes as svdq did then (symmetric scales, no search).
@@ -100,6 +106,7 @@ class QuantConfig:
     full_range: bool | None = None
     scale_search: bool | None = None
     search: str | None = None
+    act_range: str = "svdq"
     seed: int = 0
     bits: int | None = None
     vq_dim: int = 4
@@ -126,6 +133,8 @@ class QuantConfig:
             object.__setattr__(self, "search", "local" if self.version >= 2 else "exhaustive")
         if self.search not in SEARCHES:
             raise bad("search", self.search, ", ".join(SEARCHES))
+        if self.act_range not in ACT_RANGES:
+            raise bad("act_range", self.act_range, ", ".join(ACT_RANGES))
         if self.method not in registry.METHODS:
             raise bad("method", self.method, ", ".join(registry.METHODS))
         if self.precision not in FORMATS:
@@ -216,6 +225,22 @@ class QuantConfig:
     @property
     def format(self) -> Format:
         return get_format(self.precision)
+
+    @property
+    def activation_rule(self) -> str:
+        """Each W4A4 layer's activation quantization (its ``act_range``): ``full``, ``symmetric`` or ``nunchaku``."""
+        if self.act_range == "nunchaku":
+            return "nunchaku"
+        return "full" if self.full_range else "symmetric"
+
+    def plain_weight_only(self, act: str) -> bool:
+        """Whether a layer of activation mode ``act`` is quantized without smoothing or branch: weight-only
+        layers under Nunchaku's rule, which its W4A16 kernel (no λ, no branch) then runs exactly as validated."""
+        return act == "none" and self.act_range == "nunchaku"
+
+    def rank_for(self, act: str) -> int:
+        """The low-rank branch's rank of a layer of activation mode ``act``."""
+        return 0 if self.plain_weight_only(act) else self.effective_rank
 
     @property
     def effective_rank(self) -> int:

@@ -118,11 +118,19 @@ def _grouped(x: torch.Tensor, group_size: int) -> torch.Tensor:
     return x.reshape(*x.shape[:-1], x.shape[-1] // group_size, group_size)
 
 
-def nvfp4_tensor_scale(x: torch.Tensor, per_row: bool = False) -> torch.Tensor:
-    """NVFP4 second-level scale ``amax / (6·448)`` in float32, for the whole tensor or per row."""
+def nvfp4_tensor_scale(x: torch.Tensor, per_row: bool = False, storage: torch.dtype | None = None) -> torch.Tensor:
+    """NVFP4 second-level scale ``amax / (6·448)`` in float32, for the whole tensor or per row; with
+    ``storage``, the nearest value at or above it that ``storage`` holds exactly (an engine that keeps the
+    tensor scale in 16 bits then applies the very scale the codes were made for; the group scales stay
+    within fp8's range since the tensor scale only grew)."""
     amax = x.detach().abs().float()
     amax = amax.amax(dim=-1, keepdim=True) if per_row else amax.amax()
-    return amax / (E2M1_MAX * FP8_E4M3_MAX)
+    scale = amax / (E2M1_MAX * FP8_E4M3_MAX)
+    if storage is None:
+        return scale
+    stored = scale.to(storage)
+    stored = torch.where(stored.float() < scale, _next_up(stored), stored)
+    return stored.float()
 
 
 def group_scales(
@@ -322,6 +330,7 @@ def quantize(
     scale_dtype: torch.dtype = torch.float32,
     per_row_tensor_scale: bool = False,
     full_range: bool = True,
+    tensor_scale_dtype: torch.dtype | None = None,
 ) -> QTensor:
     """Quantize ``x`` group-wise along its last axis.
 
@@ -334,6 +343,8 @@ def quantize(
         per_row_tensor_scale: NVFP4 second-level scale per row (dynamic activations) instead of per tensor.
         full_range: signed INT scales reach code −8 when a group's extreme is negative (see
             :func:`group_scales`).
+        tensor_scale_dtype: NVFP4: a tensor scale exactly representable in this dtype (see
+            :func:`nvfp4_tensor_scale`).
 
     Returns:
         The :class:`QTensor`.
@@ -344,7 +355,7 @@ def quantize(
     """
     if not signed and fmt.name != "int4":
         raise ValueError(f"unsigned codes exist for int4 only ({fmt.name} codes are always signed)")
-    tensor_scale = nvfp4_tensor_scale(x, per_row_tensor_scale) if fmt.is_float else None
+    tensor_scale = nvfp4_tensor_scale(x, per_row_tensor_scale, tensor_scale_dtype) if fmt.is_float else None
     scales = group_scales(x, fmt, signed, scale_dtype, tensor_scale, full_range)
     codes = quantize_with_scales(x, scales, fmt, signed, tensor_scale)
     return QTensor(codes, scales, fmt, signed, tensor_scale)
@@ -389,3 +400,32 @@ def _rounded(ratio: torch.Tensor, fmt: Format, signed: bool) -> torch.Tensor:
     """INT codes as float32 (round half to even, saturating), in place on ``ratio``."""
     low, high = fmt.code_range(signed)
     return torch.round(ratio, out=ratio).clamp_(low, high)
+
+
+def engine_activation_codes(x: torch.Tensor, fmt: Format, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nunchaku's dynamic activation rule: codes ``[..., K]`` (int8) and the stored group scales.
+
+    Signed INT4 groups take ``s = max|x|·(1/7)`` in float32 and store it in ``dtype`` (the compute dtype);
+    NVFP4 groups take ``min(max|x|·(1/6), 448)`` and store it in fp8, with no per-token tensor scale. Either
+    way the codes come from the *unrounded* scale (``round(x · (1/s))``), as the kernel computes them; an
+    all-zero group has scale 0 and codes 0.
+    """
+    grouped = _grouped(x.detach().float(), fmt.group_size)
+    amax = grouped.abs().amax(dim=-1, keepdim=True)
+    if fmt.is_float:
+        scale = (amax * torch.tensor(1 / E2M1_MAX, dtype=torch.float32)).clamp(max=FP8_E4M3_MAX)
+        stored = scale.to(torch.float8_e4m3fn)
+    else:
+        scale = amax * torch.tensor(1 / fmt.code_range(True)[1], dtype=torch.float32)
+        stored = scale.to(dtype)
+    inverse = torch.where(scale > 0, 1.0 / scale, torch.zeros_like(scale))
+    codes = codes_for(grouped * inverse, fmt, signed=True)
+    return codes.reshape(x.shape), stored.squeeze(-1)
+
+
+def engine_fake_quantize(x: torch.Tensor, fmt: Format, dtype: torch.dtype) -> torch.Tensor:
+    """``dequantize`` of :func:`engine_activation_codes` in float32: what Nunchaku's GEMM sees of ``x``, which
+    the kernel holds in ``dtype`` (it smooths in 16 bits: a near-tie rounds as it does there)."""
+    codes, stored = engine_activation_codes(x.to(dtype), fmt, dtype)
+    values = code_values(codes, fmt).reshape(*x.shape[:-1], -1, fmt.group_size)
+    return (values * stored.float().unsqueeze(-1)).reshape(x.shape)

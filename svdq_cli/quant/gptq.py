@@ -43,6 +43,7 @@ def gptq_quantize(
     damp: float = 0.01,
     full_range: bool = True,
     scale_search: bool = False,
+    tensor_scale_dtype: torch.dtype | None = None,
 ) -> QTensor:
     """Quantize ``weight`` [N, K] with GPTQ.
 
@@ -56,6 +57,7 @@ def gptq_quantize(
         full_range: signed INT scales over the whole code range (see :func:`formats.group_scales`).
         scale_search: each group's scale searched on entry (:func:`formats.searched_scales`), weighing its
             error by the group's block of the Hessian.
+        tensor_scale_dtype: NVFP4: a tensor scale exactly representable in this dtype.
 
     Returns:
         A :class:`QTensor` in the same canonical form as round-to-nearest produces.
@@ -72,7 +74,7 @@ def gptq_quantize(
     h[dead, dead] = 1.0
     h_inv = _inverse_hessian_factor(h, damp)
 
-    tensor_scale = nvfp4_tensor_scale(weight) if fmt.is_float else None
+    tensor_scale = nvfp4_tensor_scale(weight, storage=tensor_scale_dtype) if fmt.is_float else None
     codes = torch.empty((n, k), dtype=torch.int8, device=weight.device)
     scales = torch.empty(
         (n, k // group), dtype=torch.float8_e4m3fn if fmt.is_float else scale_dtype, device=weight.device

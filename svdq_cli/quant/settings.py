@@ -14,6 +14,7 @@ class QuantSettings(Protocol):
     format: Format
     scale_dtype: str
     full_range: bool
+    activation_rule: str
     scale_search: bool
     effective_rank: int
     smooths: bool

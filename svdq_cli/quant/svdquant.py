@@ -14,6 +14,7 @@ import torch
 from .formats import (
     Format,
     QTensor,
+    engine_fake_quantize,
     fake_quantize,
     gram_factors,
     group_scales,
@@ -36,12 +37,16 @@ def check_act_mode(mode: str, fmt: Format) -> None:
         raise ValueError(f"unsigned activations exist for int4 only, not {fmt.name}")
 
 
-def fake_quantize_activations(x: torch.Tensor, fmt: Format, mode: str, full_range: bool = True) -> torch.Tensor:
-    """What the 4-bit GEMM sees of smoothed activations: dynamic per-token groups, float32 scales (signed INT
-    groups over the whole code range with ``full_range``)."""
+def fake_quantize_activations(x: torch.Tensor, fmt: Format, mode: str, rule: str = "full",
+                              dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """What the 4-bit GEMM sees of smoothed activations: dynamic per-token groups under ``rule`` (a layer's
+    ``act_range``): float32 scales over the whole signed code range (``full``) or ``max|x|/7``
+    (``symmetric``), or Nunchaku's kernels' rule (``nunchaku``, scales stored in ``dtype``; always signed)."""
     if mode == "none":
         return x.float()
-    return fake_quantize(x, fmt, signed=mode == "signed", per_row_tensor_scale=True, full_range=full_range)
+    if rule == "nunchaku":
+        return engine_fake_quantize(x, fmt, dtype)
+    return fake_quantize(x, fmt, signed=mode == "signed", per_row_tensor_scale=True, full_range=rule == "full")
 
 
 def scale_dtype_for(config: QuantSettings, model_dtype: torch.dtype) -> torch.dtype:
@@ -82,7 +87,7 @@ def branch_output(
     residual_q = fake_quantize(smoothed_weight - branch, fmt, True, scale_dtype_for(config, model_dtype),
                                full_range=config.full_range)
     x_smooth = (x + shift) / smooth
-    y = fake_quantize_activations(x_smooth, fmt, act_mode, config.full_range) @ residual_q.T
+    y = fake_quantize_activations(x_smooth, fmt, act_mode, config.activation_rule, model_dtype) @ residual_q.T
     if down.shape[0]:
         y = y + (x_smooth @ down.T) @ up.T
     if shift:
@@ -225,12 +230,14 @@ def quantize_residual(
     scale_dtype = scale_dtype_for(config, model_dtype)
     if config.gptq or fmt.is_float:  # the whole residual: GPTQ's updates and NVFP4's tensor scale span its rows
         residual = _residual(weight, smooth, lora_down, lora_up)
+        # Nunchaku's modules hold the tensor scale in the model dtype: make it one that dtype holds exactly
+        stored = model_dtype if config.activation_rule == "nunchaku" else None
         if config.gptq:
             if hessian is None:
                 raise ValueError("GPTQ needs the calibration Hessian")
             return gptq_quantize(residual, hessian, fmt, scale_dtype, config.gptq_block, config.gptq_damp,
-                                 config.full_range, config.scale_search)
-        return quantize(residual, fmt, True, scale_dtype, full_range=config.full_range)
+                                 config.full_range, config.scale_search, stored)
+        return quantize(residual, fmt, True, scale_dtype, full_range=config.full_range, tensor_scale_dtype=stored)
     # INT groups lie within a row: a few MB of rows at a time, never a float32 copy of the whole weight.
     factored = gram_factors(gram) if config.scale_search and gram is not None else None
     codes = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)

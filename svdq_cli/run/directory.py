@@ -12,6 +12,7 @@ import fcntl
 import json
 import os
 import platform
+import shutil
 import signal
 import sys
 import time
@@ -262,6 +263,27 @@ class Run:
     def write_file(self, stage: str, relative: str, data: bytes) -> None:
         atomic_write_bytes(self.path / relative, data)
         self._record(stage, relative, sha256_bytes(data))
+
+    def link_file(self, stage: str, relative: str, source: Path) -> None:
+        """Place ``source`` at ``relative`` as a hard link (a copy across file systems), recorded with its
+        sha256 like a written artifact: an export's unchanged base files cost no disk."""
+        target = self.path / relative
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(f".{target.name}.linking")
+        partial.unlink(missing_ok=True)
+        try:
+            os.link(source, partial)
+        except OSError:
+            shutil.copyfile(source, partial)
+        os.replace(partial, target)
+        self._record(stage, relative, sha256_file(target))
+
+    def discard(self, stage: str, relative: str) -> None:
+        """Remove an artifact and its record (a file a newer export no longer has)."""
+        (self.path / relative).unlink(missing_ok=True)
+        self.stage(stage)["artifacts"].pop(relative, None)
+        self.stage(stage).get("previous", {}).pop(relative, None)
+        self.save()
 
     def _record(self, stage: str, relative: str, digest: str) -> None:
         self.stage(stage)["artifacts"][relative] = digest

@@ -27,6 +27,7 @@ from ..quant.svdquant import (
 )
 from . import kernels, keys
 
+ACT_RANGES = ("full", "symmetric", "nunchaku")  # a layer's activation rule (see quant.svdquant)
 _DTYPES = {str(d).removeprefix("torch."): d for d in (torch.float32, torch.float16, torch.bfloat16)}
 
 
@@ -77,8 +78,8 @@ class SVDQLinear(nn.Module):
                 f"rank {rank} must lie in 0..min(in_features, out_features) = {min(in_features, out_features)}"
             )
         self.in_features, self.out_features = in_features, out_features
-        if act_range not in ("full", "symmetric"):
-            raise ValueError(f"unknown activation range {act_range!r} (allowed: full, symmetric)")
+        if act_range not in ACT_RANGES:
+            raise ValueError(f"unknown activation range {act_range!r} (allowed: {', '.join(ACT_RANGES)})")
         self.precision, self.act, self.act_range, self.dtype = precision, act, act_range, dtype
         self.fmt = fmt
         code_shape = (out_features, in_features // 2) if fmt.packs_nibbles else (out_features, in_features)
@@ -141,7 +142,7 @@ class SVDQLinear(nn.Module):
         act = act or ("none" if config.weight_only else "signed")
         dtype = weight.dtype if weight.dtype in _DTYPES.values() else torch.float32
         n, k = weight.shape
-        rank = config.effective_rank
+        rank = config.rank_for(act)
         if rank > min(n, k):
             raise ValueError(f"rank {rank} exceeds min(out_features, in_features) = {min(n, k)}")
         layer = cls(
@@ -150,13 +151,16 @@ class SVDQLinear(nn.Module):
             precision=config.precision,
             rank=rank,
             act=act,
-            act_range="full" if config.full_range else "symmetric",
+            act_range=config.activation_rule,
             bias=linear.bias is not None,
             dtype=dtype,
             scale_dtype=scale_dtype_for(config, dtype),
             device=weight.device,
         )
         smooth = torch.ones(k, device=weight.device) if smooth is None else smooth.to(weight.device)
+        if rank == 0:
+            factors = (torch.zeros(0, k, dtype=dtype, device=weight.device),
+                       torch.zeros(n, 0, dtype=dtype, device=weight.device))
         down, up = factors if factors is not None else branch_factors(weight, smooth, config, dtype)
         if down.shape != (rank, k) or up.shape != (n, rank):
             raise ValueError(f"low-rank factors {tuple(down.shape)}, {tuple(up.shape)} do not fit rank {rank}")
@@ -231,7 +235,7 @@ class SVDQLinear(nn.Module):
         if channels is not None:
             lora_up, bias = lora_up[channels], None if bias is None else bias[channels]
         residual = self.residual_weight(channels)
-        y = fake_quantize_activations(smoothed, self.fmt, self.act, self.act_range == "full") @ residual.T
+        y = fake_quantize_activations(smoothed, self.fmt, self.act, self.act_range, self.dtype) @ residual.T
         if self.rank:
             y = y + (smoothed @ self.lora_down.float().T) @ lora_up.float().T
         if bias is not None:

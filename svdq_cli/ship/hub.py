@@ -12,6 +12,7 @@ from pathlib import Path
 import yaml
 
 from ..errors import BadInputError, SvdqError, gist
+from ..formats.nunchaku import lite_card, lite_export
 from ..formats.svdq_file import read_metadata
 from ..methods.registry import get_method
 from ..models.registry import ADAPTERS
@@ -42,12 +43,14 @@ class Upload:
     recipe: str
 
 
-def plan_upload(run_dir: Path, repo_id: str, force: bool = False) -> Upload:
-    """Check the run can be published and build the card and file list (nothing is sent).
+def plan_upload(run_dir: Path, repo_id: str, force: bool = False, format: str = "svdq") -> Upload:
+    """Check the run can be published and build the card and file list (nothing is sent). ``format``:
+    ``svdq`` publishes the single-file export, ``diffusers`` the pipeline directory of ``svdq export
+    --format diffusers`` (a repo ``DiffusionPipeline.from_pretrained`` opens).
 
     Raises:
         BadInputError: no export, a validation that failed or never ran (unless ``force``), a bad repo id or
-            one that looks like a token.
+            one that looks like a token, a diffusers directory that was not written or fails its checksums.
     """
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
@@ -73,12 +76,32 @@ def plan_upload(run_dir: Path, repo_id: str, force: bool = False) -> Upload:
                             "--force")
     export_path = run_dir / export["file"]
     metadata = read_metadata(export_path)
-    files = {export_path.name: export_path}
     comparison = run_dir / "validate" / "comparison.png"
-    if comparison.is_file():
-        files["comparison.png"] = comparison
+    picture = {"comparison.png": comparison} if comparison.is_file() else {}
     recipe = yaml.safe_dump(metadata["recipe"], sort_keys=False)
-    return Upload(files, model_card(metadata, export_path.name, repo_id, "comparison.png" in files), recipe)
+    if format == "diffusers":
+        files, summary = _lite_directory(run_dir)
+        return Upload({**files, **picture}, lite_card.card(metadata, summary, repo_id), recipe)
+    files = {export_path.name: export_path, **picture}
+    return Upload(files, model_card(metadata, export_path.name, repo_id, bool(picture)), recipe)
+
+
+def _lite_directory(run_dir: Path) -> tuple[dict[str, Path], dict]:
+    """The files of the run's diffusers directory (repo path → local file), each verified against the
+    manifest, and what its export did; the card is made anew for the repo."""
+    run = Run.existing(run_dir)
+    prefix = f"{lite_export.ROOT}/"
+    recorded = sorted(relative for relative in run.stage("export")["artifacts"] if relative.startswith(prefix))
+    if f"{prefix}{lite_export.SUMMARY}" not in recorded:
+        raise BadInputError(f"{run_dir} has no diffusers export; run `svdq export {run_dir} --format diffusers` "
+                            "first")
+    broken = [relative for relative in recorded if not run.artifact_ok("export", relative)]
+    if broken:
+        raise BadInputError(f"{run_dir / broken[0]} does not match its checksum ({len(broken)} file(s)); run "
+                            f"`svdq export {run_dir} --format diffusers` again")
+    summary = json.loads((run_dir / prefix / lite_export.SUMMARY).read_text())
+    files = {relative[len(prefix):]: run_dir / relative for relative in recorded if relative != f"{prefix}README.md"}
+    return files, summary
 
 
 def _description(quant: dict) -> tuple[str, str]:

@@ -80,6 +80,10 @@ def json_meta(values: dict[str, object]) -> dict[str, str]:
     return {key: json.dumps(value, sort_keys=True) for key, value in values.items()}
 
 
+# Fields added after runs existed, hashed only when set: a run made before keeps its stages' hashes.
+LATER_DEFAULTS = {"act_range": "svdq"}
+
+
 def quant_fields(config: RunConfig, *names: str) -> dict[str, object]:
     values = config.quant.to_dict()
-    return {name: values[name] for name in names}
+    return {name: values[name] for name in names if name not in LATER_DEFAULTS or values[name] != LATER_DEFAULTS[name]}

@@ -27,7 +27,7 @@ def reads(config) -> dict:
     if config.quant.is_vector:
         return quant_fields(config, *VQ_FIELDS)
     return quant_fields(config, "precision", "gptq", "gptq_damp", "gptq_block", "scale_dtype", "search_rows",
-                        "full_range", "scale_search")
+                        "full_range", "scale_search", "act_range")
 
 
 def load_block_layers(run, index: int) -> dict[str, tuple[nn.Module, dict]]:

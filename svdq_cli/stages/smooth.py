@@ -15,7 +15,8 @@ from .base import Stage, block_artifact, for_each_block, json_meta, quant_fields
 
 def reads(config) -> dict:
     return quant_fields(config, "method", "precision", "weight_only", "rank", "alphas", "search_rows",
-                        "search_channels", "scale_dtype", "seed", "exact_svd_max_elements", "full_range", "search")
+                        "search_channels", "scale_dtype", "seed", "exact_svd_max_elements", "full_range", "search",
+                        "act_range")
 
 
 def group_stats(tensors: dict[str, torch.Tensor], owner: str) -> InputStats:

@@ -12,7 +12,7 @@ from .smooth import load_plans
 
 def reads(config) -> dict:
     return quant_fields(config, "method", "rank", "lowrank_iters", "exact_svd_max_elements", "precision",
-                        "scale_dtype", "seed", "full_range")
+                        "scale_dtype", "seed", "full_range", "act_range")
 
 
 def run(run, workspace) -> None:
@@ -24,6 +24,10 @@ def run(run, workspace) -> None:
 
         def factors(name: str) -> tuple[torch.Tensor, torch.Tensor]:
             module, plan = workspace.originals[name], plans[owners[name]]
+            if config.quant.rank_for(plan.act) == 0:
+                weight = module.weight
+                return (torch.zeros(0, weight.shape[1], dtype=weight.dtype),
+                        torch.zeros(weight.shape[0], 0, dtype=weight.dtype))
             smooth = plan.smooth if plan.smooth is not None else torch.ones(module.in_features)
             return branch_factors(module.weight, smooth, config.quant, module.weight.dtype)
 

@@ -11,6 +11,7 @@ from svdq_cli.quant.formats import (
     SHRINK_FACTORS,
     dequantize,
     get_format,
+    nvfp4_tensor_scale,
     quantize,
     searched_scales,
 )
@@ -216,3 +217,19 @@ def test_the_low_rank_gram_keeps_a_shared_mean(gen):
         kept = torch.einsum("ngi,gij,ngj->ng", delta, approximate, delta)
         assert ((kept - exact).abs() / exact).max() < 0.25
         assert ((kept - exact).abs() / exact).mean() < 0.08
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_stored_tensor_scale_is_the_least_representable_one_at_or_above_amax(gen, dtype):
+    """Nunchaku's modules keep the NVFP4 tensor scale in 16 bits: svdq then picks one that dtype holds, never
+    below amax/(6·448) (the group scales must stay within fp8)."""
+    x = torch.randn(64, 128, generator=gen) * torch.rand(1, generator=gen) * 10
+    exact = x.abs().double().max() / (6 * 448)
+    stored = nvfp4_tensor_scale(x, storage=dtype)
+    assert stored.to(dtype).float() == stored  # representable
+    assert stored.double() >= exact * (1 - 1e-7)  # float32 amax/(6·448) may round below the float64 value
+    below = torch.nextafter(stored.to(dtype), torch.tensor(0.0, dtype=dtype)).double()
+    assert below < exact  # the least such value
+    qtensor = quantize(x, get_format("nvfp4"), tensor_scale_dtype=dtype)
+    assert torch.equal(qtensor.tensor_scale, stored)
+    assert qtensor.scales.float().max() <= 448

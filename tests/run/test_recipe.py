@@ -51,3 +51,22 @@ def test_any_prompt_file_loads_or_is_one_bad_input_error(tmp_path, data, suffix)
         assert "\n" not in str(error)
     else:
         assert prompts and all(isinstance(p, str) and p and p == p.strip() for p in prompts)
+
+
+def test_the_activation_rule_is_validated_and_leaves_older_runs_hashes_alone():
+    from svdq_cli.methods.config import QuantConfig
+    from svdq_cli.stages import quantize, smooth, svd
+
+    assert QuantConfig().activation_rule == "full" and QuantConfig(version=1).activation_rule == "symmetric"
+    assert QuantConfig(act_range="nunchaku").activation_rule == "nunchaku"
+    try:
+        QuantConfig(act_range="wide")
+    except ValueError as error:
+        assert "act_range" in str(error) and "nunchaku" in str(error)
+    else:
+        raise AssertionError("an unknown act_range was accepted")
+    default = load_recipe("tiny-flux", {})
+    chosen = load_recipe("tiny-flux", {"quant.act_range": "nunchaku"})
+    for stage in (smooth, svd, quantize):
+        assert "act_range" not in stage.reads(default)  # hashes of runs made before the field existed
+        assert stage.reads(chosen)["act_range"] == "nunchaku"

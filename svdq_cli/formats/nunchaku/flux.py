@@ -181,7 +181,16 @@ def adanorm_w4a16(weight: torch.Tensor, bias: torch.Tensor, chunks: int, dtype: 
     shifted = bias.float().reshape(chunks, n // chunks).clone()
     for chunk in SCALE_CHUNKS[chunks]:
         shifted[chunk] += 1.0
-    groups = rows.reshape(n, k // layout.AWQ_GROUP, layout.AWQ_GROUP)
+    tensors, error = asymmetric_w4a16(rows, dtype)
+    tensors["bias"] = shifted.T.reshape(n).to(dtype)
+    return tensors, error
+
+
+def asymmetric_w4a16(weight: torch.Tensor, dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], float]:
+    """``weight`` [N, K] re-quantized for the W4A16 GEMV (round to nearest, asymmetric, group 64:
+    ``w = q·scale + zero``), and its relative error."""
+    n, k = weight.shape
+    groups = weight.float().reshape(n, k // layout.AWQ_GROUP, layout.AWQ_GROUP)
     low, high = groups.amin(dim=-1), groups.amax(dim=-1)
     scale = ((high - low) / 15).to(dtype)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # a constant group: codes 0, value = zero
@@ -193,7 +202,6 @@ def adanorm_w4a16(weight: torch.Tensor, bias: torch.Tensor, chunks: int, dtype: 
         "qweight": layout.pack_awq_codes(codes.reshape(n, k).to(torch.int32)),
         "wscales": scale.T.contiguous(),
         "wzeros": zero.T.contiguous(),
-        "bias": shifted.T.reshape(n).to(dtype),
     }
     return tensors, error
 

@@ -131,3 +131,66 @@ def pack_awq_codes(codes: torch.Tensor) -> torch.Tensor:
 def _check_multiple(what: str, value: int, multiple: int) -> None:
     if value % multiple:
         raise ValueError(f"{what} ({value}) must be a multiple of {multiple}; pad first")
+
+
+# --- readers: each packer undone (the CPU stand-in of the Lite kernels reads checkpoints with them) ----------
+
+def unpack_w4a4_codes(packed: torch.Tensor, signed: bool) -> torch.Tensor:
+    """int8 ``[N, K/2]`` in fragment order → 4-bit codes ``[N, K]`` (int8: −8…7 when ``signed``, else 0…15)."""
+    n, half_k = packed.shape
+    k = half_k * 2
+    words = packed.contiguous().view(torch.int32).reshape(n // WARP_N, k // 64, 8, 8, 4, 2, 2)
+    nibbles = (words.unsqueeze(-1) >> (4 * torch.arange(8, dtype=torch.int32))) & 0xF
+    # tile, step, pack, g, t, half, reg, i → tile, pack, half, g, step, reg, t, i
+    codes = nibbles.permute(0, 2, 5, 3, 1, 6, 4, 7).reshape(n, k)
+    if signed:
+        codes = torch.where(codes >= 8, codes - 16, codes)
+    return codes.to(torch.int8)
+
+
+def unpack_group_scales(packed: torch.Tensor) -> torch.Tensor:
+    """``[G, N]`` in fragment order → ``[N, G]``."""
+    groups, n = packed.shape
+    view = packed.reshape(n // WARP_N, groups, 8, 4, 2, 2)  # tile, group, a, c, b, d
+    return view.permute(0, 2, 4, 3, 5, 1).reshape(n, groups)
+
+
+def unpack_vector(packed: torch.Tensor) -> torch.Tensor:
+    return unpack_group_scales(packed.reshape(1, -1)).reshape(-1)
+
+
+def unpack_micro_scales(packed: torch.Tensor) -> torch.Tensor:
+    """NVFP4 fp8 ``[K/16, N]`` in fragment order → ``[N, K/16]``."""
+    groups, n = packed.shape
+    view = packed.contiguous().view(torch.uint8).reshape(n // WARP_N, groups // 4, 8, 4, 4, 4)  # tile, step, r, q, s, j
+    return view.permute(0, 4, 3, 2, 1, 5).reshape(n, groups).view(packed.dtype)
+
+
+def _tiles_of_fragments(flat: torch.Tensor, a: int, b: int) -> torch.Tensor:
+    """Inverse of :func:`_fragment_tiles`: ``(A, B, 16 n, 16 k)`` tiles back from fragment order."""
+    view = flat.reshape(a, b, 8, 4, 2, 2, 2)  # g, t, half, reg, i
+    return view.permute(0, 1, 4, 2, 5, 3, 6).reshape(a, b, 16, 16)
+
+
+def unpack_lora_down(packed: torch.Tensor) -> torch.Tensor:
+    """``[K, r]`` in 16×16 fragment tiles → ``lora_down [r, K]``."""
+    k, r = packed.shape
+    tiles = _tiles_of_fragments(packed, k // 16, r // 16)  # (K tile, r tile, r, k)
+    return tiles.permute(1, 2, 0, 3).reshape(r, k)
+
+
+def unpack_lora_up(packed: torch.Tensor) -> torch.Tensor:
+    """``[N, r]`` in 16×16 fragment tiles → ``lora_up [N, r]``."""
+    n, r = packed.shape
+    tiles = _tiles_of_fragments(packed, n // 16, r // 16)  # (N tile, r tile, n, r)
+    return tiles.permute(0, 2, 1, 3).reshape(n, r)
+
+
+def unpack_awq_codes(packed: torch.Tensor) -> torch.Tensor:
+    """int32 ``[N/4, K/2]`` → unsigned W4A16 codes ``[N, K]`` (int32, 0…15)."""
+    quarter, half_k = packed.shape
+    n, k = quarter * 4, half_k * 2
+    halves = packed.contiguous().view(torch.int16).to(torch.int32) & 0xFFFF
+    rows = halves.reshape(quarter, k // 64, 4, 16).permute(0, 2, 1, 3).reshape(n, k // 32, 1, 8)
+    nibbles = (rows >> (4 * torch.arange(4, dtype=torch.int32)).view(1, 1, 4, 1)) & 0xF  # [n, k/32, 4, 8]
+    return nibbles.reshape(n, k)
