@@ -10,6 +10,8 @@ sampled every 50 ms; each stage's peak is attributed from the stage name that pr
     python benchmarks/scale.py --blocks 1 4 16 57      # and FLUX.1-dev's full 19 + 38 (24 GB more)
     python benchmarks/scale.py --work /big/disk --json
     python benchmarks/scale.py --sdxl                  # the SDXL-shaped UNet instead (5.1 GB of disk)
+    python benchmarks/scale.py --blocks 57 --diffusers # also `svdq export --format diffusers` (quantized
+                                                       # with --act-range nunchaku): its peak and size
 
 Anonymous RSS is what the process itself holds (tensors, the interpreter); total RSS adds the checkpoint
 pages mapped while a block is read, which the kernel can drop at will. The split of a block count into
@@ -81,8 +83,9 @@ def run_measured(command: list[str], env: dict[str, str]) -> dict[str, object]:
     return {"wall_seconds": time.perf_counter() - start, "result": json.loads(output[0]), "peaks": peaks}
 
 
-def measure(blocks: int | None, work: Path, keep: bool) -> dict[str, object]:
-    """One streamed quantize: of ``blocks`` FLUX blocks, or (None) of the SDXL-shaped UNet."""
+def measure(blocks: int | None, work: Path, keep: bool, diffusers: bool = False) -> dict[str, object]:
+    """One streamed quantize: of ``blocks`` FLUX blocks, or (None) of the SDXL-shaped UNet; with ``diffusers``,
+    quantized with Nunchaku's activation rule and then exported for diffusers in a second process."""
     from svdq_cli.models.shaped import write_flux_shaped, write_sdxl_shaped
 
     if blocks is None:
@@ -99,7 +102,7 @@ def measure(blocks: int | None, work: Path, keep: bool) -> dict[str, object]:
     checkpoint = write()
     write_seconds = time.perf_counter() - start
     command = [sys.executable, "-m", "svdq_cli", "quantize", str(model), "--out", str(run), "--stream",
-               *SMALLEST_PROTOCOL, "--json"]
+               *SMALLEST_PROTOCOL, *(["--act-range", "nunchaku"] if diffusers else []), "--json"]
     measured = run_measured(command, {**os.environ})
     stages = measured["result"]["stages"]
     layers = stages["quantize"].get("layers", 0)
@@ -115,6 +118,18 @@ def measure(blocks: int | None, work: Path, keep: bool) -> dict[str, object]:
            "stage_peaks_mib": {name: {"anon": anon, "total": total} for name, (anon, total) in peaks.items()},
            "peak_anon_over_checkpoint": max(anon for anon, _ in peaks.values()) * 2**20 / checkpoint,
            "psnr": measured["result"]["validate"]["psnr"]}
+    if diffusers:
+        lite = run_measured([sys.executable, "-m", "svdq_cli", "export", str(run), "--format", "diffusers",
+                             "--force", "--json"], {**os.environ})
+        written = lite["result"]["diffusers"]
+        denoiser = run / "export" / "diffusers" / written["component"]
+        lite_bytes = sum(path.stat().st_size for path in denoiser.iterdir())
+        row["diffusers"] = {"wall_seconds": lite["wall_seconds"], "denoiser_bytes": lite_bytes,
+                            "over_svdq_export": lite_bytes / row["export_bytes"],
+                            "peak_anon_mib": max(anon for anon, _ in lite["peaks"].values()),
+                            "peak_total_mib": max(total for _, total in lite["peaks"].values()),
+                            "w4a4_layers": written["w4a4_layers"], "w4a16_layers": written["w4a16_layers"],
+                            "dense_layers": len(written["dense_layers"]), "rank": written["rank"]}
     if not keep:
         shutil.rmtree(model)
         shutil.rmtree(run)
@@ -140,6 +155,18 @@ def print_table(rows: list[dict[str, object]]) -> None:
     for r in rows:
         stages.add_row(r["model"], *(f"{r['stage_seconds'].get(n, 0):.0f}" for n in STAGES[1:]))
     Console(width=None if sys.stdout.isatty() else 140).print(stages)
+    lite = [r for r in rows if "diffusers" in r]
+    if lite:
+        table = Table(title="svdq export --format diffusers (a second process, after the quantize)")
+        for column in ("model", "denoiser GiB", "÷ svdq export", "peak anon MiB", "peak total MiB", "wall s",
+                       "W4A4 / W4A16 / 16-bit layers"):
+            table.add_column(column, justify="right")
+        for r in lite:
+            d = r["diffusers"]
+            table.add_row(r["model"], f"{d['denoiser_bytes'] / 2**30:.2f}", f"{d['over_svdq_export']:.4f}",
+                          str(d["peak_anon_mib"]), str(d["peak_total_mib"]), f"{d['wall_seconds']:.0f}",
+                          f"{d['w4a4_layers']} / {d['w4a16_layers']} / {d['dense_layers']}")
+        Console(width=None if sys.stdout.isatty() else 140).print(table)
 
 
 def main() -> int:
@@ -148,12 +175,13 @@ def main() -> int:
     parser.add_argument("--sdxl", action="store_true", help="measure the SDXL-shaped UNet instead")
     parser.add_argument("--work", type=Path, default=Path("runs/scale"), help="where checkpoints and runs go")
     parser.add_argument("--keep", action="store_true", help="keep each checkpoint and run (else removed)")
+    parser.add_argument("--diffusers", action="store_true", help="also measure `svdq export --format diffusers`")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     rows = []
     for blocks in [None] if args.sdxl else args.blocks:
-        rows.append(measure(blocks, args.work, args.keep))
+        rows.append(measure(blocks, args.work, args.keep, args.diffusers))
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)  # a long run's partial results survive
     if args.json:
         print(json.dumps(rows, indent=2))
