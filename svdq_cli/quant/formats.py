@@ -247,9 +247,9 @@ def searched_scales(
 
 def _next_up(values: torch.Tensor) -> torch.Tensor:
     """The next representable value above each non-negative float (bit patterns of positive floats are
-    ordered like integers)."""
+    ordered like integers; a −0, which a maximum of zeros can return, counts as +0)."""
     as_int = {2: torch.int16, 4: torch.int32, 8: torch.int64}[values.element_size()]
-    return (values.view(as_int) + 1).view(values.dtype)
+    return (values.abs().view(as_int) + 1).view(values.dtype)
 
 
 def _e2m1_index(magnitude: torch.Tensor) -> torch.Tensor:

@@ -233,3 +233,15 @@ def test_a_stored_tensor_scale_is_the_least_representable_one_at_or_above_amax(g
     qtensor = quantize(x, get_format("nvfp4"), tensor_scale_dtype=dtype)
     assert torch.equal(qtensor.tensor_scale, stored)
     assert qtensor.scales.float().max() <= 448
+
+
+@pytest.mark.parametrize("scale_dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_a_group_of_negative_zeros_and_a_subnormal_gets_a_positive_scale(scale_dtype):
+    """max(−0, +0) may be −0; stepping it up must give the smallest positive scale, not a negative one (found
+    by the property test above: values −1e−45, −0, …)."""
+    x = torch.full((1, 64), -0.0)
+    x[0, 0] = -1.4e-45
+    q = quantize(x, FORMATS["int4"], scale_dtype=scale_dtype)
+    assert (q.scales.float() > 0).all()
+    step = q.scales.float().repeat_interleave(64, dim=-1)
+    assert torch.all((x - q.dequantize()).abs() <= step / 2)
