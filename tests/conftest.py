@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import secrets
 import shutil
@@ -71,6 +72,16 @@ def finished_run(tmp_path_factory, recipe_file) -> Path:
     code, _, stderr = svdq("quantize", "tiny-flux", "--recipe", recipe_file, "--out", run)
     assert code == 0, stderr
     return run
+
+
+def failed_copy(run: Path, tmp_path: Path) -> Path:
+    """A copy of ``run`` whose manifest says its validation failed (what gates the export and the upload)."""
+    target = tmp_path / "run"
+    shutil.copytree(run, target)
+    manifest = json.loads((target / "manifest.json").read_text())
+    manifest["stages"]["validate"]["passed"] = False
+    (target / "manifest.json").write_text(json.dumps(manifest))
+    return target
 
 
 @pytest.fixture

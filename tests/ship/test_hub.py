@@ -1,12 +1,11 @@
 """push-to-hub at huggingface_hub's API boundary: the upload call gets the right files and card."""
 
 import json
-import shutil
 
 import pytest
 import yaml
 
-from tests.conftest import svdq
+from tests.conftest import failed_copy, svdq
 
 
 @pytest.fixture
@@ -102,15 +101,12 @@ def test_push_bad_input(finished_run, tmp_path, fake_hub, monkeypatch):
     assert code == 2 and "invalid repo id" in stderr
     code, _, stderr = svdq("push-to-hub", tmp_path / "missing", "me/x", "--dry-run")
     assert code == 2 and "not an svdq run directory" in stderr
-    run = tmp_path / "run"
-    shutil.copytree(finished_run, run)
-    manifest = json.loads((run / "manifest.json").read_text())
-    manifest["stages"]["validate"]["passed"] = False
-    (run / "manifest.json").write_text(json.dumps(manifest))
+    run = failed_copy(finished_run, tmp_path)
     code, _, stderr = svdq("push-to-hub", run, "me/x", "--dry-run")
     assert code == 2 and "failed its validation gates" in stderr
     code, _, _ = svdq("push-to-hub", run, "me/x", "--dry-run", "--force")
     assert code == 0
+    manifest = json.loads((run / "manifest.json").read_text())
     manifest["stages"].pop("export")
     (run / "manifest.json").write_text(json.dumps(manifest))
     code, _, stderr = svdq("push-to-hub", run, "me/x", "--dry-run")

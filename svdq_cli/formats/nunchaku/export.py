@@ -7,6 +7,8 @@ later change that re-runs the export stage also removes a stale Nunchaku file.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from safetensors.torch import load_file
 
 from ...errors import BadInputError
@@ -26,15 +28,20 @@ def check_run(config: dict) -> None:
         raise BadInputError(str(error)) from None
 
 
-def export_run(run, uniform_rank: bool = True) -> dict[str, object]:
-    """Convert the run's svdq export into ``export/nunchaku/<same name>``; returns what was written."""
+def verified_export(run) -> Path:
+    """The run's svdq export, which the other formats are written from, checked against its checksum."""
     record = run.stage("export")
     relative = record.get("file")
     if record.get("status") != "done" or relative is None:
         raise BadInputError(f"{run.path} has no finished export; run `svdq export {run.path}` first")
     if not run.artifact_ok("export", relative):
         raise CorruptArtifactError(f"{run.path / relative} does not match its checksum; run `svdq export` again")
-    source = run.path / relative
+    return run.path / relative
+
+
+def export_run(run, uniform_rank: bool = True) -> dict[str, object]:
+    """Convert the run's svdq export into ``export/nunchaku/<same name>``; returns what was written."""
+    source = verified_export(run)
     try:
         conversion = convert(load_file(str(source)), read_metadata(source), uniform_rank)
     except ValueError as error:

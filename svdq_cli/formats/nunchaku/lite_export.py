@@ -23,10 +23,11 @@ from ...models.loading import adapter_of, load_pipeline, model_directory
 from ...models.registry import TINY_MODELS
 from ...models.streaming import empty_model
 from ...runtime.linear import SVDQLinear
-from ...system.files import CorruptArtifactError, file_layout
+from ...system.files import file_layout
 from ...system.progress import warn
 from ..svdq_file import read_metadata, recorded_base
 from . import lite
+from .export import verified_export
 from .lite_card import card
 
 __all__ = ["ROOT", "SUMMARY", "check_run", "export_run"]
@@ -57,7 +58,7 @@ class _Item:
 
 def export_run(run, pipeline: bool = True, force: bool = False, base: str | None = None) -> dict[str, object]:
     """Write ``export/diffusers/`` from the run's verified svdq export; returns what was written."""
-    source = _verified_export(run)
+    source = verified_export(run)
     metadata = read_metadata(source)
     recipe = metadata["recipe"]
     check_run(recipe)
@@ -98,16 +99,6 @@ def export_run(run, pipeline: bool = True, force: bool = False, base: str | None
              "activations as Nunchaku does (max|x|/7, all signed): quantize with --act-range nunchaku for a "
              "checkpoint whose validation is what runs")
     return {**summary, "files": len(written), "bytes": sum((run.path / f).stat().st_size for f in written)}
-
-
-def _verified_export(run) -> Path:
-    record = run.stage("export")
-    relative = record.get("file")
-    if record.get("status") != "done" or relative is None:
-        raise BadInputError(f"{run.path} has no finished export; run `svdq export {run.path}` first")
-    if not run.artifact_ok("export", relative):
-        raise CorruptArtifactError(f"{run.path / relative} does not match its checksum; run `svdq export` again")
-    return run.path / relative
 
 
 def _check_validation(run, force: bool) -> None:

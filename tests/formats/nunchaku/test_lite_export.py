@@ -16,7 +16,7 @@ from svdq_cli.formats.nunchaku.lite import unsupported
 from svdq_cli.formats.nunchaku.lite_kernels import install
 from svdq_cli.formats.svdq_file import load_quantized_pipeline
 from svdq_cli.models.loading import adapter_of, load_pipeline
-from tests.conftest import svdq
+from tests.conftest import failed_copy, svdq
 from tests.models.new_families import saved
 
 install()
@@ -146,11 +146,7 @@ def test_the_card_and_the_hub_upload_describe_the_directory(bf16_run, tmp_path):
 
 
 def test_a_failed_validation_exports_only_with_force(bf16_run, tmp_path):
-    run = tmp_path / "run"
-    shutil.copytree(bf16_run, run)
-    manifest = json.loads((run / "manifest.json").read_text())
-    manifest["stages"]["validate"]["passed"] = False
-    (run / "manifest.json").write_text(json.dumps(manifest))
+    run = failed_copy(bf16_run, tmp_path)
     code, _, stderr = svdq("export", run, "--format", "diffusers")
     assert code == 2 and "--force" in stderr and not (run / "export" / "diffusers").exists()
     assert svdq("export", run, "--format", "diffusers", "--force", "--no-pipeline")[0] == 0
