@@ -134,6 +134,14 @@ def print_summary(run_path: Path, summary: dict, as_json: bool, extra: dict | No
             out.print(f"nunchaku: {n['file']} ({n['bytes'] / 2**20:.1f} MiB; {n['w4a4_layers']} W4A4 layers at "
                       f"rank {n['rank'] if n['uniform_rank'] else 'per layer'}; {n['w4a16_layers']} AdaLN layers "
                       f"re-quantized to W4A16, relative weight error max {n['adanorm_relative_error_max']:.4f})")
+        if "diffusers" in result:
+            d = result["diffusers"]
+            requantized = (f", re-quantized with relative weight error max {d['w4a16_relative_error_max']:.4f}"
+                           if d["w4a16_relative_error_max"] else ", exact")
+            out.print(f"diffusers: {d['directory']} ({'pipeline' if d['pipeline'] else d['component'] + ' only'}, "
+                      f"{d['bytes'] / 2**20:.1f} MiB; {d['w4a4_layers']} W4A4 layers at rank {d['rank']}; "
+                      f"{d['w4a16_layers']} W4A16{requantized}; {len(d['dense_layers'])} left 16-bit; activations "
+                      f"{d['act_range']})")
     if "validate" in result and not result["validate"]["passed"]:
         message = f"validation gate failed ({result['validate']['failed_gates']}); see {result['report']}"
         if gate_exit:

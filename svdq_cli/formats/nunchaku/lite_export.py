@@ -24,7 +24,7 @@ from ...models.registry import TINY_MODELS
 from ...models.streaming import empty_model
 from ...runtime.linear import SVDQLinear
 from ...system.files import file_layout
-from ...system.progress import warn
+from ...system.progress import task, warn
 from ..svdq_file import read_metadata, recorded_base
 from . import lite
 from .export import verified_export
@@ -34,7 +34,7 @@ __all__ = ["ROOT", "SUMMARY", "check_run", "export_run"]
 
 ROOT = "export/diffusers"
 SUMMARY = "svdq_export.json"  # what the export did, for push-to-hub's card
-MAX_SHARD_BYTES = 1 << 30  # a shard is written whole from its header: this bounds the export's extra memory
+MAX_SHARD_BYTES = 1 << 30  # files a broken download re-fetches cheaply; memory is one layer whatever the size
 
 
 def check_run(config: dict) -> None:
@@ -155,7 +155,7 @@ def _write_model(run, source: Path, layers, items: list[_Item], rank: int, dtype
     names = [f"{lite.WEIGHTS_NAME}.safetensors"] if len(shards) == 1 else [
         f"{lite.WEIGHTS_NAME}-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     errors: dict[str, float] = {}
-    with safe_open(str(source), "pt") as handle:
+    with safe_open(str(source), "pt") as handle, task("diffusers", len(shards)) as advance:
         owned: dict[str, list[str]] = {}
         for key in handle.keys():
             owned.setdefault(key.rpartition(".")[0], []).append(key)
@@ -166,6 +166,7 @@ def _write_model(run, source: Path, layers, items: list[_Item], rank: int, dtype
                     for key, tensor in _produce(handle, owned, layers, item, rank, dtype, errors).items():
                         out.write(key, tensor)
             written.append(f"{folder}/{name}")
+            advance(name)
     if len(shards) > 1:
         index = {"metadata": {"total_size": sum(item.bytes for item in items)},
                  "weight_map": {key: name for shard, name in zip(shards, names, strict=True)
