@@ -45,8 +45,8 @@ PROMPT, SEED, STEPS, RESOLUTION = "a red fox in fresh snow", 0, 2, 64
 MARGIN_DB = {"nunchaku": 4.0, "svdq": 6.0}
 
 
-def quantized(tmp: Path, model: str, family: str, precision: str = "int4", act: str = "nunchaku") -> Path:
-    extra = "pipeline_args: {max_sequence_length: 32}" if family == "diffusers" else ""
+def quantized(tmp: Path, model: str, family: str, precision: str, act: str, pipeline_args: str | None) -> Path:
+    extra = f"pipeline_args: {pipeline_args}" if pipeline_args else ""
     recipe = tmp / "recipe.yaml"
     recipe.write_text(RECIPE.format(model="" if family == "diffusers" else model, family=family,
                                     precision=precision, act=act, extra=extra))
@@ -60,11 +60,13 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     return (10 * torch.log10(1 / ((a.float() - b.float()) ** 2).mean())).item()
 
 
-CASES = {  # name → (model, family, precision, activation rule); tiny-flux int4 svdq is the shared bf16 run
-    "tiny-flux-nvfp4": ("tiny-flux", "tiny-flux", "nvfp4", "nunchaku"),
-    "tiny-sd3": ("tiny-sd3", "tiny-sd3", "int4", "nunchaku"),
-    "tiny-sana": ("tiny-sana", "tiny-sana", "int4", "nunchaku"),
-    "qwen-image": ("QwenImagePipeline", "diffusers", "int4", "nunchaku"),
+# name → (model, family, precision, activation rule, pipeline_args); tiny-flux int4 svdq is the shared bf16 run
+CASES = {
+    "tiny-flux-nvfp4": ("tiny-flux", "tiny-flux", "nvfp4", "nunchaku", None),
+    "tiny-sd3": ("tiny-sd3", "tiny-sd3", "int4", "nunchaku", None),
+    "tiny-sana": ("tiny-sana", "tiny-sana", "int4", "nunchaku", None),
+    "qwen-image": ("QwenImagePipeline", "diffusers", "int4", "nunchaku", "{max_sequence_length: 32}"),
+    "sdxl": ("StableDiffusionXLPipeline", "diffusers", "int4", "nunchaku", None),  # a UNet: the component is unet
 }
 
 
@@ -74,10 +76,10 @@ def lite_run(request, tmp_path, bf16_run) -> tuple[Path, str]:
         run = tmp_path / "run"
         shutil.copytree(bf16_run, run)
         return run, "tiny-flux"
-    model, family, precision, act = CASES[request.param]
+    model, family, precision, act, pipeline_args = CASES[request.param]
     if family == "diffusers":
         model = str(saved(model, tmp_path / "models"))
-    return quantized(tmp_path, model, family, precision, act), model
+    return quantized(tmp_path, model, family, precision, act, pipeline_args), model
 
 
 @pytest.mark.slow
