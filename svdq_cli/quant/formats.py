@@ -411,6 +411,27 @@ def engine_activation_codes(x: torch.Tensor, fmt: Format, dtype: torch.dtype) ->
     all-zero group has scale 0 and codes 0.
     """
     grouped = _grouped(x.detach().float(), fmt.group_size)
+    inverse, stored = _engine_scales(grouped, fmt, dtype)
+    codes = codes_for(grouped * inverse, fmt, signed=True)
+    return codes.reshape(x.shape), stored.squeeze(-1)
+
+
+def engine_fake_quantize(x: torch.Tensor, fmt: Format, dtype: torch.dtype) -> torch.Tensor:
+    """What Nunchaku's GEMM sees of ``x`` under :func:`engine_activation_codes`, in float32. The kernel holds
+    ``x`` in ``dtype`` (it smooths in 16 bits), so a near-tie rounds as it does there. INT codes stay in
+    float32 (the smoothing search calls this dozens of times per layer)."""
+    grouped = _grouped(x.detach().to(dtype).float(), fmt.group_size)
+    inverse, stored = _engine_scales(grouped, fmt, dtype)
+    if fmt.is_float:
+        values = code_values(codes_for(grouped * inverse, fmt, signed=True), fmt)
+    else:
+        values = _rounded(grouped.mul_(inverse), fmt, True)
+    return values.mul_(stored.float()).reshape(x.shape)
+
+
+def _engine_scales(grouped: torch.Tensor, fmt: Format, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per group of ``grouped`` ``[..., groups, size]``: the reciprocal of the unrounded scale (0 for an
+    all-zero group) and the scale as stored, both ``[..., groups, 1]``."""
     amax = grouped.abs().amax(dim=-1, keepdim=True)
     if fmt.is_float:
         scale = (amax * torch.tensor(1 / E2M1_MAX, dtype=torch.float32)).clamp(max=FP8_E4M3_MAX)
@@ -418,14 +439,4 @@ def engine_activation_codes(x: torch.Tensor, fmt: Format, dtype: torch.dtype) ->
     else:
         scale = amax * torch.tensor(1 / fmt.code_range(True)[1], dtype=torch.float32)
         stored = scale.to(dtype)
-    inverse = torch.where(scale > 0, 1.0 / scale, torch.zeros_like(scale))
-    codes = codes_for(grouped * inverse, fmt, signed=True)
-    return codes.reshape(x.shape), stored.squeeze(-1)
-
-
-def engine_fake_quantize(x: torch.Tensor, fmt: Format, dtype: torch.dtype) -> torch.Tensor:
-    """``dequantize`` of :func:`engine_activation_codes` in float32: what Nunchaku's GEMM sees of ``x``, which
-    the kernel holds in ``dtype`` (it smooths in 16 bits: a near-tie rounds as it does there)."""
-    codes, stored = engine_activation_codes(x.to(dtype), fmt, dtype)
-    values = code_values(codes, fmt).reshape(*x.shape[:-1], -1, fmt.group_size)
-    return (values * stored.float().unsqueeze(-1)).reshape(x.shape)
+    return torch.where(scale > 0, 1.0 / scale, torch.zeros_like(scale)), stored

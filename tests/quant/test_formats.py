@@ -9,7 +9,10 @@ from svdq_cli.quant.formats import (
     FORMATS,
     GRAM_RANK,
     SHRINK_FACTORS,
+    code_values,
     dequantize,
+    engine_activation_codes,
+    engine_fake_quantize,
     get_format,
     nvfp4_tensor_scale,
     quantize,
@@ -245,3 +248,16 @@ def test_a_group_of_negative_zeros_and_a_subnormal_gets_a_positive_scale(scale_d
     assert (q.scales.float() > 0).all()
     step = q.scales.float().repeat_interleave(64, dim=-1)
     assert torch.all((x - q.dequantize()).abs() <= step / 2)
+
+
+@pytest.mark.parametrize("name", ["int4", "nvfp4"])
+def test_the_validated_engine_rule_is_what_the_kernel_stand_in_quantizes(gen, name):
+    """svdq's reference path under --act-range nunchaku (engine_fake_quantize) sees exactly the codes × stored
+    scales the Lite stand-in computes (engine_activation_codes), zero groups included."""
+    fmt = get_format(name)
+    x = torch.randn(8, 256, generator=gen) * 5
+    x[3, :64] = 0
+    codes, stored = engine_activation_codes(x.to(torch.bfloat16), fmt, torch.bfloat16)
+    values = code_values(codes, fmt).reshape(8, -1, fmt.group_size) * stored.float().unsqueeze(-1)
+    assert torch.equal(engine_fake_quantize(x, fmt, torch.bfloat16), values.reshape(8, 256))
+    assert not engine_fake_quantize(x, fmt, torch.bfloat16)[3, :64].any()
