@@ -155,13 +155,15 @@ def _write_model(run, source: Path, layers, items: list[_Item], rank: int, dtype
     names = [f"{lite.WEIGHTS_NAME}.safetensors"] if len(shards) == 1 else [
         f"{lite.WEIGHTS_NAME}-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     errors: dict[str, float] = {}
-    with safe_open(str(source), "pt") as handle, task("diffusers", len(shards)) as advance:
-        owned: dict[str, list[str]] = {}
-        for key in handle.keys():
-            owned.setdefault(key.rpartition(".")[0], []).append(key)
+    owned: dict[str, list[str]] = {}
+    for key in file_layout(source):
+        owned.setdefault(key.rpartition(".")[0], []).append(key)
+    with task("diffusers", len(shards)) as advance:
         for shard, name in zip(shards, names, strict=True):
             shard_layout = {key: value for item in shard for key, value in item.layout.items()}
-            with run.writer("export", f"{folder}/{name}", shard_layout, {"format": "pt"}) as out:
+            # the source is mapped anew per shard: the pages read stay resident while it is open
+            with safe_open(str(source), "pt") as handle, \
+                    run.writer("export", f"{folder}/{name}", shard_layout, {"format": "pt"}) as out:
                 for item in shard:
                     for key, tensor in _produce(handle, owned, layers, item, rank, dtype, errors).items():
                         out.write(key, tensor)
