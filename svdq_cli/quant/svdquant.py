@@ -190,9 +190,11 @@ def _channel_sample(weight: torch.Tensor, count: int, seed: int) -> torch.Tensor
 
 
 def branch_factors(
-    weight: torch.Tensor, smooth: torch.Tensor, config: QuantSettings, model_dtype: torch.dtype
+    weight: torch.Tensor, smooth: torch.Tensor, config: QuantSettings, model_dtype: torch.dtype,
+    rank: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Low-rank branch ``(lora_down [r, K], lora_up [N, r])`` of the smoothed weight, in ``model_dtype``.
+    """Low-rank branch ``(lora_down [r, K], lora_up [N, r])`` of the smoothed weight, in ``model_dtype``, of
+    ``rank`` (default: the config's; 0 gives empty factors).
 
     With ``config.lowrank_iters > 1`` the factors are refined against the residual's quantization error.
     """
@@ -200,7 +202,7 @@ def branch_factors(
     scale_dtype = scale_dtype_for(config, model_dtype)
     down, up = refine_low_rank(
         weight.detach().to(torch.float32, copy=True).mul_(smooth.float()),
-        config.effective_rank,
+        config.effective_rank if rank is None else rank,
         lambda residual: fake_quantize(residual, fmt, True, scale_dtype, full_range=config.full_range),
         config.lowrank_iters,
         config.exact_svd_max_elements,

@@ -158,10 +158,7 @@ class SVDQLinear(nn.Module):
             device=weight.device,
         )
         smooth = torch.ones(k, device=weight.device) if smooth is None else smooth.to(weight.device)
-        if rank == 0:
-            factors = (torch.zeros(0, k, dtype=dtype, device=weight.device),
-                       torch.zeros(n, 0, dtype=dtype, device=weight.device))
-        down, up = factors if factors is not None else branch_factors(weight, smooth, config, dtype)
+        down, up = factors if factors is not None else branch_factors(weight, smooth, config, dtype, rank)
         if down.shape != (rank, k) or up.shape != (n, rank):
             raise ValueError(f"low-rank factors {tuple(down.shape)}, {tuple(up.shape)} do not fit rank {rank}")
         residual = quantize_residual(weight, smooth, down, up, config, dtype, hessian, gram)
@@ -207,6 +204,12 @@ class SVDQLinear(nn.Module):
         """The weight the layer applies to its (shifted) input, ``(R + L_up L_down) · diag(1/λ)``, float32."""
         weight = self.residual_weight() + self.lora_up.float() @ self.lora_down.float()
         return weight / self.smooth.float()
+
+    def unshifted_bias(self) -> torch.Tensor:
+        """The bias ``[N]`` (float32) the layer has for an unshifted input: the model's own (zeros if none),
+        with an unsigned layer's shift fold undone, for engines that quantize every input signed."""
+        bias = self.bias.float() if self.bias is not None else torch.zeros(self.out_features)
+        return bias + self.shift_correction() if self.shift is not None else bias
 
     def shift_correction(self) -> torch.Tensor:
         """``shift · W_eff·1`` [N], float32: what the bias holds back for an unsigned layer's input shift

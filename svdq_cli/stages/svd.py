@@ -24,12 +24,9 @@ def run(run, workspace) -> None:
 
         def factors(name: str) -> tuple[torch.Tensor, torch.Tensor]:
             module, plan = workspace.originals[name], plans[owners[name]]
-            if config.quant.rank_for(plan.act) == 0:
-                weight = module.weight
-                return (torch.zeros(0, weight.shape[1], dtype=weight.dtype),
-                        torch.zeros(weight.shape[0], 0, dtype=weight.dtype))
             smooth = plan.smooth if plan.smooth is not None else torch.ones(module.in_features)
-            return branch_factors(module.weight, smooth, config.quant, module.weight.dtype)
+            return branch_factors(module.weight, smooth, config.quant, module.weight.dtype,
+                                  config.quant.rank_for(plan.act))
 
         tensors = {}
         for name, (down, up) in zip(owners, parallel_map(factors, owners), strict=True):

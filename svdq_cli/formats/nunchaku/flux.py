@@ -81,9 +81,6 @@ class Linear4:
     def from_layer(cls, layer: SVDQLinear) -> Linear4:
         if layer.act == "none":
             raise ValueError("it is weight-only; Nunchaku runs its block linears in W4A4")
-        bias = layer.bias.float() if layer.bias is not None else torch.zeros(layer.out_features)
-        if layer.shift is not None:  # undo our own shift fold: Nunchaku's kernels apply theirs
-            bias = bias + layer.shift_correction()
         return cls(
             codes=unpack_nibbles(layer.qweight, signed=not layer.fmt.is_float),
             scales=layer.wscales,
@@ -91,7 +88,7 @@ class Linear4:
             smooth=layer.smooth,
             down=layer.lora_down.float() / layer.smooth.float(),
             up=layer.lora_up.float(),
-            bias=bias,
+            bias=layer.unshifted_bias(),  # Nunchaku's kernels apply their own shift, if any
             precision=layer.precision,
         )
 

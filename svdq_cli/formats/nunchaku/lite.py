@@ -110,22 +110,15 @@ def _w4a16(layer: SVDQLinear, has_bias: bool, dtype: torch.dtype) -> LiteLayer:
     else:
         tensors, error = asymmetric_w4a16(layer.effective_weight(), dtype)
     if has_bias:
-        tensors["bias"] = _bias(layer, dtype)
+        tensors["bias"] = layer.unshifted_bias().to(dtype)
     return LiteLayer("w4a16", tensors, error)
 
 
 def _dense(layer: SVDQLinear, has_bias: bool, dtype: torch.dtype, reason: str) -> LiteLayer:
     tensors = {"weight": layer.effective_weight().to(dtype)}
     if has_bias:
-        tensors["bias"] = _bias(layer, dtype)
+        tensors["bias"] = layer.unshifted_bias().to(dtype)
     return LiteLayer("dense", tensors, reason=reason)
-
-
-def _bias(layer: SVDQLinear, dtype: torch.dtype) -> torch.Tensor:
-    bias = layer.bias.float() if layer.bias is not None else torch.zeros(layer.out_features)
-    if layer.shift is not None:
-        bias = bias + layer.shift_correction()
-    return bias.to(dtype)
 
 
 @dataclass

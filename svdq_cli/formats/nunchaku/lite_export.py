@@ -11,6 +11,7 @@ and each shard written tensor by tensor, so what is resident is one layer and it
 from __future__ import annotations
 
 import json
+import math
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,7 +54,7 @@ class _Item:
 
     @property
     def bytes(self) -> int:
-        return sum(dtype.itemsize * _count(shape) for dtype, shape in self.layout.values())
+        return sum(dtype.itemsize * math.prod(shape) for dtype, shape in self.layout.values())
 
 
 def export_run(run, pipeline: bool = True, force: bool = False, base: str | None = None) -> dict[str, object]:
@@ -75,7 +76,7 @@ def export_run(run, pipeline: bool = True, force: bool = False, base: str | None
     quantization = targets.quantization_config(recipe["quant"]["precision"], rank, dtype)
     earlier = {relative for relative in run.stage("export")["artifacts"] if relative.startswith(f"{ROOT}/")}
     written: list[str] = []
-    errors = _write_model(run, source, layers, items, rank, dtype, f"{ROOT}/{component}", written)
+    errors = _write_model(run, source, header, layers, items, rank, dtype, f"{ROOT}/{component}", written)
     run.write_file("export", f"{ROOT}/{component}/config.json",
                    lite.config_bytes(lite.model_config(metadata, quantization)))
     written.append(f"{ROOT}/{component}/config.json")
@@ -148,7 +149,7 @@ def _check_keys(model, targets: lite.Targets, items: list[_Item]) -> None:
                             f"{missing[:3]}, unexpected {unexpected[:3]})")
 
 
-def _write_model(run, source: Path, layers, items: list[_Item], rank: int, dtype, folder: str,
+def _write_model(run, source: Path, header, layers, items: list[_Item], rank: int, dtype, folder: str,
                  written: list[str]) -> dict[str, float]:
     """The shards and their index; returns each re-quantized W4A16 layer's relative error."""
     shards = _shards(items)
@@ -156,7 +157,7 @@ def _write_model(run, source: Path, layers, items: list[_Item], rank: int, dtype
         f"{lite.WEIGHTS_NAME}-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     errors: dict[str, float] = {}
     owned: dict[str, list[str]] = {}
-    for key in file_layout(source):
+    for key in header:
         owned.setdefault(key.rpartition(".")[0], []).append(key)
     with task("diffusers", len(shards)) as advance:
         for shard, name in zip(shards, names, strict=True):
@@ -237,10 +238,3 @@ def _link_components(run, directory: Path, component: str, denoiser_class: str) 
             run.link_file("export", relative, path.resolve())
             written.append(relative)
     return written
-
-
-def _count(shape: tuple[int, ...]) -> int:
-    total = 1
-    for size in shape:
-        total *= size
-    return total

@@ -31,6 +31,7 @@ import types
 import torch
 
 from ...quant.formats import code_values, engine_activation_codes, get_format
+from ...quant.packing import pack_nibbles, unpack_nibbles
 from . import layout
 
 __all__ = ["OPS", "install", "use_cpu_lite_kernels"]
@@ -52,7 +53,7 @@ def quantize_w4a4_act_fuse_lora(input, output, oscales, lora_down, lora_act_out,
     codes, scales = engine_activation_codes(smoothed, fmt, input.dtype)
     padded = torch.zeros(output.shape[0], channels, dtype=torch.int8, device=input.device)
     padded[:rows] = codes
-    output.copy_(_pack_rows(padded))
+    output.copy_(pack_nibbles(padded))  # the stand-in's own activation layout
     oscales.zero_()
     oscales[:, :rows] = scales.T.to(oscales.dtype)
 
@@ -68,7 +69,7 @@ def gemm_w4a4(act, wgt, out, qout, ascales, wscales, oscales, poolout, lora_act_
                                   "linears call), not Nunchaku's fused attention, norm or quantize epilogues")
     dtype, rows = out.dtype, out.shape[0]
     fmt = get_format("nvfp4" if fp4 else "int4")
-    a = _unpack_rows(act)[:rows]
+    a = unpack_nibbles(act, signed=not fp4)[:rows]
     w = layout.unpack_w4a4_codes(wgt, signed=not fp4)
     a_scales = ascales[:, :rows].T
     if fp4:
@@ -107,26 +108,10 @@ OPS = types.SimpleNamespace(quantize_w4a4_act_fuse_lora=quantize_w4a4_act_fuse_l
                             awq_gemm_w4a16_g64_int32=awq_gemm_w4a16_g64_int32, gemv_awq=gemv_awq)
 
 
-def _pack_rows(codes: torch.Tensor) -> torch.Tensor:
-    """Codes [M, K] → uint8 [M, K/2], low nibble = even k (the stand-in's own activation layout)."""
-    nibbles = (codes.to(torch.int16) & 0xF).reshape(codes.shape[0], -1, 2)
-    return (nibbles[..., 0] | (nibbles[..., 1] << 4)).to(torch.uint8)
-
-
-def _unpack_rows(packed: torch.Tensor) -> torch.Tensor:
-    """Inverse of :func:`_pack_rows`: nibbles 0…15 as int16 [M, K]."""
-    raw = packed.to(torch.int16)
-    return torch.stack([raw & 0xF, raw >> 4], dim=-1).reshape(packed.shape[0], -1)
-
-
-def _signed(nibbles: torch.Tensor) -> torch.Tensor:
-    return torch.where(nibbles >= 8, nibbles - 16, nibbles)
-
-
 def _int4_product(a: torch.Tensor, a_scales: torch.Tensor, w: torch.Tensor, w_scales: torch.Tensor,
                   dtype: torch.dtype) -> torch.Tensor:
     """Σ over 64-wide groups of the integer products, accumulated as the kernel does in 16 bits."""
-    a, w = _signed(a).float(), w.float()
+    a, w = a.float(), w.float()
     acc = torch.zeros(a.shape[0], w.shape[0], dtype=dtype)
     for group in range(w.shape[1] // 64):
         part = slice(64 * group, 64 * group + 64)
@@ -139,7 +124,7 @@ def _int4_product(a: torch.Tensor, a_scales: torch.Tensor, w: torch.Tensor, w_sc
 def _nvfp4_product(a: torch.Tensor, a_scales: torch.Tensor, w: torch.Tensor, w_scales: torch.Tensor,
                    fmt) -> torch.Tensor:
     """Block-scaled E2M1 product in fp32: each 16-wide group's codes times its fp8 scale, on both sides."""
-    a_values = code_values(a.to(torch.int8), fmt).reshape(a.shape[0], -1, 16) * a_scales.float().unsqueeze(-1)
+    a_values = code_values(a, fmt).reshape(a.shape[0], -1, 16) * a_scales.float().unsqueeze(-1)
     w_values = code_values(w, fmt).reshape(w.shape[0], -1, 16) * w_scales.float().unsqueeze(-1)
     return a_values.reshape(a.shape[0], -1) @ w_values.reshape(w.shape[0], -1).T
 
