@@ -199,11 +199,10 @@ def validation_overrides(prompts, steps, resolution, baselines, runtime) -> dict
             "validation.baselines": listed, "validation.runtime": runtime}
 
 
-def rerun(run_dir: Path, until: str, overrides: dict[str, object], as_json: bool, show: bool = True,
-           gate_exit: bool = True) -> dict:
+def stored_config(run_dir: Path, overrides: dict[str, object]):
+    """The run's resolved config with ``overrides`` ("section.field" → value; None leaves a field alone)."""
     from ..run.directory import Run
     from ..run.recipe import RunConfig, build_config
-    from ..stages.runner import check_config, run_stages
 
     stored = Run.existing(run_dir).manifest.get("config")
     if stored is None:
@@ -212,7 +211,15 @@ def rerun(run_dir: Path, until: str, overrides: dict[str, object], as_json: bool
         if value is not None:
             section, _, leaf = key.rpartition(".")
             (stored[section] if section else stored)[leaf] = value
-    config = build_config(RunConfig, stored, "")
+    return build_config(RunConfig, stored, "")
+
+
+def rerun(run_dir: Path, until: str, overrides: dict[str, object], as_json: bool, show: bool = True,
+           gate_exit: bool = True) -> dict:
+    from ..run.directory import Run
+    from ..stages.runner import check_config, run_stages
+
+    config = stored_config(run_dir, overrides)
     check_config(config, until)
     quiet_libraries()
     with Run(run_dir) as run:

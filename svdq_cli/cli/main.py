@@ -18,7 +18,7 @@ from ..errors import SvdqError, gist
 from ..system.distributed import leave, world_size
 from ..system.threads import configure_threads
 from ..version import __version__
-from . import bench, export, inspect, lora, push, quantize, recipes, status, targets, validate
+from . import bench, evaluate, export, inspect, lora, push, quantize, recipes, status, targets, validate
 from .common import Command, Group
 
 app = typer.Typer(cls=Group, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -52,6 +52,7 @@ lora_app = typer.Typer(cls=Group, help="Off-the-shelf LoRAs on quantized exports
 lora_app.command("apply", cls=Command)(lora.lora_apply)
 app.add_typer(lora_app, name="lora")
 app.command(cls=Command)(bench.bench)
+app.command("eval", cls=Command)(evaluate.evaluate)
 
 
 class Terminated(BaseException):
@@ -88,8 +89,9 @@ def _main() -> None:
     configure_threads()
     signal.signal(signal.SIGTERM, _terminate)
     command = next((arg for arg in args if not arg.startswith("-")), None)
-    if world_size() > 1 and command not in (None, "quantize"):
-        _fail(f"under torchrun only `svdq quantize` runs on several ranks; run `svdq {command}` as one process", 2)
+    if world_size() > 1 and command not in (None, "quantize", "eval"):
+        _fail(f"under torchrun only `svdq quantize` and `svdq eval` run on several ranks; run `svdq {command}` as "
+              "one process", 2)
     try:
         code = app(args=args, prog_name="svdq", standalone_mode=False)
     except SvdqError as error:

@@ -45,6 +45,20 @@ FAULT_VARIABLE = "SVDQ_FAULT_AFTER"
 FAULT_RANK_VARIABLE = "SVDQ_FAULT_RANK"
 
 
+def fault_point(stage: str, written: int) -> None:
+    """The test-only fault hook (:data:`FAULT_VARIABLE`), called after ``written`` files of ``stage``."""
+    fault = os.environ.get(FAULT_VARIABLE, "").split(":")
+    rank = os.environ.get("RANK", "0")
+    if os.environ.get(FAULT_RANK_VARIABLE, rank) != rank:
+        return
+    if fault[0] == stage and written >= int(fault[1]):
+        if fault[2:] == ["pause"]:
+            print(f"fault hook: paused after {stage} artifact {fault[1]}", file=sys.stderr, flush=True)
+            signal.pause()
+        else:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
 class RunLockedError(BadInputError):
     """Another process is writing this run directory."""
 
@@ -289,16 +303,7 @@ class Run:
         self.stage(stage)["artifacts"][relative] = digest
         self.stage(stage).get("previous", {}).pop(relative, None)  # rewritten: no longer a previous file
         self.save()
-        fault = os.environ.get(FAULT_VARIABLE, "").split(":")
-        rank = os.environ.get("RANK", "0")
-        if os.environ.get(FAULT_RANK_VARIABLE, rank) != rank:
-            return
-        if fault[0] == stage and len(self.stage(stage)["artifacts"]) >= int(fault[1]):
-            if fault[2:] == ["pause"]:
-                print(f"fault hook: paused after {stage} artifact {fault[1]}", file=sys.stderr, flush=True)
-                signal.pause()
-            else:
-                os.kill(os.getpid(), signal.SIGKILL)
+        fault_point(stage, len(self.stage(stage)["artifacts"]))
 
     def read(self, stage: str, relative: str):
         """Tensors and metadata of an artifact, verified against the manifest."""

@@ -12,6 +12,7 @@ from pathlib import Path
 import yaml
 
 from ..errors import BadInputError, SvdqError, gist
+from ..evaluation.report import card_section
 from ..formats.nunchaku import lite_card, lite_export
 from ..formats.svdq_file import read_metadata
 from ..methods.registry import get_method
@@ -79,11 +80,33 @@ def plan_upload(run_dir: Path, repo_id: str, force: bool = False, format: str = 
     comparison = run_dir / "validate" / "comparison.png"
     picture = {"comparison.png": comparison} if comparison.is_file() else {}
     recipe = yaml.safe_dump(metadata["recipe"], sort_keys=False)
+    evaluation, evaluation_files = _evaluation(run_dir)
     if format == "diffusers":
         files, summary = _lite_directory(run_dir)
-        return Upload({**files, **picture}, lite_card.card(metadata, summary, repo_id), recipe)
-    files = {export_path.name: export_path, **picture}
-    return Upload(files, model_card(metadata, export_path.name, repo_id, bool(picture)), recipe)
+        card = lite_card.card(metadata, summary, repo_id)
+    else:
+        files = {export_path.name: export_path}
+        card = model_card(metadata, export_path.name, repo_id, bool(picture))
+    return Upload({**files, **picture, **evaluation_files}, _with_section(card, evaluation), recipe)
+
+
+def _evaluation(run_dir: Path) -> tuple[list[str], dict[str, Path]]:
+    """The card section and files of the run's `svdq eval` report, when it has one that verifies."""
+    run = Run.existing(run_dir)
+    relatives = [r for r in ("eval/report.json", "eval/report.md", "eval/grid.png") if run.artifact_ok("eval", r)]
+    if "eval/report.json" not in relatives:
+        return [], {}
+    document = json.loads((Path(run_dir) / "eval" / "report.json").read_text())
+    return card_section(document), {relative: Path(run_dir) / relative for relative in relatives}
+
+
+def _with_section(card: str, section: list[str]) -> str:
+    """The card with the evaluation section before its usage notes (at the end when it has none)."""
+    if not section:
+        return card
+    marker = "\n## Use\n"
+    head, found, tail = card.partition(marker)
+    return f"{head}\n" + "\n".join(section) + f"{found}{tail}" if found else card + "\n" + "\n".join(section)
 
 
 def _lite_directory(run_dir: Path) -> tuple[dict[str, Path], dict]:

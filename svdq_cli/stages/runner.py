@@ -139,6 +139,11 @@ def run_stages(run: Run, config: RunConfig, until: str | None = None, redo: str 
     return {name: summary[name] for name in hashes if name in summary}
 
 
+def stages_to_do(run: Run, config: RunConfig, until: str) -> list[str]:
+    """The stages up to ``until`` that are not done under ``config`` (or have broken artifacts)."""
+    return _stages_to_run(run, config, registry(), until, None)[1]
+
+
 ADOPT_WAIT = 30.0  # seconds: a network filesystem may show another machine's new files late
 
 

@@ -40,8 +40,10 @@ class Workspace:
     """What the stages of one process share: the config, the adapter, the 16-bit model (loaded lazily, whole
     or streamed block by block), the prompts' text encodings and the run's cache."""
 
-    def __init__(self, config: RunConfig, cache_dir: Path | None = None, world: World | None = None) -> None:
+    def __init__(self, config: RunConfig, cache_dir: Path | None = None, world: World | None = None,
+                 cache_encodings: bool = True) -> None:
         self.config = config
+        self.cache_encodings = cache_encodings  # False: an evaluation's thousands of prompts (MBs each) stay off disk
         self.world = world or World()
         self.adapter: Adapter = adapter_of(config.family, config.model, config.pipeline_args)
         self.dtype = getattr(torch, config.dtype)
@@ -160,6 +162,7 @@ class Workspace:
                 yield
             return
 
+        originals = self.originals  # taken before any replacement: it reads the denoiser's modules
         layers = {name: layer.to(self.device) for index in range(len(self.blocks))
                   for name, layer in layers_of_block(index).items()}
         for name, layer in layers.items():
@@ -168,7 +171,7 @@ class Workspace:
             yield
         finally:
             for name in layers:
-                replace_module(self.denoiser, name, self.originals[name])
+                replace_module(self.denoiser, name, originals[name])
 
     def settings(self, section) -> tuple[int, float, int]:
         """Steps, guidance and resolution of a calibration or validation section (the protocol's by default)."""
@@ -188,8 +191,8 @@ class Workspace:
         if not self.adapter.text_conditioned:  # class labels: nothing to encode
             return [() for _ in prompts]
         steps, guidance, resolution = self.settings(section)
-        found = {p: self.cache.get("text", self._encoding_fields(p, guidance)) if self.cache else None
-                 for p in prompts}
+        cache = self.cache if self.cache_encodings else None
+        found = {p: cache.get("text", self._encoding_fields(p, guidance)) if cache else None for p in prompts}
         missing = [p for p in prompts if found[p] is None]
         if missing:
             pipeline = self._text_pipeline
@@ -199,8 +202,8 @@ class Workspace:
                     encoding = encode(pipeline, denoiser, lambda pipe, p=prompt: self.adapter.generate(
                         pipe, [p], [0], steps, guidance, resolution, output_type="latent"))
                     found[prompt] = to_tensors(encoding)
-                    if self.cache:
-                        self.cache.put("text", self._encoding_fields(prompt, guidance), *found[prompt])
+                    if cache:
+                        cache.put("text", self._encoding_fields(prompt, guidance), *found[prompt])
                     advance(prompt[:40])
         return [from_tensors(*found[p]) for p in prompts]
 

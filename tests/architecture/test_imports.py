@@ -24,6 +24,7 @@ LAYERS = (  # top to bottom; a module may import its own package and anything in
     ("cli",),
     ("api",),
     ("ship",),
+    ("evaluation",),
     ("stages",),
     ("run",),
     ("formats",),
@@ -38,7 +39,7 @@ LAYERS = (  # top to bottom; a module may import its own package and anything in
 )
 LAZY_LIBRARIES = {  # imported on use: slow to import, or optional extras
     "diffusers", "transformers", "accelerate", "huggingface_hub", "datasets", "safetensors", "tokenizers",
-    "torchmetrics", "cupy", "psutil", "PIL", "yaml", "torch", "kernels",
+    "torchmetrics", "cupy", "psutil", "PIL", "yaml", "torch", "kernels", "ImageReward",
 }
 
 

@@ -137,3 +137,24 @@ def test_rank_0_adopts_the_other_ranks_blocks_and_refuses_missing_ones(run_copy,
     (run_copy / "svd" / "block-001.safetensors").unlink()
     with pytest.raises(SvdqError, match="block-001.*filesystem every rank shares"):
         runner._adopt_blocks(run, "svd", blocks)
+
+
+@pytest.mark.slow
+def test_two_ranks_share_an_evaluation_and_make_the_one_process_images(run_copy, tmp_path):
+    """`svdq eval` under torchrun: prompt i on rank i mod 2, each rank writing its own PNGs, rank 0 scoring —
+    the same images, byte for byte, and the same report figures as one process."""
+    import shutil
+
+    alone = tmp_path / "alone"
+    shutil.copytree(run_copy, alone)
+    args = ("--benchmark", "builtin:validation", "--num-samples", 3, "--json")
+    code, stdout, stderr = svdq("eval", alone, *args)
+    assert code == 0, stderr
+    done = torchrun("eval", run_copy, *args)
+    assert done.returncode == 0, done.stderr[-3000:]
+    shared = json.loads(done.stdout)  # one JSON document: rank 0's
+    assert shared["methods"] == json.loads(stdout)["methods"]
+    images = sorted((alone / "eval" / "images").rglob("*.png"))
+    assert len(images) == 6
+    for path in images:
+        assert (run_copy / path.relative_to(alone)).read_bytes() == path.read_bytes()
