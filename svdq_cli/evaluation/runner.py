@@ -51,11 +51,8 @@ def evaluate(run: Run, config: RunConfig, options: Options, world: World) -> dic
     workspace = Workspace(config, run.path / "cache", world, cache_encodings=False)
     benchmark = benchmarks.load(options.benchmark, options.num_samples, run.path / "cache")
     names, explicit = metrics.parse(options.metrics)
-    if explicit and "fid" in names and not benchmark.has_real:
-        raise BadInputError(f"FID compares with real images, which {options.benchmark} does not have; use "
-                            "--benchmark mjhq or dci, or leave fid out of --metrics")
-    no_real = [name for name in names if name in metrics.AGAINST_REAL and not benchmark.has_real]
-    suite = _load_metrics([name for name in names if name not in no_real], explicit, workspace.device,
+    unusable = _unusable(names, explicit, benchmark, options.benchmark)
+    suite = _load_metrics([name for name in names if name not in unusable], explicit, workspace.device,
                           options.clip_model, world)
     steps, guidance, resolution = workspace.settings(config.validation)
     settings = {"steps": steps, "guidance": guidance, "resolution": resolution, "seed": options.seed}
@@ -75,8 +72,7 @@ def evaluate(run: Run, config: RunConfig, options: Options, world: World) -> dic
     entry = _score(suite, benchmark, store, keys, methods, resolution)
     entry.update(benchmark=options.benchmark, prompts=benchmark.prompts, seeds=seeds, settings=settings,
                  runtime=describe(workspace.device), device=workspace.device,
-                 skipped={**{name: f"{options.benchmark} has no real images" for name in no_real},
-                          **suite.skipped},
+                 skipped={**unusable, **suite.skipped},
                  folders={method: f"eval/images/{method}" for method in methods},
                  files={method: [f"{key}.png" for key in keys[method]] for method in methods},
                  seconds={"generation": round(generated, 1),
@@ -84,6 +80,23 @@ def evaluate(run: Run, config: RunConfig, options: Options, world: World) -> dic
                  versions={**library_versions(), "svdq": __version__})
     _write_report(run, config, entry, benchmark, store, keys, methods, resolution)
     return entry
+
+
+def _unusable(names: list[str], explicit: bool, benchmark: benchmarks.Benchmark, spec: str) -> dict[str, str]:
+    """The metrics this benchmark cannot give, with why: FID needs real images and two samples at least.
+
+    Raises:
+        BadInputError: FID named in ``--metrics`` where it cannot be computed.
+    """
+    unusable = {}
+    if "fid" in names and not benchmark.has_real:
+        unusable["fid"] = f"{spec} has no real images"
+    elif "fid" in names and len(benchmark.prompts) < 2:
+        unusable["fid"] = "it compares two distributions and needs at least 2 samples (the paper uses 5000)"
+    if explicit and unusable:
+        raise BadInputError(f"fid: {unusable['fid']}; use --benchmark mjhq or dci with more --num-samples, or "
+                            "leave fid out of --metrics")
+    return unusable
 
 
 def _load_metrics(names: list[str], explicit: bool, device: str, clip_model: str, world: World) -> metrics.Suite:

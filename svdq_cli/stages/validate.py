@@ -170,7 +170,7 @@ def lpips_status() -> str:
         LearnedPerceptualImagePatchSimilarity(net_type="alex")
     except Exception as error:  # missing torchvision, or weights not in the local cache (offline)
         return f"not computed: LPIPS weights are not available locally ({type(error).__name__})"
-    return "available but not computed in this version"
+    return "available here; `svdq eval RUN --metrics lpips,psnr,ssim` computes it"
 
 
 def through_emulated_kernels(run, workspace, prompts: list[str], seeds: list[int]):

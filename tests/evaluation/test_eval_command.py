@@ -115,8 +115,10 @@ def test_eval_bad_input_is_one_line(run_copy, monkeypatch):
         return stderr
 
     assert "choose from fid" in fails(*BUILTIN, "--metrics", "psnr,fdi")
-    assert "does not have" in fails(*BUILTIN, "--metrics", "fid")
+    assert "has no real images" in fails(*BUILTIN, "--metrics", "fid")
     assert "does not hold MJHQ-30K" in fails("--benchmark", f"mjhq:{run_copy}")
+    benchmark = fakes.mjhq(run_copy.parent / "mjhq")
+    assert "at least 2 samples" in fails("--benchmark", f"mjhq:{benchmark}", "--num-samples", 1, "--metrics", "fid")
     monkeypatch.setitem(sys.modules, "ImageReward", None)
     assert "image-reward package" in fails(*BUILTIN, "--metrics", "image-reward", code=1)
     manifest = json.loads((run_copy / "manifest.json").read_text())
