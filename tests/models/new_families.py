@@ -120,6 +120,40 @@ def flux2_klein(seed: int = 0):
                                   tokenizer=tokenizer, transformer=transformer)
 
 
+CONTENT_TEMPLATE = ("{% for message in messages %}{% if message['content'] is string %}{{ message['content'] }}"
+                    "{% else %}{% for part in message['content'] %}{% if part['type'] == 'text' %}{{ part['text'] }} "
+                    "{% endif %}{% endfor %}{% endif %}{% endfor %}")  # messages whose content is a list of parts
+
+
+def flux2_dev(seed: int = 0):
+    """A Flux2Pipeline (FLUX.2 [dev]: guidance-distilled, guidance embedded): a tiny Mistral 3 (text and Pixtral
+    vision towers, the vision one unused by text prompts) whose layers 10, 20 and 30 are stacked into the text
+    embedding, the FLUX.2 VAE, klein's transformer class with a guidance embedder."""
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Pipeline, Flux2Transformer2DModel
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration
+
+    text = {"vocab_size": len(tiny.vocabulary()), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 30,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8, "pad_token_id": 0, "eos_token_id": 1,
+            "bos_token_id": 3, "max_position_embeddings": 512}
+    vision = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+              "image_size": 32, "patch_size": 16, "head_dim": 8}
+    with tiny.seeded(seed):
+        transformer = Flux2Transformer2DModel(
+            in_channels=32, num_layers=1, num_single_layers=2, attention_head_dim=32, num_attention_heads=4,
+            joint_attention_dim=3 * 32, timestep_guidance_channels=64, axes_dims_rope=(8, 8, 8, 8),
+            guidance_embeds=True,
+        )
+        text_encoder = Mistral3ForConditionalGeneration(Mistral3Config(
+            text_config=text, vision_config=vision, image_token_index=2, spatial_merge_size=1))
+        tokenizer = tiny.tokenizer(64)
+        tokenizer.chat_template = CONTENT_TEMPLATE
+        vae = AutoencoderKLFlux2(block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
+                                 up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, latent_channels=8,
+                                 norm_num_groups=8)
+        return Flux2Pipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=text_encoder,
+                             tokenizer=tokenizer, transformer=transformer)
+
+
 def wan(seed: int = 0):
     """A WanPipeline (Wan 2.x text to video): a tiny UMT5 text encoder, the Wan VAE at two levels halving time
     once, 3D patches of 1×2×2 and rotary positions over frames, height and width."""
@@ -182,8 +216,8 @@ def stable_diffusion(seed: int = 0):
         )
 
 
-BUILDERS = {"ChromaPipeline": chroma, "Flux2KleinPipeline": flux2_klein, "FluxKontextPipeline": flux_kontext,
-            "QwenImagePipeline": qwen_image, "ZImagePipeline": z_image}
+BUILDERS = {"ChromaPipeline": chroma, "Flux2Pipeline": flux2_dev, "Flux2KleinPipeline": flux2_klein,
+            "FluxKontextPipeline": flux_kontext, "QwenImagePipeline": qwen_image, "ZImagePipeline": z_image}
 VIDEO_BUILDERS = {"WanPipeline": wan}
 UNET_BUILDERS = {"StableDiffusionXLPipeline": stable_diffusion_xl, "StableDiffusionPipeline": stable_diffusion}
 

@@ -202,6 +202,7 @@ def test_a_negative_prompt_is_recorded_and_replayed_with_the_prompt(models):
 
 @pytest.mark.parametrize("recipe,pipeline_class,block_list", [
     ("qwen-image", "QwenImagePipeline", "transformer_blocks"),  # true CFG: the negative prompt is a second call
+    ("flux2-dev", "Flux2Pipeline", "single_transformer_blocks"),  # guidance embedded, Mistral 3's stacked layers
     ("sdxl-turbo", "StableDiffusionXLPipeline", "down_blocks.1.attentions"),  # its skip patterns match
 ])
 def test_a_shipped_recipe_drives_its_pipeline_class(models, recipe, pipeline_class, block_list):
