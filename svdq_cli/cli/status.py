@@ -21,7 +21,8 @@ def status(run_dir: RunDirArg, as_json: JsonOpt = False) -> None:
     run = Run.existing(run_dir)
     interrupted = not run.in_use()  # "running" with nobody holding the lock: the process died or was stopped
     rows = []
-    for name in ORDER:
+    evaluated = ("eval",) if "eval" in run.manifest["stages"] else ()  # `svdq eval`'s report, once it has one
+    for name in (*ORDER, *evaluated):
         record = run.manifest["stages"].get(name, {})
         artifacts = record.get("artifacts", {})
         state = record.get("status", "pending")

@@ -215,7 +215,7 @@ def _write_report(run: Run, config: RunConfig, entry: dict, benchmark: benchmark
     for method in methods:
         columns[method] = [store.read(method, keys[method][i]) for i in rows]
     run.write_file(STAGE, "eval/grid.png", _png(report.grid([benchmark.prompts[i] for i in rows], columns)))
-    run.stage(STAGE).update(status="done", finished=time.time())
+    run.stage(STAGE).update(status="done", finished=time.time(), seconds=sum(entry["seconds"].values()))
     run.save()
 
 

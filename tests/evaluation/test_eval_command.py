@@ -63,6 +63,9 @@ def test_eval_reports_what_its_images_give_and_a_rerun_generates_nothing(run_cop
     assert code == 0, stderr
     assert pngs(run_copy) == before and json.loads(stdout)["methods"] == result["methods"]
     assert "generating" not in stderr
+    code, stdout, _ = svdq("status", run_copy, "--json")
+    row = next(row for row in json.loads(stdout)["stages"] if row["stage"] == "eval")
+    assert (row["status"], row["artifacts"], row["broken"]) == ("done", 3, [])  # report.json, report.md, grid.png
 
 
 @pytest.mark.slow
