@@ -57,7 +57,7 @@ def evaluate(run: Run, config: RunConfig, options: Options, world: World) -> dic
     steps, guidance, resolution = workspace.settings(config.validation)
     settings = {"steps": steps, "guidance": guidance, "resolution": resolution, "seed": options.seed}
     seeds = [prompt_seed(p, options.seed) for p in benchmark.prompts]
-    methods = [REFERENCE, config.quant.method, *config.validation.baselines]
+    methods = list(dict.fromkeys([REFERENCE, config.quant.method, *config.validation.baselines]))
     store = ImageStore(run.path / "eval" / "images", _fingerprints(run, config, methods))
     image_settings = {key: settings[key] for key in ("steps", "guidance", "resolution")}
     keys = {method: [store.key(method, p, s, image_settings) for p, s in zip(benchmark.prompts, seeds, strict=True)]
@@ -160,13 +160,10 @@ def _layers(workspace: Workspace, run: Run, config: RunConfig, method: str):
 def _batches(store: ImageStore, keys: dict[str, list[str]], method: str, prompts: list[str]):
     for start in range(0, len(prompts), metrics.BATCH):
         part = range(start, min(start + metrics.BATCH, len(prompts)))
-        images = _stack([store.read(method, keys[method][i]) for i in part])
-        reference = None if method == REFERENCE else _stack([store.read(REFERENCE, keys[REFERENCE][i]) for i in part])
+        images = torch.stack([store.read(method, keys[method][i]) for i in part])
+        reference = (None if method == REFERENCE else
+                     torch.stack([store.read(REFERENCE, keys[REFERENCE][i]) for i in part]))
         yield images, [prompts[i] for i in part], reference
-
-
-def _stack(images: list) -> torch.Tensor:
-    return torch.stack(images)
 
 
 def _score(suite: metrics.Suite, benchmark: benchmarks.Benchmark, store: ImageStore, keys: dict[str, list[str]],
@@ -174,7 +171,7 @@ def _score(suite: metrics.Suite, benchmark: benchmarks.Benchmark, store: ImageSt
     indices = list(range(len(benchmark.prompts)))
     if benchmark.has_real and "fid" in suite.names:
         real = benchmark.real(indices, resolution)
-        suite.set_real(_stack(list(part)) for part in _chunks(real, metrics.BATCH))
+        suite.set_real(torch.stack(part) for part in _chunks(real, metrics.BATCH))
     scored = {}
     with task("eval scoring", len(methods)) as advance:
         for method in methods:
