@@ -161,8 +161,9 @@ ValResolutionOpt = Annotated[int | None, typer.Option("--val-resolution", help="
                                                                               "(default: the recipe's).")]
 
 
-BaselinesOpt = Annotated[str | None, typer.Option(help="Baselines validation also scores, comma-separated: rtn, "
-                                                       "w4a16, smoothquant.")]
+BaselinesOpt = Annotated[str | None, typer.Option(help="Baselines also scored, comma-separated: rtn (naive W4A4), "
+                                                       "w4a16 (INT4 weights), smoothquant, nf4 (bitsandbytes' NF4 "
+                                                       "weights); a VQ run: rtn, kmeans.")]
 
 
 StreamOpt = Annotated[bool | None, typer.Option("--stream/--no-stream", metavar="",

@@ -14,17 +14,16 @@ import dataclasses
 import io
 import json
 import time
-from functools import cache, partial
 
 import torch
 
 from ..calibration.prompts import prompt_seed
 from ..errors import BadInputError
-from ..methods.baselines import baseline_config
+from ..methods.baselines import baseline_fields
 from ..run.directory import Run, library_versions
 from ..run.recipe import RunConfig
 from ..runtime.kernels import describe
-from ..stages.validate import baseline_block, quantized_block
+from ..stages.validate import baseline_layers, quantized_block
 from ..stages.workspace import Workspace
 from ..system.distributed import World
 from ..system.progress import say, task
@@ -127,7 +126,7 @@ def _fingerprints(run: Run, config: RunConfig, methods: list[str]) -> dict[str, 
     prints = {REFERENCE: model, config.quant.method: {**model, "quantize": run.stage("quantize").get("hash")}}
     for name in methods[2:]:
         prints[name] = {**model, "baseline": name, "collect": run.stage("collect").get("hash"),
-                        "config": dataclasses.asdict(baseline_config(config.quant, name))}
+                        "config": baseline_fields(config.quant, name)}
     return prints
 
 
@@ -153,8 +152,7 @@ def _layers(workspace: Workspace, run: Run, config: RunConfig, method: str):
         return workspace.with_layers(lambda index: {})
     if method == config.quant.method:
         return workspace.with_layers(lambda index: quantized_block(run, index))
-    layers_of_block = partial(baseline_block, run, workspace, baseline_config(config.quant, method))
-    return workspace.with_layers(cache(layers_of_block))  # a streamed block re-enters at every step
+    return workspace.with_layers(baseline_layers(run, workspace, config.quant, method, keep=True))
 
 
 def _batches(store: ImageStore, keys: dict[str, list[str]], method: str, prompts: list[str]):

@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 ENGINES = ("uniform", "vector")
-UNIFORM_BASELINES = ("rtn", "w4a16", "smoothquant")  # a uniform run's: naive W4A4, W4A16, SmoothQuant
+# a uniform run's: naive W4A4, W4A16 (INT4, the run's group), SmoothQuant, and NF4 W4A16 (bitsandbytes' format)
+UNIFORM_BASELINES = ("rtn", "w4a16", "smoothquant", "nf4")
 VECTOR_BASELINES = ("rtn", "kmeans")  # a VQ run's: RTN weight-only at its bits, codebook-only k-means VQ
 
 

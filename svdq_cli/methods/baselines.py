@@ -14,6 +14,16 @@ UNIFORM_FIELDS = {  # each of base.UNIFORM_BASELINES, at the run's precision and
 }
 
 
+NF4 = "nf4"  # weight-only NF4 (quant/nf4.py): layers of their own kind, not a config of the uniform engine
+
+
+def baseline_fields(config: QuantConfig, baseline: str) -> dict:
+    """What determines a baseline's layers besides the calibration data, for keys that name its results."""
+    if baseline == NF4:
+        return {"format": NF4, "block": 64, "absmax": "float32"}
+    return dataclasses.asdict(baseline_config(config, baseline))
+
+
 def baseline_config(config: QuantConfig, baseline: str) -> QuantConfig:
     """``baseline`` (one of the run's method's :attr:`~svdq_cli.methods.base.Method.baselines`) at the run's
     number formats; for a VQ run, RTN weight-only at its bits (``rtn``) or codebook-only k-means (``kmeans``)."""

@@ -2,7 +2,7 @@
 and report what quantization cost — latent relative error, PSNR and SSIM of the images (LPIPS when its weights
 are available locally), per-layer output errors — as report.json, report.md, comparison.png and layers.png.
 
-``validation.baselines`` (rtn, w4a16, smoothquant; for VQ runs rtn at the run's bits and kmeans) adds the same
+``validation.baselines`` (rtn, w4a16, smoothquant, nf4; for VQ runs rtn at the run's bits and kmeans) adds the same
 metrics for those methods, quantized in memory from the same calibration data, so a user sees what the method
 bought them. Gates (``min_psnr``, ``min_ssim``, ``max_latent_error``) are checked here; the CLI exits 3 when one
 fails.
@@ -21,13 +21,15 @@ from torch import nn
 
 from ..calibration.prompts import identity, load_prompts, prompt_seed
 from ..engines.uniform import GroupPlan, input_gram, plan_group, quantize_layer
-from ..methods.baselines import baseline_config
+from ..methods.baselines import NF4, baseline_config
 from ..methods.config import LOW_BIT_PRECISIONS, QuantConfig
 from ..models.base import strip_frames
+from ..quant import nf4
 from ..run.directory import library_versions
 from ..run.gates import check_gates
 from ..runtime.emulator.backend import EmulatedBackend
 from ..runtime.kernels import describe, emulated
+from ..runtime.nf4_linear import NF4Linear
 from ..system.distributed import World
 from ..system.progress import warn
 from ..system.threads import single_threaded
@@ -80,6 +82,26 @@ def baseline_block(run, workspace, config: QuantConfig, index: int) -> dict[str,
             for name, module in zip(group, modules, strict=True):
                 layers[name] = quantize_layer(module, config, plan, gram=input_gram(stats, plan, config))
     return layers
+
+
+def nf4_block(workspace, index: int) -> dict[str, nn.Module]:
+    """Block ``index``'s targets as weight-only NF4 layers (those whose K the NF4 block divides; others stay
+    16-bit, as bitsandbytes would not take them either)."""
+    with workspace.block_resident(index):
+        return {name: NF4Linear.from_linear(workspace.originals[name]) for group in workspace.blocks[index][1]
+                for name in group if workspace.originals[name].in_features % nf4.BLOCK == 0}
+
+
+def baseline_layers(run, workspace, config: QuantConfig, baseline: str, keep: bool = False):
+    """Block index → ``baseline``'s layers for that block. ``keep``: each block's are made once and kept (a
+    streamed block re-enters at every denoising step), which a VQ baseline's calibration always is."""
+    if baseline == NF4:
+        layers_of_block = partial(nf4_block, workspace)
+    else:
+        method_config = baseline_config(config, baseline)
+        layers_of_block = partial(baseline_block, run, workspace, method_config)
+        keep = keep or method_config.is_vector
+    return cache(layers_of_block) if keep else layers_of_block
 
 
 @contextmanager
@@ -231,11 +253,7 @@ def run(run, workspace) -> dict:
         runtime, kernels_check = describe(workspace.device), None
     outputs = {config.quant.method: (images, latents)}
     for baseline in validation.baselines:
-        method_config = baseline_config(config.quant, baseline)
-        layers_of_block = partial(baseline_block, run, workspace, method_config)
-        if method_config.is_vector:  # a calibration per block: once, not at each entry of a streamed block
-            layers_of_block = cache(layers_of_block)
-        with workspace.with_layers(layers_of_block):
+        with workspace.with_layers(baseline_layers(run, workspace, config.quant, baseline)):
             outputs[baseline] = generate(workspace, prompts, seeds, world)
     if not world.leader:
         return {}

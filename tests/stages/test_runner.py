@@ -110,13 +110,15 @@ def test_gate_failure_exits_3(run_copy):
 
 
 def test_validate_with_baselines_reports_them(run_copy):
-    code, stdout, stderr = svdq("validate", run_copy, "--baselines", "rtn,w4a16", "--json")
+    code, stdout, stderr = svdq("validate", run_copy, "--baselines", "rtn,w4a16,nf4", "--json")
     assert code == 0, stderr
     report = json.loads((run_copy / "validate" / "report.json").read_text())
-    assert set(report["methods"]) == {"svdquant", "rtn", "w4a16"}
+    assert set(report["methods"]) == {"svdquant", "rtn", "w4a16", "nf4"}
     for values in report["methods"].values():
         assert values["psnr"] > 10 and 0 < values["ssim"] <= 1 and values["latent_error"] >= 0
     assert report["methods"]["svdquant"]["latent_error"] < report["methods"]["rtn"]["latent_error"]
+    # weight-only 4-bit keeps 16-bit activations: closer than naive W4A4, whatever the 4-bit weight format
+    assert report["methods"]["nf4"]["latent_error"] < report["methods"]["rtn"]["latent_error"]
 
 
 def test_export_loads_back_and_reproduces_the_validated_model(finished_run):
