@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from ..quant import nf4
 from .config import QuantConfig
 
 UNIFORM_FIELDS = {  # each of base.UNIFORM_BASELINES, at the run's precision and number formats
@@ -20,7 +21,7 @@ NF4 = "nf4"  # weight-only NF4 (quant/nf4.py): layers of their own kind, not a c
 def baseline_fields(config: QuantConfig, baseline: str) -> dict:
     """What determines a baseline's layers besides the calibration data, for keys that name its results."""
     if baseline == NF4:
-        return {"format": NF4, "block": 64, "absmax": "float32"}
+        return {"format": NF4, "block": nf4.BLOCK, "absmax": "float32"}
     return dataclasses.asdict(baseline_config(config, baseline))
 
 

@@ -85,8 +85,8 @@ def baseline_block(run, workspace, config: QuantConfig, index: int) -> dict[str,
 
 
 def nf4_block(workspace, index: int) -> dict[str, nn.Module]:
-    """Block ``index``'s targets as weight-only NF4 layers (those whose K the NF4 block divides; others stay
-    16-bit, as bitsandbytes would not take them either)."""
+    """Block ``index``'s targets as weight-only NF4 layers: those whose K the NF4 block divides (its blocks run
+    along K here; bitsandbytes' run along the flattened weight, the same blocks then); the others stay 16-bit."""
     with workspace.block_resident(index):
         return {name: NF4Linear.from_linear(workspace.originals[name]) for group in workspace.blocks[index][1]
                 for name in group if workspace.originals[name].in_features % nf4.BLOCK == 0}
