@@ -26,6 +26,7 @@ from pathlib import Path
 
 from ..calibration.prompts import load_prompts
 from ..errors import BadInputError, SvdqError
+from ..stages.report_images import pixels
 from ..system import online
 from ..system.files import atomic_write_bytes
 
@@ -142,15 +143,13 @@ def _dci_prompts(path: Path) -> dict[str, tuple[str, str]]:
 
 def square(data: bytes, size: int):
     """An image file's pixels center-cropped to a square and resized to ``size``, as a uint8 [3, size, size]."""
-    import torch
     from PIL import Image
 
     with Image.open(io.BytesIO(data)) as image:
         image = image.convert("RGB")
         side = min(image.size)
         left, top = (image.width - side) // 2, (image.height - side) // 2
-        image = image.crop((left, top, left + side, top + side)).resize((size, size), Image.Resampling.BICUBIC)
-        return torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).reshape(size, size, 3).permute(2, 0, 1)
+        return pixels(image.crop((left, top, left + side, top + side)).resize((size, size), Image.Resampling.BICUBIC))
 
 
 def _zip_images(path: Path, members: list[str], indices: list[int], size: int) -> Iterator:

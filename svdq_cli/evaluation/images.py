@@ -12,15 +12,14 @@ keeps for every chunk, so a damaged file is generated again with a warning, neve
 
 from __future__ import annotations
 
-import hashlib
-import io
-import json
 from pathlib import Path
 
 import torch
 
 from ..calibration.prompts import identity
+from ..run.cache import cache_key
 from ..run.directory import fault_point
+from ..stages.report_images import picture, pixels, png_bytes
 from ..system.files import atomic_write_bytes
 from ..system.progress import warn
 
@@ -36,8 +35,7 @@ class ImageStore:
         self.written = 0
 
     def key(self, method: str, prompt: str, seed: int, settings: dict) -> str:
-        fields = {"method": self.fingerprints[method], "prompt": identity(prompt), "seed": seed, **settings}
-        return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:24]
+        return cache_key({"method": self.fingerprints[method], "prompt": identity(prompt), "seed": seed, **settings})
 
     def path(self, method: str, key: str) -> Path:
         return self.directory / method / f"{key}.png"
@@ -55,12 +53,7 @@ class ImageStore:
 
     def put(self, method: str, key: str, image: torch.Tensor) -> None:
         """Write one generated image ``[3, H, W]`` (floats in [0, 1])."""
-        from PIL import Image
-
-        pixels = (image.float().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).contiguous().numpy()
-        buffer = io.BytesIO()
-        Image.fromarray(pixels).save(buffer, format="PNG")
-        atomic_write_bytes(self.path(method, key), buffer.getvalue())
+        atomic_write_bytes(self.path(method, key), png_bytes(picture(image)))
         self.written += 1
         fault_point(FAULT_STAGE, self.written)
 
@@ -73,9 +66,7 @@ def read_png(path: Path) -> torch.Tensor:
     from PIL import Image
 
     with Image.open(path) as image:
-        rgb = image.convert("RGB")
-        array = torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8)
-        return array.reshape(rgb.height, rgb.width, 3).permute(2, 0, 1)
+        return pixels(image)
 
 
 def _intact(path: Path) -> bool:

@@ -13,11 +13,13 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 from torch import nn
 
 from ..errors import BadInputError, SvdqError
+from ..stages.report_images import picture
 from ..system import online
 
 ALL = ("fid", "image-reward", "lpips", "psnr", "ssim", "clip")
@@ -124,13 +126,10 @@ class ImageRewardScorer:
     model: object
 
     def __call__(self, prompts: Sequence[str], images: torch.Tensor) -> torch.Tensor:
-        from PIL import Image
-
         scores = []
         for prompt, image in zip(prompts, images, strict=True):
-            picture = Image.fromarray(image.permute(1, 2, 0).cpu().numpy())
             with torch.no_grad():
-                scores.append(float(self.model.score(str(prompt), picture)))
+                scores.append(float(self.model.score(str(prompt), picture(image))))
         return torch.tensor(scores, dtype=torch.float64)
 
 
@@ -177,7 +176,7 @@ class Suite:
             count += len(images)
             paired = paired and reference is not None
             for name in self.names:
-                if name in AGAINST_16BIT and not paired or name in AGAINST_REAL and not self.has_real:
+                if not self._applies(name, paired):
                     continue
                 if name == "psnr":
                     sums[name] += float(psnr_per_image(images, reference).sum())
@@ -191,7 +190,7 @@ class Suite:
                     self.networks[name].update(as_float(images).to(self.device), real=False)
         values: dict[str, float | None] = {}
         for name in self.names:
-            if name in AGAINST_16BIT and not paired or name in AGAINST_REAL and not self.has_real or not count:
+            if not count or not self._applies(name, paired):
                 values[name] = None
             elif name in sums:
                 values[name] = sums[name] / count
@@ -199,8 +198,13 @@ class Suite:
                 values[name] = float(self.networks[name].compute())
         return values
 
+    def _applies(self, name: str, paired: bool) -> bool:
+        """Whether metric ``name`` has what it compares with: 16-bit pairs, or the real images' statistics."""
+        return not (name in AGAINST_16BIT and not paired or name in AGAINST_REAL and not self.has_real)
 
-LOADERS: dict[str, Callable[..., object]] = {"fid": load_fid, "lpips": load_lpips, "image-reward": load_image_reward}
+
+LOADERS: dict[str, Callable[..., object]] = {"fid": load_fid, "lpips": load_lpips, "image-reward": load_image_reward,
+                                             "clip": load_clip}  # each takes the device (CLIP: and a model)
 
 
 def load(names: list[str], explicit: bool, device: str, clip_model: str,
@@ -212,12 +216,13 @@ def load(names: list[str], explicit: bool, device: str, clip_model: str,
         MetricUnavailable: an explicitly named metric that cannot load.
     """
     kept, networks, skipped = [], {}, {}
+    loaders = {**LOADERS, "clip": partial(load_clip, model=clip_model)}
     for name in names:
         if name in NO_DOWNLOAD:
             kept.append(name)
             continue
         try:
-            networks[name] = load_clip(device, clip_model) if name == "clip" else LOADERS[name](device)
+            networks[name] = loaders[name](device)
         except MetricUnavailable as missing:
             if explicit:
                 raise

@@ -1,6 +1,6 @@
 """The evaluation's report, laid out like the SVDQuant paper's Table 1 (rows: 16-bit, the run's method, each
 baseline; columns: FID against real images, ImageReward, LPIPS and PSNR against 16-bit, then SSIM and CLIP
-score), and a grid PNG of the first prompts side by side.
+score); the grid PNG of the first prompts side by side is ``stages/report_images.sheet``.
 
 ``RUN/eval/report.json`` keeps every evaluation of the run (one entry per benchmark and setting, the latest
 rewriting its own entry); ``report.md`` shows them all, newest first.
@@ -10,12 +10,9 @@ from __future__ import annotations
 
 import math
 
-import torch
-
 from .metrics import ALL, HIGHER_IS_BETTER, LABELS
 
 GRID_ROWS = 8  # prompts in the grid
-CAPTION = 14  # pixels of text above each row
 
 
 def entry_key(evaluation: dict) -> str:
@@ -68,26 +65,3 @@ def card_section(document: dict) -> list[str]:
         lines += [f"### {entry_key(evaluation)}", "", *table(evaluation), ""]
     return [*lines, "![evaluation grid](eval/grid.png)", ""]
 
-
-def grid(prompts: list[str], columns: dict[str, list[torch.Tensor]]):
-    """One row per prompt (at most :data:`GRID_ROWS`), one column per source (real, 16-bit, methods)."""
-    from PIL import Image, ImageDraw
-
-    titles = list(columns)
-    rows = min(len(prompts), GRID_ROWS)
-    height, width = next(iter(columns.values()))[0].shape[-2:]
-    sheet = Image.new("RGB", (width * len(titles), (height + CAPTION) * rows + CAPTION), "white")
-    draw = ImageDraw.Draw(sheet)
-    for c, title in enumerate(titles):
-        draw.text((c * width + 2, 1), title, fill="black")
-    for r in range(rows):
-        top = CAPTION + r * (height + CAPTION)
-        draw.text((2, top + 1), str(prompts[r])[: (width * len(titles)) // 6], fill="black")
-        for c, title in enumerate(titles):
-            tile = columns[title][r]
-            pixels = tile.permute(1, 2, 0).contiguous().numpy()
-            image = Image.fromarray(pixels)
-            if image.size != (width, height):
-                image = image.resize((width, height))
-            sheet.paste(image, (c * width, top + CAPTION))
-    return sheet

@@ -11,7 +11,6 @@ the PNGs back a batch at a time, so 5,000 samples at 1024 px need no more memory
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import time
 
@@ -23,6 +22,7 @@ from ..methods.baselines import baseline_fields
 from ..run.directory import Run, library_versions
 from ..run.recipe import RunConfig
 from ..runtime.kernels import describe
+from ..stages.report_images import png_bytes, sheet
 from ..stages.validate import baseline_layers, quantized_block
 from ..stages.workspace import Workspace
 from ..system.distributed import World
@@ -209,12 +209,6 @@ def _write_report(run: Run, config: RunConfig, entry: dict, benchmark: benchmark
         columns["real"] = list(benchmark.real(rows, resolution))
     for method in methods:
         columns[method] = [store.read(method, keys[method][i]) for i in rows]
-    run.write_file(STAGE, "eval/grid.png", _png(report.grid([benchmark.prompts[i] for i in rows], columns)))
+    run.write_file(STAGE, "eval/grid.png", png_bytes(sheet([benchmark.prompts[i] for i in rows], columns)))
     run.stage(STAGE).update(status="done", finished=time.time(), seconds=sum(entry["seconds"].values()))
     run.save()
-
-
-def _png(image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()

@@ -1,6 +1,9 @@
-"""The validate stage's pictures, drawn with Pillow: image comparisons and per-layer errors."""
+"""Pictures drawn with Pillow: image sheets (validate's comparison, eval's grid), per-layer errors, and the
+conversions between pictures, pixel tensors and PNG bytes."""
 
 from __future__ import annotations
+
+import io
 
 import torch
 from PIL import Image, ImageDraw
@@ -8,28 +11,52 @@ from PIL import Image, ImageDraw
 LABEL = 14  # pixels of caption above each row
 
 
-def _to_image(tensor: torch.Tensor) -> Image.Image:
-    array = (tensor.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-    return Image.fromarray(array)
+def picture(tensor: torch.Tensor) -> Image.Image:
+    """An image ``[3, H, W]`` — uint8 pixels, or floats in [0, 1] (clamped, rounded) — as an RGB picture."""
+    if tensor.dtype != torch.uint8:
+        tensor = (tensor.float().clamp(0, 1) * 255).round().to(torch.uint8)
+    return Image.fromarray(tensor.permute(1, 2, 0).contiguous().cpu().numpy())
+
+
+def pixels(image: Image.Image) -> torch.Tensor:
+    """A picture's RGB pixels as uint8 ``[3, H, W]``."""
+    rgb = image.convert("RGB")
+    flat = torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8)
+    return flat.reshape(rgb.height, rgb.width, 3).permute(2, 0, 1)
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def sheet(prompts: list[str], columns: dict[str, list[torch.Tensor]]) -> Image.Image:
+    """One row per prompt, captioned with it, and one titled column per entry of ``columns`` (its images in
+    prompt order, each resized to the first one's size)."""
+    titles = list(columns)
+    height, width = next(iter(columns.values()))[0].shape[-2:]
+    page = Image.new("RGB", (width * len(titles), (height + LABEL) * len(prompts) + LABEL), "white")
+    draw = ImageDraw.Draw(page)
+    for c, title in enumerate(titles):
+        draw.text((c * width + 2, 1), title, fill="black")
+    for r, prompt in enumerate(prompts):
+        top = LABEL + r * (height + LABEL)
+        draw.text((2, top + 1), str(prompt)[: (width * len(titles)) // 6], fill="black")
+        for c, title in enumerate(titles):
+            tile = picture(columns[title][r])
+            page.paste(tile if tile.size == (width, height) else tile.resize((width, height)),
+                       (c * width, top + LABEL))
+    return page
 
 
 def comparison_png(prompts: list[str], reference: torch.Tensor, quantized: torch.Tensor,
                    baselines: dict[str, torch.Tensor]) -> Image.Image:
     """One row per prompt: 16-bit | quantized | |difference| ×4 | each baseline."""
-    columns = ["16-bit", "quantized", "|diff| x4", *baselines]
-    height, width = reference.shape[-2:]
-    sheet = Image.new("RGB", (width * len(columns), (height + LABEL) * len(prompts) + LABEL), "white")
-    draw = ImageDraw.Draw(sheet)
-    for c, title in enumerate(columns):
-        draw.text((c * width + 2, 1), title, fill="black")
-    for r, prompt in enumerate(prompts):
-        top = LABEL + r * (height + LABEL)
-        draw.text((2, top + 1), prompt[: (width * len(columns)) // 6], fill="black")
-        tiles = [reference[r], quantized[r], ((quantized[r] - reference[r]).abs() * 4)]
-        tiles += [images[r] for images in baselines.values()]
-        for c, tile in enumerate(tiles):
-            sheet.paste(_to_image(tile.float()), (c * width, top + LABEL))
-    return sheet
+    columns = {"16-bit": list(reference), "quantized": list(quantized),
+               "|diff| x4": [(q - r).abs() * 4 for q, r in zip(quantized, reference, strict=True)],
+               **{name: list(images) for name, images in baselines.items()}}
+    return sheet(prompts, columns)
 
 
 def layers_png(reports: list[dict], bar_width: int = 360) -> Image.Image:

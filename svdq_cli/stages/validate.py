@@ -10,7 +10,6 @@ fails.
 
 from __future__ import annotations
 
-import io
 import json
 import math
 from contextlib import contextmanager
@@ -36,7 +35,7 @@ from ..system.threads import single_threaded
 from ..version import __version__
 from .base import Stage, block_artifact
 from .quantize import load_block_layers, vq_block
-from .report_images import comparison_png, layers_png
+from .report_images import comparison_png, layers_png, png_bytes
 from .smooth import group_stats
 
 
@@ -271,16 +270,10 @@ def run(run, workspace) -> dict:
     run.write_file("validate", "validate/report.json", (json.dumps(report, indent=2) + "\n").encode())
     run.write_file("validate", "validate/report.md", render_markdown(report).encode())
     run.write_file("validate", "validate/comparison.png",
-                   _png(comparison_png(prompts, reference_images, images, baseline_images)))
-    run.write_file("validate", "validate/layers.png", _png(layers_png(reports)))
+                   png_bytes(comparison_png(prompts, reference_images, images, baseline_images)))
+    run.write_file("validate", "validate/layers.png", png_bytes(layers_png(reports)))
     return {"passed": report["passed"], "psnr": main["psnr"], "ssim": main["ssim"],
             "latent_error": main["latent_error"]}
-
-
-def _png(image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def render_markdown(report: dict) -> str:

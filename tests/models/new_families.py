@@ -88,34 +88,43 @@ def z_image(seed: int = 0):
         )
 
 
+def _flux2_transformer(guidance_embeds: bool):
+    """FLUX.2's shared-modulation double and single blocks, tiny; [dev] embeds the guidance, [klein] does not."""
+    from diffusers import Flux2Transformer2DModel
+
+    return Flux2Transformer2DModel(
+        in_channels=32, num_layers=1, num_single_layers=2, attention_head_dim=32, num_attention_heads=4,
+        joint_attention_dim=3 * 32, timestep_guidance_channels=64, axes_dims_rope=(8, 8, 8, 8),
+        guidance_embeds=guidance_embeds,
+    )
+
+
+def _flux2_vae():
+    """The FLUX.2 VAE (patchified, batch-normed latents) at two levels."""
+    from diffusers import AutoencoderKLFlux2
+
+    return AutoencoderKLFlux2(block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
+                              up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, latent_channels=8,
+                              norm_num_groups=8)
+
+
 def flux2_klein(seed: int = 0):
     """A Flux2KleinPipeline (FLUX.2 [klein], base: true classifier-free guidance on an empty negative prompt, so
     two encode_prompt calls a generation): a tiny Qwen3 causal LM whose layers 9, 18 and 27 are stacked into the
     text embedding, the FLUX.2 VAE (patchified, batch-normed latents), shared-modulation double and single
     blocks."""
-    from diffusers import (
-        AutoencoderKLFlux2,
-        FlowMatchEulerDiscreteScheduler,
-        Flux2KleinPipeline,
-        Flux2Transformer2DModel,
-    )
+    from diffusers import FlowMatchEulerDiscreteScheduler, Flux2KleinPipeline
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     with tiny.seeded(seed):
-        transformer = Flux2Transformer2DModel(
-            in_channels=32, num_layers=1, num_single_layers=2, attention_head_dim=32, num_attention_heads=4,
-            joint_attention_dim=3 * 32, timestep_guidance_channels=64, axes_dims_rope=(8, 8, 8, 8),
-            guidance_embeds=False,
-        )
+        transformer = _flux2_transformer(guidance_embeds=False)
         text_encoder = Qwen3ForCausalLM(Qwen3Config(
             vocab_size=len(tiny.vocabulary()), hidden_size=32, intermediate_size=64, num_hidden_layers=28,
             num_attention_heads=4, num_key_value_heads=2, head_dim=8, pad_token_id=0, eos_token_id=1,
         ))
         tokenizer = tiny.tokenizer(64)
         tokenizer.chat_template = "{% for message in messages %}{{ message['content'] }}{% endfor %}"
-        vae = AutoencoderKLFlux2(block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
-                                 up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, latent_channels=8,
-                                 norm_num_groups=8)
+        vae = _flux2_vae()
         return Flux2KleinPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=text_encoder,
                                   tokenizer=tokenizer, transformer=transformer)
 
@@ -129,7 +138,7 @@ def flux2_dev(seed: int = 0):
     """A Flux2Pipeline (FLUX.2 [dev]: guidance-distilled, guidance embedded): a tiny Mistral 3 (text and Pixtral
     vision towers, the vision one unused by text prompts) whose layers 10, 20 and 30 are stacked into the text
     embedding, the FLUX.2 VAE, klein's transformer class with a guidance embedder."""
-    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Pipeline, Flux2Transformer2DModel
+    from diffusers import FlowMatchEulerDiscreteScheduler, Flux2Pipeline
     from transformers import Mistral3Config, Mistral3ForConditionalGeneration
 
     text = {"vocab_size": len(tiny.vocabulary()), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 30,
@@ -138,18 +147,12 @@ def flux2_dev(seed: int = 0):
     vision = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
               "image_size": 32, "patch_size": 16, "head_dim": 8}
     with tiny.seeded(seed):
-        transformer = Flux2Transformer2DModel(
-            in_channels=32, num_layers=1, num_single_layers=2, attention_head_dim=32, num_attention_heads=4,
-            joint_attention_dim=3 * 32, timestep_guidance_channels=64, axes_dims_rope=(8, 8, 8, 8),
-            guidance_embeds=True,
-        )
+        transformer = _flux2_transformer(guidance_embeds=True)
         text_encoder = Mistral3ForConditionalGeneration(Mistral3Config(
             text_config=text, vision_config=vision, image_token_index=2, spatial_merge_size=1))
         tokenizer = tiny.tokenizer(64)
         tokenizer.chat_template = CONTENT_TEMPLATE
-        vae = AutoencoderKLFlux2(block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
-                                 up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, latent_channels=8,
-                                 norm_num_groups=8)
+        vae = _flux2_vae()
         return Flux2Pipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae, text_encoder=text_encoder,
                              tokenizer=tokenizer, transformer=transformer)
 
