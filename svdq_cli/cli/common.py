@@ -149,6 +149,11 @@ def print_summary(run_path: Path, summary: dict, as_json: bool, extra: dict | No
         warn(message)
 
 
+PromptsOpt = Annotated[str | None, typer.Option(help="Calibration prompts: builtin:calibration, a text/JSON/CSV file "
+                                                   "(JSON/CSV may give each prompt an image) or "
+                                                   "hf:org/name[:split[:column]].")]
+
+
 ValPromptsOpt = Annotated[int | None, typer.Option("--val-prompts", help="Held-out prompts validation generates "
                                                                         "(default: the recipe's).")]
 

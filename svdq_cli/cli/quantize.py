@@ -13,6 +13,7 @@ from .common import (
     BaselinesOpt,
     BaseOpt,
     JsonOpt,
+    PromptsOpt,
     RuntimeOpt,
     SkipOpt,
     StreamOpt,
@@ -66,8 +67,22 @@ def _fine_tune(file: Path, base: str | None, recipe: str | None, overrides: dict
     return dataclasses.replace(config, recipe=f"{config.family}:{file.stem}")
 
 
+def _directory_recipe(directory: Path) -> str:
+    """The recipe a diffusers directory starts from: its pipeline's preset family (of a family's several
+    recipes, the one made for the model's own resolution: DiT-XL-2 at 256 or 512 px), else the generic one."""
+    from ..models.loading import family_of_directory, resolution_of_directory
+    from ..run.recipe import load_recipe, recipe_names, recipe_path
+
+    family = family_of_directory(directory)
+    if recipe_path(family) is not None:
+        return family
+    candidates = [name for name in recipe_names() if load_recipe(name).family == family]
+    native = resolution_of_directory(directory)
+    return next((name for name in candidates if load_recipe(name).calibration.resolution == native), candidates[0])
+
+
 def _recipe_for(model: str, recipe: str | None, overrides: dict[str, object]):
-    from ..models.loading import ModelFetchError, family_of_directory
+    from ..models.loading import ModelFetchError
     from ..run.recipe import load_recipe, recipe_names, recipe_path
 
     if recipe is not None:
@@ -75,7 +90,7 @@ def _recipe_for(model: str, recipe: str | None, overrides: dict[str, object]):
     if recipe_path(model) is not None:
         return load_recipe(model, overrides)
     if Path(model).is_dir():
-        family = family_of_directory(Path(model))
+        family = _directory_recipe(Path(model))
         return load_recipe(family, {"model": model, "recipe": f"{family}:{Path(model).name}", **overrides})
     for name in recipe_names():
         candidate = load_recipe(name)
@@ -90,7 +105,7 @@ def _recipe_for(model: str, recipe: str | None, overrides: dict[str, object]):
         from ..system import online
 
         index = hf_hub_download(model, "model_index.json", local_files_only=not online.hub_reachable())
-        family = family_of_directory(Path(index).parent)
+        family = _directory_recipe(Path(index).parent)
     except BadInputError:
         raise
     except Exception as error:  # offline, gated or missing repo: huggingface_hub has many error types
@@ -117,8 +132,7 @@ def quantize(
                                                        "signed max|x|/7; NVFP4 without a per-token scale) "
                                                        "(default: the recipe's, svdq).")] = None,
     out_dir: Annotated[Path | None, typer.Option("--out", help="Run directory (default: runs/RECIPE).")] = None,
-    prompts: Annotated[str | None, typer.Option(help="Calibration prompts: builtin:calibration, a text/JSON/CSV "
-                                                     "file or hf:org/name[:split[:column]].")] = None,
+    prompts: PromptsOpt = None,
     num_prompts: Annotated[int | None, typer.Option(help="Calibration prompts used (default: the recipe's).")] = None,
     steps: Annotated[int | None, typer.Option(help="Denoising steps per calibration prompt (default: the "
                                                    "recipe's, else the model's).")] = None,

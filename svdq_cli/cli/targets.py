@@ -10,7 +10,7 @@ import torch
 import typer
 from rich.table import Table
 
-from .common import BaseOpt, JsonOpt, SkipOpt, WeightOnlyLayersOpt, out, quiet_libraries, target_overrides
+from .common import BaseOpt, JsonOpt, PromptsOpt, SkipOpt, WeightOnlyLayersOpt, out, quiet_libraries, target_overrides
 
 
 def targets(
@@ -19,6 +19,7 @@ def targets(
     method: Annotated[str | None, typer.Option(help="Quantization method (default: the recipe's).")] = None,
     precision: Annotated[str | None, typer.Option(help="int4, nvfp4 or int8 (default: the recipe's).")] = None,
     base: BaseOpt = None,
+    prompts: PromptsOpt = None,
     skip: SkipOpt = None,
     weight_only_layers: WeightOnlyLayersOpt = None,
     device: Annotated[str | None, typer.Option(help="Where the pipeline runs the one traced call (default: the "
@@ -27,12 +28,12 @@ def targets(
 ) -> None:
     """Each linear of the model's denoiser: W4A4, weight-only or 16-bit, with the reason, its group (members share
     the smoothing factor) and the share of parameters quantized, per block list. The model is loaded and traced
-    once (its denoiser on the meta device), and the convolutions that stay 16-bit are counted; nothing is
-    written."""
+    once on the first calibration prompt (its denoiser on the meta device), and the convolutions that stay
+    16-bit are counted; nothing is written."""
     from ..stages.workspace import Workspace
     from .quantize import resolve_model
 
-    overrides = {"quant.method": method, "quant.precision": precision, "device": device,
+    overrides = {"quant.method": method, "quant.precision": precision, "device": device, "calibration.prompts": prompts,
                  **target_overrides(skip, weight_only_layers)}
     config = resolve_model(model, recipe, overrides, base)
     quiet_libraries()

@@ -28,6 +28,8 @@ FAMILY = "diffusers"
 CALL = ("prompt", "num_inference_steps", "height", "width", "generator", "output_type")  # what svdq passes
 DEFAULT_STEPS = 28
 DEFAULT_RESOLUTION = 1024
+IMAGE_PROMPTS = ("it takes an image: give it prompts with images (--prompts FILE: a JSON list of "
+                 '{"prompt": ..., "image": PATH}, or a CSV with prompt and image columns)')
 
 
 @dataclass(frozen=True)
@@ -68,11 +70,15 @@ class GenericAdapter(Adapter):
             result = pipeline(**arguments)
         except SvdqError:
             raise  # svdq's own, from a hook inside the call: already one line
+        except NameError as error:  # diffusers calls an optional library it imports only when installed (ftfy)
+            raise BadInputError(f"{self.pipeline_class} needs a library that is not installed ({gist(error)}): "
+                                f"pip install {error.name}") from None
         except (TypeError, ValueError, KeyError, IndexError) as error:  # how a call convention it lacks fails
             shown = ", ".join(sorted(set(arguments) - {"generator", "prompt"}))
-            raise BadInputError(
-                f"{self.pipeline_class} failed when svdq called it with prompt, {shown} ({type(error).__name__}: "
-                f"{gist(error)}); give the arguments it needs as the recipe's pipeline_args") from None
+            needs = (IMAGE_PROMPTS if self.image_argument and images is None
+                     else "give the arguments it needs as the recipe's pipeline_args")
+            raise BadInputError(f"{self.pipeline_class} failed when svdq called it with prompt, {shown} "
+                                f"({type(error).__name__}: {gist(error, 160)}); {needs}") from None
         if not self.video:
             return result.images
         return result.frames if output_type == "latent" else frame_strip(result.frames)
@@ -120,7 +126,7 @@ def _check_call(name: str, parameters, pipeline_class) -> None:
     if missing:
         raise BadInputError(f"{name}'s call takes no {', '.join(missing)}: svdq drives text-to-image calls "
                             f"({', '.join(CALL)}); this pipeline needs a preset")
-    required = [p for p, spec in parameters.items() if p != "self" and spec.default is inspect.Parameter.empty
+    required = [p for p, spec in parameters.items() if p not in ("self", *CALL) and spec.default is spec.empty
                 and spec.kind not in (spec.VAR_POSITIONAL, spec.VAR_KEYWORD)]
     if required:
         raise BadInputError(f"{name}'s call requires {', '.join(required)}, which svdq's calibration prompts do "
@@ -144,12 +150,16 @@ def _protocol(directory: Path, parameters, denoiser: dict) -> Protocol:
     """The call's own defaults; the resolution the model was built for (its sample size in latent pixels)."""
     steps, guidance = _default(parameters, "num_inference_steps"), _default(parameters, "guidance_scale")
     extra = {"use_resolution_binning": False} if "use_resolution_binning" in parameters else {}
-    sample = denoiser.get("sample_size")
-    factor = _vae_factor(directory)
-    resolution = sample * factor if isinstance(sample, int) and factor else DEFAULT_RESOLUTION
     return Protocol(steps=steps if isinstance(steps, int) and steps > 0 else DEFAULT_STEPS,
                     guidance=float(guidance) if isinstance(guidance, (int, float)) else 0.0,
-                    resolution=resolution, extra=extra)
+                    resolution=native_resolution(directory, denoiser) or DEFAULT_RESOLUTION, extra=extra)
+
+
+def native_resolution(directory: Path, denoiser: dict) -> int | None:
+    """The resolution a model was built for: its denoiser's sample size (in latent pixels) times the VAE's
+    downsampling; None when the configs do not say."""
+    sample, factor = denoiser.get("sample_size"), _vae_factor(directory)
+    return sample * factor if isinstance(sample, int) and factor else None
 
 
 def _default(parameters, name: str):

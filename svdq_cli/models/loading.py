@@ -12,7 +12,13 @@ from ..system import online
 from . import generic
 from .base import Adapter
 from .registry import ADAPTERS, TINY_MODELS, get_adapter
-from .streaming import check_weights_match, component_checkpoint, pipeline_index
+from .streaming import (
+    check_weights_match,
+    component_checkpoint,
+    component_config,
+    denoiser_component,
+    pipeline_index,
+)
 
 PIPELINE_FAMILIES = {
     "FluxPipeline": "flux-dev", "PixArtSigmaPipeline": "pixart-sigma", "SanaPipeline": "sana",
@@ -49,6 +55,16 @@ def family_of_directory(path: Path) -> str:
     """The adapter family of a local diffusers directory, from its ``model_index.json``: a preset's, else the
     generic adapter's (which says in one line what it cannot drive)."""
     return PIPELINE_FAMILIES.get(pipeline_index(path)["_class_name"], generic.FAMILY)
+
+
+def resolution_of_directory(path: Path) -> int | None:
+    """The resolution the model in a diffusers directory was built for (None when its configs do not say, or
+    the directory holds only its ``model_index.json``)."""
+    component = denoiser_component(pipeline_index(path))
+    try:
+        return generic.native_resolution(path, component_config(path, component)) if component else None
+    except BadInputError:  # no denoiser config here (a Hub id's index fetched alone)
+        return None
 
 
 def model_directory(model: str) -> Path | None:

@@ -239,3 +239,23 @@ def test_a_call_the_generic_adapter_cannot_drive_is_one_line(tmp_path, index, me
     assert code == 2 and stdout == ""
     assert message in stderr.strip().splitlines()[-1]
     assert not (tmp_path / "run").exists()
+
+
+def test_a_call_failing_for_a_missing_library_or_image_says_what_to_give(models):
+    """diffusers calls some optional libraries it imports only when installed (Wan's prompt cleaning: ftfy);
+    an image-taking call (img2img, editing) given text prompts alone fails inside diffusers: both are one line
+    naming what to provide."""
+    def needs_ftfy(**arguments):
+        raise NameError("name 'ftfy' is not defined", name="ftfy")
+
+    def needs_image(**arguments):
+        raise ValueError("Input is in incorrect format")
+
+    chroma = adapter_of("diffusers", str(saved("ChromaPipeline", models)))
+    with pytest.raises(BadInputError, match="needs a library that is not installed .*: pip install ftfy$"):
+        chroma.generate(needs_ftfy, ["a cat"], [0], 1, 1.0, 64)
+    with pytest.raises(BadInputError, match="give the arguments it needs as the recipe's pipeline_args"):
+        chroma.generate(needs_image, ["a cat"], [0], 1, 1.0, 64)  # Chroma's call takes no image
+    kontext = adapter_of("diffusers", str(saved("FluxKontextPipeline", models)))
+    with pytest.raises(BadInputError, match="it takes an image: give it prompts with images"):
+        kontext.generate(needs_image, ["a cat"], [0], 1, 1.0, 64)
