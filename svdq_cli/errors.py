@@ -41,7 +41,10 @@ def gist(error: object, limit: int = 300) -> str:
         head = text[longest.start() + 1:longest.start() + 21]
         cut = max(head.rfind(","), head.rfind(" "))  # keep whole items
         head = (head[:cut] if cut > 0 else head).rstrip(", ")
-        text = f"{text[:longest.start() + 1]}{head}, …{text[longest.end() - 1:]}"
+        shorter = f"{text[:longest.start() + 1]}{head}, …{text[longest.end() - 1:]}"
+        if len(shorter) >= len(text):  # every literal already cut to its start: cut at a word below
+            break
+        text = shorter
     if len(text) > limit:
         text = text[:limit - 2].rsplit(" ", 1)[0].rstrip(",;:") + " …"
     return text
