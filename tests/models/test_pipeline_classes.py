@@ -1,7 +1,8 @@
 """`svdq targets` over the installed diffusers' pipeline classes: every class that the components of a tiny
 family svdq tests (the six presets and the new families of :mod:`tests.models.new_families`) can make —
 FluxImg2ImgPipeline from tiny-flux's parts, StableDiffusionXLPAGPipeline from the tiny SDXL's — is saved as a
-user's directory would be and given to `svdq targets`. Each either works (blocks of linears found, the same
+user's directory would be and given to `svdq targets` (with a prompt whose image is a reference when the
+call takes an image). Each either works (blocks of linears found, the same
 linears as its family's own pipeline) or is refused in one line with exit 2 that names the class: never a
 traceback, an unexpected error, or a silent wrong answer."""
 
@@ -12,6 +13,7 @@ import json
 from functools import cache
 
 import pytest
+from PIL import Image
 
 from svdq_cli.models import dit, flux, pixart, sana, sd3
 from tests.conftest import svdq
@@ -93,9 +95,18 @@ def directories(tmp_path_factory):
     return directory
 
 
+@pytest.fixture(scope="module")
+def image_prompts(tmp_path_factory):
+    """A prompt file whose prompt carries a reference image, for the classes whose call takes one."""
+    root = tmp_path_factory.mktemp("image-prompts")
+    Image.new("RGB", (64, 64), (120, 90, 200)).save(root / "reference.png")
+    (root / "prompts.json").write_text(json.dumps([{"prompt": "the same scene at night", "image": "reference.png"}]))
+    return root / "prompts.json"
+
+
 @cache
-def _targets(directory) -> tuple[int, str, str]:
-    return svdq("targets", directory, "--json")
+def _targets(directory, prompts=None) -> tuple[int, str, str]:
+    return svdq("targets", directory, "--json", *(("--prompts", prompts) if prompts else ()))
 
 
 def test_the_sweep_covers_every_family_and_its_kin():
@@ -104,8 +115,11 @@ def test_the_sweep_covers_every_family_and_its_kin():
 
 
 @pytest.mark.parametrize("name", sorted(KIN))
-def test_targets_of_every_installed_pipeline_class_a_family_makes(name, directories):
-    code, stdout, stderr = _targets(directories(name))
+def test_targets_of_every_installed_pipeline_class_a_family_makes(name, directories, image_prompts):
+    import diffusers
+
+    takes_image = "image" in inspect.signature(getattr(diffusers, name).__call__).parameters
+    code, stdout, stderr = _targets(directories(name), image_prompts if takes_image else None)
     assert "Traceback" not in stderr
     if code == 0:
         result = json.loads(stdout)
