@@ -1,10 +1,10 @@
 """`svdq targets` over the installed diffusers' pipeline classes: every class that the components of a tiny
 family svdq tests (the six presets and the new families of :mod:`tests.models.new_families`) can make —
 FluxImg2ImgPipeline from tiny-flux's parts, StableDiffusionXLPAGPipeline from the tiny SDXL's — is saved as a
-user's directory would be and given to `svdq targets` (with a prompt whose image is a reference when the
-call takes an image). Each either works (blocks of linears found, the same
-linears as its family's own pipeline) or is refused in one line with exit 2 that names the class: never a
-traceback, an unexpected error, or a silent wrong answer."""
+user's directory would be and given to `svdq targets` (with a prompt carrying a reference image when the
+call takes an image). Each either works (blocks of linears found, the same linears as its family's own
+pipeline) or is refused in one line with exit 2 that names the class: never a traceback, an unexpected error,
+or a silent wrong answer."""
 
 from __future__ import annotations
 
