@@ -70,6 +70,7 @@ def _fine_tune(file: Path, base: str | None, recipe: str | None, overrides: dict
 def _directory_recipe(directory: Path) -> str:
     """The recipe a diffusers directory starts from: its pipeline's preset family (of a family's several
     recipes, the one made for the model's own resolution: DiT-XL-2 at 256 or 512 px), else the generic one."""
+    from ..models import generic
     from ..models.loading import family_of_directory, resolution_of_directory
     from ..run.recipe import load_recipe, recipe_names, recipe_path
 
@@ -77,6 +78,8 @@ def _directory_recipe(directory: Path) -> str:
     if recipe_path(family) is not None:
         return family
     candidates = [name for name in recipe_names() if load_recipe(name).family == family]
+    if not candidates:  # a family without a recipe of its own: the generic recipe drives its pipeline
+        return generic.FAMILY
     native = resolution_of_directory(directory)
     return next((name for name in candidates if load_recipe(name).calibration.resolution == native), candidates[0])
 

@@ -75,3 +75,27 @@ def test_an_export_records_its_local_base_model_absolutely_and_base_overrides_it
         load_quantized_pipeline(export)
     pipeline = load_quantized_pipeline(export, base=tmp_path / "moved")
     assert sum(isinstance(m, SVDQLinear) for m in pipeline.transformer.modules()) > 0
+
+
+def _directory(path, pipeline: str, sample_size: int):
+    """Just the configs of a diffusers directory: its index, a transformer of ``sample_size`` latent pixels, and
+    a VAE downsampling 8×."""
+    path.mkdir()
+    (path / "model_index.json").write_text(json.dumps({"_class_name": pipeline, "transformer": ["diffusers", "X"],
+                                                       "vae": ["diffusers", "AutoencoderKL"]}))
+    for component, config in (("transformer", {"sample_size": sample_size}), ("vae", {"block_out_channels": [1] * 4})):
+        (path / component).mkdir()
+        (path / component / "config.json").write_text(json.dumps(config))
+    return path
+
+
+def test_a_directory_starts_from_the_recipe_made_for_its_resolution_or_the_generic_one(tmp_path, monkeypatch):
+    from svdq_cli.cli.quantize import _directory_recipe
+    from svdq_cli.models import loading
+
+    assert _directory_recipe(_directory(tmp_path / "dit256", "DiTPipeline", 32)) == "dit-xl-2-256"
+    assert _directory_recipe(_directory(tmp_path / "dit512", "DiTPipeline", 64)) == "dit-xl-2-512"
+    assert _directory_recipe(_directory(tmp_path / "kontext", "FluxKontextPipeline", 64)) == "diffusers"
+    # A preset family that no recipe names (a future PIPELINE_FAMILIES entry) falls back to the generic recipe.
+    monkeypatch.setitem(loading.PIPELINE_FAMILIES, "DiTPipeline", "dit-without-recipe")
+    assert _directory_recipe(tmp_path / "dit256") == "diffusers"
