@@ -71,6 +71,31 @@ def test_a_new_family_quantizes_exports_loads_and_generates(models, generic_reci
     assert image.shape == (1, 3, 64, 64) and torch.isfinite(image).all()
 
 
+def test_the_generic_adapter_quantizes_a_preset_familys_model_to_the_same_bits_as_its_preset(tmp_path):
+    """What the preset writes down (tiny-flux's), the generic adapter reads from the saved model and its call:
+    the same linears, groups and modulation found, the same calibration, the same quantized weights."""
+    from safetensors.torch import load_file
+
+    from svdq_cli.models import flux
+    from tests.models.new_families import TINY_RECIPE
+
+    model = tmp_path / "flux"
+    flux.build_tiny(0).save_pretrained(model)
+    runs = {}
+    for family in ("tiny-flux", "diffusers"):
+        recipe = tmp_path / f"{family}.yaml"
+        recipe.write_text(TINY_RECIPE.format(pipeline_args="{max_sequence_length: 32}").replace(
+            "family: diffusers", f"family: {family}"))
+        code, _, stderr = svdq("quantize", model, "--recipe", recipe, "--out", tmp_path / family, "--json")
+        assert code == 0, stderr
+        runs[family] = {path.name: load_file(path) for path in (tmp_path / family / "quantize").glob("*.safetensors")}
+    preset, generic = runs["tiny-flux"], runs["diffusers"]
+    assert preset and preset.keys() == generic.keys()
+    for name, tensors in preset.items():
+        assert tensors.keys() == generic[name].keys(), name
+        assert all(tensors[key].equal(generic[name][key]) for key in tensors), name
+
+
 def test_a_video_pipeline_validates_every_frame_and_loads_back(models, generic_recipe, tmp_path):
     """Wan 2.x text to video: a video is its frames side by side, so validation compares every frame and its
     comparison sheet is a frame strip per prompt."""
