@@ -33,10 +33,10 @@ class Prompt(str):
         prompt.image, prompt.image_sha256 = str(image), _image_digest(image)
         return prompt
 
-    def reference_image(self, size: int) -> Image.Image:
-        """The reference image in RGB, resized to the generation's square ``size``."""
+    def reference_image(self, width: int, height: int) -> Image.Image:
+        """The reference image in RGB, resized to the generation's size."""
         with Image.open(self.image) as image:
-            return image.convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
+            return image.convert("RGB").resize((width, height), Image.Resampling.BICUBIC)
 
 
 def identity(prompt: str):

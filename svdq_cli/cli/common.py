@@ -162,8 +162,9 @@ ValStepsOpt = Annotated[int | None, typer.Option("--val-steps", help="Denoising 
                                                                     "(default: the recipe's, else the model's).")]
 
 
-ValResolutionOpt = Annotated[int | None, typer.Option("--val-resolution", help="Validation image size in pixels "
-                                                                              "(default: the recipe's).")]
+ValResolutionOpt = Annotated[str | None, typer.Option("--val-resolution", help="Validation image size: pixels "
+                                                                              "(1024) or WxH (832x480) (default: "
+                                                                              "the recipe's).")]
 
 
 BaselinesOpt = Annotated[str | None, typer.Option(help="Baselines also scored, comma-separated: rtn (naive W4A4), "

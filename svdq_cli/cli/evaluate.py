@@ -28,8 +28,8 @@ def evaluate(
     baselines: BaselinesOpt = None,
     steps: Annotated[int | None, typer.Option(help="Denoising steps (default: the run's validation "
                                                    "setting).")] = None,
-    resolution: Annotated[int | None, typer.Option(help="Image size in pixels (default: the run's validation "
-                                                        "setting).")] = None,
+    resolution: Annotated[str | None, typer.Option(help="Image size: pixels (1024) or WxH (832x480) (default: "
+                                                        "the run's validation setting).")] = None,
     seed: Annotated[int, typer.Option(help="Base seed; each prompt's seed derives from it and the prompt.")] = 0,
     clip_model: Annotated[str, typer.Option(help="CLIP model for the CLIP score: a Hub id or a local "
                                                  "directory.")] = "openai/clip-vit-large-patch14",

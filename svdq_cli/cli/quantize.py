@@ -139,8 +139,8 @@ def quantize(
     num_prompts: Annotated[int | None, typer.Option(help="Calibration prompts used (default: the recipe's).")] = None,
     steps: Annotated[int | None, typer.Option(help="Denoising steps per calibration prompt (default: the "
                                                    "recipe's, else the model's).")] = None,
-    resolution: Annotated[int | None, typer.Option(help="Calibration image size in pixels (default: the "
-                                                        "recipe's).")] = None,
+    resolution: Annotated[str | None, typer.Option(help="Calibration image size: pixels (1024) or WxH (832x480) "
+                                                        "(default: the recipe's).")] = None,
     val_prompts: ValPromptsOpt = None,
     val_steps: ValStepsOpt = None,
     val_resolution: ValResolutionOpt = None,

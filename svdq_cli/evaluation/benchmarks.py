@@ -9,8 +9,8 @@
   no real images, so no FID.
 
 ``--num-samples N`` takes N images by a fixed shuffle of their ids (seed 0), so a larger N keeps a smaller
-one's samples and their generated images; the real images are center-cropped and resized to the generated
-size, as FID compares them.
+one's samples and their generated images; the real images are center-cropped to the generated aspect and
+resized to the generated size, as FID compares them.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from pathlib import Path
 
 from ..calibration.prompts import load_prompts
 from ..errors import BadInputError, SvdqError
+from ..models.resolution import Resolution, dimensions
 from ..stages.report_images import pixels
 from ..system import online
 from ..system.files import atomic_write_bytes
@@ -59,7 +60,7 @@ class Benchmark:
     name: str
     prompts: list[str]
     ids: list[str]
-    real: Callable[[list[int], int], Iterator] | None = None  # (indices, size) → uint8 [3, size, size] each
+    real: Callable[[list[int], Resolution], Iterator] | None = None  # (indices, size) → uint8 [3, H, W] each
 
     @property
     def has_real(self) -> bool:
@@ -141,28 +142,31 @@ def _dci_prompts(path: Path) -> dict[str, tuple[str, str]]:
         raise BadInputError(f"{path} is not sDCI's prompt file ({type(error).__name__})") from None
 
 
-def square(data: bytes, size: int):
-    """An image file's pixels center-cropped to a square and resized to ``size``, as a uint8 [3, size, size]."""
+def fitted(data: bytes, size: Resolution):
+    """An image file's pixels center-cropped to the aspect of ``size`` and resized to it, as a uint8 [3, H, W]."""
     from PIL import Image
 
+    width, height = dimensions(size)
     with Image.open(io.BytesIO(data)) as image:
         image = image.convert("RGB")
-        side = min(image.size)
-        left, top = (image.width - side) // 2, (image.height - side) // 2
-        return pixels(image.crop((left, top, left + side, top + side)).resize((size, size), Image.Resampling.BICUBIC))
+        scale = min(image.width / width, image.height / height)  # the largest crop of the generated aspect
+        crop_width, crop_height = round(width * scale), round(height * scale)
+        left, top = (image.width - crop_width) // 2, (image.height - crop_height) // 2
+        box = (left, top, left + crop_width, top + crop_height)
+        return pixels(image.crop(box).resize((width, height), Image.Resampling.BICUBIC))
 
 
-def _zip_images(path: Path, members: list[str], indices: list[int], size: int) -> Iterator:
+def _zip_images(path: Path, members: list[str], indices: list[int], size: Resolution) -> Iterator:
     with zipfile.ZipFile(path) as archive:
         for index in indices:
             try:
                 data = archive.read(members[index])
             except KeyError:
                 raise BadInputError(f"{path.name} has no real image {members[index]}") from None
-            yield square(data, size)
+            yield fitted(data, size)
 
 
-def _tar_images(path: Path, directory: Path, ids: list[str], indices: list[int], size: int) -> Iterator:
+def _tar_images(path: Path, directory: Path, ids: list[str], indices: list[int], size: Resolution) -> Iterator:
     """sDCI's images, extracted once into ``directory`` (a tarball has no random access): one pass over it for
     every image not there yet."""
     wanted = {f"{ids[index]}.jpg" for index in indices}
@@ -179,4 +183,4 @@ def _tar_images(path: Path, directory: Path, ids: list[str], indices: list[int],
     if missing:
         raise BadInputError(f"{path.name} has no real image {sorted(missing)[0]}")
     for index in indices:
-        yield square((directory / f"{ids[index]}.jpg").read_bytes(), size)
+        yield fitted((directory / f"{ids[index]}.jpg").read_bytes(), size)

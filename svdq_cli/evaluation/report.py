@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 
+from ..models.resolution import label
 from .metrics import ALL, HIGHER_IS_BETTER, LABELS
 
 GRID_ROWS = 8  # prompts in the grid
@@ -18,7 +19,7 @@ GRID_ROWS = 8  # prompts in the grid
 def entry_key(evaluation: dict) -> str:
     settings = evaluation["settings"]
     return (f"{evaluation['benchmark']} · {len(evaluation['prompts'])} samples · {settings['steps']} steps · "
-            f"{settings['resolution']} px · guidance {settings['guidance']} · seed {settings['seed']}")
+            f"{label(settings['resolution'])} · guidance {settings['guidance']} · seed {settings['seed']}")
 
 
 def figure(value) -> str:
@@ -46,7 +47,7 @@ def markdown(model: str, evaluations: list[dict]) -> str:
         settings = evaluation["settings"]
         lines += [f"## {entry_key(evaluation)}", "",
                   f"{len(evaluation['prompts'])} prompts from {evaluation['benchmark']}, each method at the same seed; "
-                  f"{settings['steps']} steps at {settings['resolution']} px, guidance {settings['guidance']}. "
+                  f"{settings['steps']} steps at {label(settings['resolution'])}, guidance {settings['guidance']}. "
                   f"Runtime: {evaluation['runtime']}.", "", *table(evaluation), ""]
         if evaluation.get("skipped"):
             lines += ["Not computed:", "", *(f"- {name}: {why}" for name, why in evaluation["skipped"].items()), ""]

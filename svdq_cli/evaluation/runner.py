@@ -19,6 +19,7 @@ import torch
 from ..calibration.prompts import prompt_seed
 from ..errors import BadInputError
 from ..methods.baselines import baseline_fields
+from ..models.resolution import Resolution
 from ..run.directory import Run, library_versions
 from ..run.recipe import RunConfig
 from ..runtime.kernels import describe
@@ -165,7 +166,7 @@ def _batches(store: ImageStore, keys: dict[str, list[str]], method: str, prompts
 
 
 def _score(suite: metrics.Suite, benchmark: benchmarks.Benchmark, store: ImageStore, keys: dict[str, list[str]],
-           methods: list[str], resolution: int) -> dict:
+           methods: list[str], resolution: Resolution) -> dict:
     indices = list(range(len(benchmark.prompts)))
     if benchmark.has_real and "fid" in suite.names:
         real = benchmark.real(indices, resolution)
@@ -191,7 +192,7 @@ def _chunks(iterator, size: int):
 
 
 def _write_report(run: Run, config: RunConfig, entry: dict, benchmark: benchmarks.Benchmark, store: ImageStore,
-                  keys: dict[str, list[str]], methods: list[str], resolution: int) -> None:
+                  keys: dict[str, list[str]], methods: list[str], resolution: Resolution) -> None:
     """report.json (every evaluation of the run, this one's entry replaced), report.md and grid.png."""
     path = run.path / "eval" / "report.json"
     evaluations = {}

@@ -15,6 +15,7 @@ import torch
 from ..calibration.prompts import Prompt
 from ..errors import BadInputError
 from .discovery import Layout, discover
+from .resolution import Resolution, dimensions, of
 
 
 @dataclass(frozen=True)
@@ -23,7 +24,7 @@ class Protocol:
 
     steps: int
     guidance: float
-    resolution: int
+    resolution: Resolution
     extra: dict[str, object] = field(default_factory=dict)
 
 
@@ -55,26 +56,27 @@ class Adapter:
         scale = getattr(pipeline, "vae_scale_factor", None) or getattr(pipeline, "vae_scale_factor_spatial", 8)  # Wan's
         return scale * patch
 
-    def resolution_error(self, pipeline, resolution: int, flag: str) -> str | None:
+    def resolution_error(self, pipeline, resolution: Resolution, flag: str) -> str | None:
         """Why the pipeline cannot generate at ``resolution`` (``flag`` names the option), or None."""
-        multiple = self.resolution_multiple(pipeline)
-        if resolution % multiple:
+        multiple, sides = self.resolution_multiple(pipeline), dimensions(resolution)
+        if any(side % multiple for side in sides):
             return (f"{flag} {resolution} is not a multiple of {multiple} (the model's VAE and patch size); try "
-                    f"{max(multiple, resolution // multiple * multiple)}")
+                    f"{of(*(max(multiple, side // multiple * multiple) for side in sides))}")
         positions = self.denoiser_of(pipeline).config.get("pos_embed_max_size")  # SD3: a fixed table of positions
-        if positions and resolution > positions * multiple:
+        if positions and max(sides) > positions * multiple:
             return (f"{flag} {resolution} exceeds the {positions * multiple} px its position embedding covers "
                     f"(pos_embed_max_size {positions})")
         return None
 
-    def tokens(self, pipeline, resolution: int) -> int:
+    def tokens(self, pipeline, resolution: Resolution) -> int:
         """Latent tokens of one generation at ``resolution`` (a video's: of every latent frame)."""
-        return (resolution // self.resolution_multiple(pipeline)) ** 2 * self.latent_frames(pipeline)
+        multiple, (width, height) = self.resolution_multiple(pipeline), dimensions(resolution)
+        return (width // multiple) * (height // multiple) * self.latent_frames(pipeline)
 
     def latent_frames(self, pipeline) -> int:
         return 1
 
-    def activation_bytes(self, pipeline, resolution: int, widest: int, element_size: int) -> tuple[int, str]:
+    def activation_bytes(self, pipeline, resolution: Resolution, widest: int, element_size: int) -> tuple[int, str]:
         """An estimate of the largest activations one generation at ``resolution`` holds at once, and where:
         a denoiser pass (tokens × the widest linear output, a few such tensors live) or the VAE decoder at
         full resolution (its first-level channels). A bound for refusing the impossible, not a prediction."""
@@ -82,7 +84,8 @@ class Adapter:
         denoiser = self.tokens(pipeline, resolution) * widest * element_size * live
         vae = getattr(pipeline, "vae", None)
         channels = (getattr(getattr(vae, "config", None), "block_out_channels", None) or [128])[0]
-        decoder = resolution**2 * channels * element_size * live
+        width, height = dimensions(resolution)
+        decoder = width * height * channels * element_size * live
         return max((denoiser, "a denoiser pass"), (decoder, "the VAE decoder"))
 
     def discover(self, pipeline, prompt: str = "a photo of a cat") -> Layout:
@@ -109,7 +112,7 @@ class Adapter:
         seeds: list[int],
         steps: int,
         guidance: float,
-        resolution: int,
+        resolution: Resolution,
         output_type: str = "pt",
     ) -> torch.Tensor:
         """Run the pipeline on ``prompts`` with one seeded generator per prompt; images in [0, 1] or latents.
@@ -118,12 +121,13 @@ class Adapter:
         """
         self.refuse_reference_images(prompts)
         generators = [torch.Generator(device="cpu").manual_seed(seed) for seed in seeds]
+        width, height = dimensions(resolution)
         result = pipeline(
             prompt=prompts,
             num_inference_steps=steps,
             guidance_scale=guidance,
-            height=resolution,
-            width=resolution,
+            height=height,
+            width=width,
             generator=generators,
             output_type=output_type,
             **self.protocol.extra,
@@ -138,13 +142,13 @@ def frame_strip(frames: torch.Tensor) -> torch.Tensor:
     return frames.permute(0, 2, 3, 1, 4).reshape(b, c, h, f * w)
 
 
-def strip_frames(strip: torch.Tensor) -> torch.Tensor:
-    """The square frames ``[F, C, H, H]`` of one strip ``[1, C, H, F·H]`` (an image is its one frame)."""
+def strip_frames(strip: torch.Tensor, frame_width: int) -> torch.Tensor:
+    """The frames ``[F, C, H, W]`` of one strip ``[1, C, H, F·W]`` (an image is its one frame)."""
     _, c, h, width = strip.shape
-    return strip.reshape(c, h, width // h, h).permute(2, 0, 1, 3)
+    return strip.reshape(c, h, width // frame_width, frame_width).permute(2, 0, 1, 3)
 
 
-def reference_images(prompts: list[str], resolution: int) -> list | None:
+def reference_images(prompts: list[str], resolution: Resolution) -> list | None:
     """The reference images of editing prompts (:class:`..calibration.prompts.Prompt`) at the generation's
     size, or None when no prompt has one.
 
@@ -156,4 +160,4 @@ def reference_images(prompts: list[str], resolution: int) -> list | None:
         return None
     if not all(with_image):
         raise BadInputError("prompts with and without reference images cannot be generated in one batch")
-    return [prompt.reference_image(resolution) for prompt in prompts]
+    return [prompt.reference_image(*dimensions(resolution)) for prompt in prompts]

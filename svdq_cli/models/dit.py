@@ -17,6 +17,7 @@ import torch
 from ..errors import BadInputError
 from . import tiny
 from .base import Adapter, Protocol
+from .resolution import Resolution
 
 
 def build_tiny(seed: int = 0, dtype: torch.dtype = torch.float32, blocks: int = 3):
@@ -77,7 +78,7 @@ class ClassConditionalAdapter(Adapter):
     def resolution_multiple(self, pipeline) -> int:
         return _vae_scale(pipeline) * pipeline.transformer.config.patch_size
 
-    def resolution_error(self, pipeline, resolution: int, flag: str) -> str | None:
+    def resolution_error(self, pipeline, resolution: Resolution, flag: str) -> str | None:
         native = self.native_resolution(pipeline)
         if resolution != native:
             return f"{flag} {resolution}: {self.family} generates at its own {native} px only"

@@ -22,6 +22,7 @@ import torch
 
 from ..errors import BadInputError, SvdqError, gist
 from .base import Adapter, Protocol, frame_strip, reference_images
+from .resolution import dimensions
 from .streaming import component_config, denoiser_component, pipeline_index
 
 FAMILY = "diffusers"
@@ -53,12 +54,13 @@ class GenericAdapter(Adapter):
 
     def generate(self, pipeline, prompts, seeds, steps, guidance, resolution, output_type="pt") -> torch.Tensor:
         generators = [torch.Generator(device="cpu").manual_seed(seed) for seed in seeds]
-        arguments = {"prompt": prompts, "num_inference_steps": steps, "height": resolution, "width": resolution,
+        width, height = dimensions(resolution)
+        arguments = {"prompt": prompts, "num_inference_steps": steps, "height": height, "width": width,
                      "generator": generators, "output_type": output_type, **self.protocol.extra}
         if self.guidance_argument:
             arguments["guidance_scale"] = guidance
         if self.area_argument:
-            arguments["max_area"] = resolution**2
+            arguments["max_area"] = width * height
         images = reference_images(prompts, resolution)
         if images is not None:
             if not self.image_argument:

@@ -26,6 +26,7 @@ import yaml
 from ..errors import BadInputError, gist
 from ..methods.config import QuantConfig
 from ..methods.registry import METHODS
+from ..models import resolution
 from ..models.targets import Overrides
 from ..system.device import CHOICES as DEVICE_CHOICES
 from ..system.device import valid_device
@@ -58,7 +59,7 @@ class CalibrationConfig:
     prompts: str = "builtin:calibration"
     num_prompts: int = 128
     steps: int | None = None
-    resolution: int | None = None
+    resolution: int | str | None = None  # pixels (1024) or width x height ("832x480")
     guidance: float | None = None
     seed: int = 0
 
@@ -75,7 +76,7 @@ class ValidationConfig:
     prompts: str = "builtin:validation"
     num_prompts: int = 4
     steps: int | None = None
-    resolution: int | None = None
+    resolution: int | str | None = None  # pixels (1024) or width x height ("832x480")
     guidance: float | None = None
     seed: int = 1
     baselines: tuple[str, ...] = ()
@@ -131,13 +132,23 @@ class RunConfig:
         if unknown:
             raise BadInputError(f"validation.baselines: {', '.join(unknown)} not available for method "
                                 f"{self.quant.method} (allowed: {', '.join(allowed)})")
+        self._check_sizes()
+
+    def _check_sizes(self) -> None:
+        """Counts at least 1, steps and sides below what any model takes; each resolution in its kept form
+        (``"1024"`` from the command line is 1024, ``"832X480"`` is ``"832x480"``)."""
         limits = {"num_prompts": None, "steps": MAX_STEPS, "resolution": MAX_RESOLUTION}
         for label, section in (("calibration", self.calibration), ("validation", self.validation)):
+            if section.resolution is not None:
+                kept = resolution.parse(section.resolution, f"{label}.resolution ({FLAGS[label, 'resolution']})")
+                section = dataclasses.replace(section, resolution=kept)
+                object.__setattr__(self, label, section)
             for name, limit in limits.items():
                 value = getattr(section, name)
-                if value is not None and value < 1:
+                values = resolution.dimensions(value) if name == "resolution" and value is not None else (value,)
+                if value is not None and min(values) < 1:
                     raise BadInputError(f"{name}={value} must be at least 1")
-                if value is not None and limit is not None and value > limit:
+                if value is not None and limit is not None and max(values) > limit:
                     what = "generates at" if name == "resolution" else "is sampled with"
                     raise BadInputError(f"{label}.{name}={value} ({FLAGS[label, name]}) exceeds {limit:,}, beyond "
                                         f"what any diffusion model {what}")

@@ -23,6 +23,7 @@ from ..engines.uniform import GroupPlan, input_gram, plan_group, quantize_layer
 from ..methods.baselines import NF4, baseline_config
 from ..methods.config import LOW_BIT_PRECISIONS, QuantConfig
 from ..models.base import strip_frames
+from ..models.resolution import dimensions
 from ..quant import nf4
 from ..run.directory import library_versions
 from ..run.gates import check_gates
@@ -155,16 +156,21 @@ def reference(workspace, prompts: list[str], seeds: list[int],
     return images, latents
 
 
+def frame_width(workspace) -> int:
+    """The width of one validation frame (a video's images are its frames side by side)."""
+    return dimensions(workspace.settings(workspace.config.validation)[2])[0]
+
+
 def metrics(images: torch.Tensor, latents: torch.Tensor, reference_images: torch.Tensor,
-            reference_latents: torch.Tensor) -> dict:
+            reference_latents: torch.Tensor, frame_width: int) -> dict:
     """Per prompt and mean: PSNR, SSIM, latent relative error. Single-threaded: the figures go into the
     export's metadata, which must not depend on the thread count (SSIM's convolutions would)."""
     with single_threaded():
-        return _metrics(images, latents, reference_images, reference_latents)
+        return _metrics(images, latents, reference_images, reference_latents, frame_width)
 
 
 def _metrics(images: torch.Tensor, latents: torch.Tensor, reference_images: torch.Tensor,
-             reference_latents: torch.Tensor) -> dict:
+             reference_latents: torch.Tensor, frame_width: int) -> dict:
     from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
     per_prompt = []
@@ -175,7 +181,8 @@ def _metrics(images: torch.Tensor, latents: torch.Tensor, reference_images: torc
         per_prompt.append({
             "psnr": min(peak_signal_noise_ratio(image, reference, data_range=1.0).item(), 100.0),
             # frame by frame: SSIM's windows must not straddle two frames of a video's strip
-            "ssim": structural_similarity_index_measure(strip_frames(image), strip_frames(reference),
+            "ssim": structural_similarity_index_measure(strip_frames(image, frame_width),
+                                                        strip_frames(reference, frame_width),
                                                         data_range=1.0).item(),
             "latent_error": latent_error,
         })
@@ -226,7 +233,7 @@ def through_emulated_kernels(run, workspace, prompts: list[str], seeds: list[int
     worst = min(snr, key=snr.get) if snr else None
     with workspace.with_layers(lambda index: quantized_block(run, index)):
         reference_images, reference_latents = generate(workspace, prompts, seeds, World())
-    agreement = metrics(images, latents, reference_images, reference_latents)
+    agreement = metrics(images, latents, reference_images, reference_latents, frame_width(workspace))
     runtime = (f"fused kernels on the CPU emulator ({backend.device.name}): {fused} layer calls fused, "
                f"{sum(fallbacks.values())} on the reference path")
     check = {"fused_calls": fused, "reference_path_calls": fallbacks, "worst_layer": worst,
@@ -256,7 +263,8 @@ def run(run, workspace) -> dict:
             outputs[baseline] = generate(workspace, prompts, seeds, world)
     if not world.leader:
         return {}
-    methods = {name: metrics(*output, reference_images, reference_latents) for name, output in outputs.items()}
+    methods = {name: metrics(*output, reference_images, reference_latents, frame_width(workspace))
+               for name, output in outputs.items()}
     baseline_images = {name: outputs[name][0] for name in validation.baselines}
     reports = layer_reports(run, workspace)
     main = next(iter(methods.values()))

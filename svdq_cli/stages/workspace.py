@@ -17,6 +17,7 @@ from ..errors import BadInputError
 from ..models.base import Adapter
 from ..models.discovery import Layout, block_paths, discover
 from ..models.loading import adapter_of, load_pipeline, model_directory
+from ..models.resolution import Resolution, label, scaled
 from ..models.streaming import (
     BlockStreamer,
     component_checkpoint,
@@ -173,7 +174,7 @@ class Workspace:
             for name in layers:
                 replace_module(self.denoiser, name, originals[name])
 
-    def settings(self, section) -> tuple[int, float, int]:
+    def settings(self, section) -> tuple[int, float, Resolution]:
         """Steps, guidance and resolution of a calibration or validation section (the protocol's by default)."""
         protocol = self.adapter.protocol
         guidance = protocol.guidance if section.guidance is None else section.guidance
@@ -304,10 +305,10 @@ class Workspace:
         needed *= passes
         free = free_memory(self.device)
         if needed > free:
-            multiple = self.adapter.resolution_multiple(self.pipeline)
-            fits = int(resolution * (free / needed) ** 0.5) // multiple * multiple
+            fits = scaled(resolution, free / needed, self.adapter.resolution_multiple(self.pipeline))
             raise BadInputError(f"{flag} {resolution} needs about {needed / 2**30:,.1f} GiB for {where}, more than "
-                                f"the {free / 2**30:.1f} GiB free on {self.device}; at most about {fits} px fits")
+                                f"the {free / 2**30:.1f} GiB free on {self.device}; at most about {label(fits)} "
+                                "fits")
 
     def check_steps(self) -> None:
         """Refuse more denoising steps than the scheduler has timesteps (it could only repeat them)."""
@@ -343,7 +344,7 @@ class Workspace:
             if seconds > 60:
                 span = f"{seconds / 3600:.1f} h" if seconds > 7200 else f"{seconds / 60:.0f} min"
                 say(f"{name}: about {span} on this CPU (estimated: {section.num_prompts} prompts × {steps} steps at "
-                    f"{resolution} px); size it with {flags}")
+                    f"{label(resolution)}); size it with {flags}")
 
 
 def _cpu_flop_rate() -> float:

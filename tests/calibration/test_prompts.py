@@ -58,7 +58,8 @@ def test_editing_prompts_carry_their_reference_image(tmp_path):
     assert isinstance(night_a, Prompt) and night_a == "make it night" and not isinstance(dog, Prompt)
     assert night_a.image == str(tmp_path / "images" / "a.png")  # relative to the prompt file, made absolute
     assert identity(night_a) != identity(night_b) and identity(dog) == "a dog"  # one text, two edits
-    assert night_a.reference_image(16).size == (16, 16) and night_a.reference_image(16).getpixel((3, 3)) == (255, 0, 0)
+    assert night_a.reference_image(24, 16).size == (24, 16)  # width, height
+    assert night_a.reference_image(16, 16).getpixel((3, 3)) == (255, 0, 0)
     from_csv = load_prompts(str(tmp_path / "p.csv"))
     assert identity(from_csv[0]) == identity(night_a) and from_csv[1] == "a dog"
     (tmp_path / "bad.json").write_text(json.dumps([{"prompt": "x", "image": "images/missing.png"}]))

@@ -42,3 +42,21 @@ def test_missing_files_and_counts_are_one_line_errors(tmp_path, monkeypatch):
     with pytest.raises(benchmarks.BenchmarkUnavailable, match=r"hf download mit-han-lab/svdquant-datasets sDCI.yaml "
                                                               r"sDCI.gz --repo-type dataset --local-dir DIR.*dci:DIR"):
         benchmarks.load("dci", 2, tmp_path)
+
+
+def test_a_real_image_is_cropped_to_the_generated_aspect_then_resized():
+    """A 120×60 picture: a green 60-px square between red margins. A square generation sees the green centre
+    only; a 2:1 one sees the whole picture, margins included."""
+    import io
+
+    from PIL import Image
+
+    picture = Image.new("RGB", (120, 60), (255, 0, 0))
+    picture.paste((0, 255, 0), (30, 0, 90, 60))
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    square = benchmarks.fitted(buffer.getvalue(), 32)
+    wide = benchmarks.fitted(buffer.getvalue(), "64x32")
+    assert square.shape == (3, 32, 32) and wide.shape == (3, 32, 64)
+    assert square[1].min() > 200 and square[0].max() < 50  # green through and through
+    assert wide[0, :, 2].min() > 200 and wide[1, :, 32].min() > 200  # red at the edge, green at the centre

@@ -28,3 +28,22 @@ def test_every_family_generates_at_the_resolution_asked(family):
     parameters = inspect.signature(getattr(diffusers, adapter.pipeline_class).__call__).parameters
     if "use_resolution_binning" in parameters:
         assert adapter.protocol.extra.get("use_resolution_binning") is False
+
+
+@pytest.mark.parametrize("family", ["tiny-flux", "tiny-pixart", "tiny-sana", "tiny-sd3"])
+def test_every_text_to_image_family_generates_the_rectangle_asked(family):
+    """``--resolution 96x64`` is 96 px wide and 64 high, not a square of either side."""
+    adapter = ADAPTERS[family]
+    pipeline = adapter.build_tiny(0)
+    pipeline.set_progress_bar_config(disable=True)
+    image = adapter.generate(pipeline, ["a red fox in fresh snow"], [0], 1, adapter.protocol.guidance, "96x64")
+    assert image.shape == (1, 3, 64, 96)
+    assert adapter.tokens(pipeline, "96x64") * 3 == adapter.tokens(pipeline, 96) * 2
+    assert adapter.resolution_error(pipeline, "99x64", "--resolution").startswith(
+        "--resolution 99x64 is not a multiple of")
+
+
+def test_dit_refuses_a_rectangle():
+    adapter = ADAPTERS["tiny-dit"]
+    error = adapter.resolution_error(adapter.build_tiny(0), "96x64", "--resolution")
+    assert error == "--resolution 96x64: tiny-dit generates at its own 64 px only"

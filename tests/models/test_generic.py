@@ -98,23 +98,25 @@ def test_the_generic_adapter_quantizes_a_preset_familys_model_to_the_same_bits_a
 
 def test_a_video_pipeline_validates_every_frame_and_loads_back(models, generic_recipe, tmp_path):
     """Wan 2.x text to video: a video is its frames side by side, so validation compares every frame and its
-    comparison sheet is a frame strip per prompt."""
+    comparison sheet is a frame strip per prompt. Frames are rectangles, as Wan's protocol (832x480) has them."""
     from PIL import Image
 
     model = saved("WanPipeline", models)
     recipe = tiny_recipe(tmp_path, "{max_sequence_length: 32, num_frames: 5}")
-    code, stdout, stderr = svdq("quantize", model, "--recipe", recipe, "--out", tmp_path / "run", "--json")
+    code, stdout, stderr = svdq("quantize", model, "--recipe", recipe, "--out", tmp_path / "run", "--json",
+                                "--resolution", "96x64", "--val-resolution", "96x64")
     assert code == 0, stderr
     summary = json.loads(stdout)
     assert summary["validate"]["passed"] and summary["validate"]["psnr"] > 20, summary["validate"]
+    assert summary["stages"]["collect"]["resolution"] == "96x64"
     sheet = Image.open(tmp_path / "run" / "validate" / "comparison.png")
-    assert sheet.width == 3 * 5 * 64  # 16-bit, quantized and difference columns, five frames each
+    assert sheet.width == 3 * 5 * 96  # 16-bit, quantized and difference columns, five frames each
     pipeline = load_quantized_pipeline(summary["export"])
     assert type(pipeline).__name__ == "WanPipeline"
     assert sum(isinstance(m, SVDQLinear) for m in pipeline.transformer.modules()) > 10
     adapter = adapter_of("diffusers", str(model), {"max_sequence_length": 32, "num_frames": 5})
-    video = adapter.generate(pipeline, ["a red fox in fresh snow"], [0], 2, adapter.protocol.guidance, 64)
-    assert video.shape == (1, 3, 64, 5 * 64) and torch.isfinite(video).all()
+    video = adapter.generate(pipeline, ["a red fox in fresh snow"], [0], 2, adapter.protocol.guidance, "96x64")
+    assert video.shape == (1, 3, 64, 5 * 96) and torch.isfinite(video).all()
 
 
 def test_a_videos_token_count_covers_every_latent_frame(models):
@@ -180,9 +182,9 @@ def test_a_strip_holds_the_frames_in_order_and_ssim_is_taken_frame_by_frame():
     frames = torch.rand(1, 4, 3, 32, 32, generator=generator)
     noisy = (frames + 0.05 * torch.randn(frames.shape, generator=generator)).clamp(0, 1)
     strip = frame_strip(frames)
-    assert torch.equal(strip[0, ..., 64:96], frames[0, 2]) and torch.equal(strip_frames(strip), frames[0])
+    assert torch.equal(strip[0, ..., 64:96], frames[0, 2]) and torch.equal(strip_frames(strip, 32), frames[0])
     latents = torch.randn(1, 8, generator=generator)
-    got = _metrics(frame_strip(noisy), latents, strip, latents)
+    got = _metrics(frame_strip(noisy), latents, strip, latents, 32)
     expected = sum(ssim(noisy[:, f], frames[:, f], data_range=1.0).item() for f in range(4)) / 4
     assert got["ssim"] == pytest.approx(expected, rel=1e-5)
     assert got["ssim"] != pytest.approx(ssim(frame_strip(noisy), strip, data_range=1.0).item(), rel=1e-5)
