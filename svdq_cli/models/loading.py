@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -118,7 +119,7 @@ def load_pipeline(model: str, adapter: Adapter, dtype: torch.dtype, device: str 
             pipeline = pipeline_class.from_pretrained(directory, dtype=dtype, local_files_only=True, **overrides)
         except Exception as error:  # diffusers, transformers and safetensors raise many types for bad files
             raise BadInputError(f"cannot load {model} as a {adapter.pipeline_class} ({type(error).__name__}: "
-                                f"{gist(error)})") from None
+                                f"{gist(error, 160)}){install_hint(error)}") from None
         for component in pipeline.components.values():
             if isinstance(component, torch.nn.Module) and component is not denoiser:
                 _into_fresh_memory(component)
@@ -135,6 +136,14 @@ def load_pipeline(model: str, adapter: Adapter, dtype: torch.dtype, device: str 
             if isinstance(component, torch.nn.Module) and component is not denoiser:
                 component.to(device)
     return pipeline
+
+
+def install_hint(error: Exception) -> str:
+    """What to install when a component needs an optional library: transformers and diffusers name it
+    ("Qwen2VLVideoProcessor requires the Torchvision library"), or Python does (a ModuleNotFoundError)."""
+    needed = re.search(r"requires the (\w+) library", str(error))
+    name = needed[1].lower() if needed else getattr(error, "name", None) if isinstance(error, ImportError) else None
+    return f"; pip install {name}" if name else ""
 
 
 @torch.no_grad()

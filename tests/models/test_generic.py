@@ -286,3 +286,33 @@ def test_a_call_failing_for_a_missing_library_or_image_says_what_to_give(models)
     kontext = adapter_of("diffusers", str(saved("FluxKontextPipeline", models)))
     with pytest.raises(BadInputError, match="it takes an image: give it prompts with images"):
         kontext.generate(needs_image, ["a cat"], [0], 1, 1.0, 64)
+
+
+def test_a_component_that_needs_a_library_not_installed_names_it(models, tmp_path):
+    """Qwen-Image-Edit's Qwen2VLProcessor cannot be built without torchvision (transformers 5 checks its video
+    processor): loading such a pipeline says what to install, in one line."""
+    import importlib.util
+    import shutil
+
+    from transformers import Qwen2VLImageProcessorPil
+
+    from svdq_cli.models import tiny
+
+    if importlib.util.find_spec("torchvision") is not None:
+        pytest.skip("torchvision is installed: the processor loads")
+    model = tmp_path / "edit"
+    shutil.copytree(saved("QwenImagePipeline", models), model)
+    tiny.tokenizer(1024).save_pretrained(model / "processor")
+    Qwen2VLImageProcessorPil().save_pretrained(model / "processor")
+    index = json.loads((model / "model_index.json").read_text())
+    index.update({"_class_name": "QwenImageEditPipeline", "processor": ["transformers", "Qwen2VLProcessor"]})
+    (model / "model_index.json").write_text(json.dumps(index))
+    code, stdout, stderr = svdq("targets", model)
+    assert code == 2 and stdout == ""
+    line = stderr.strip().splitlines()[-1]
+    assert line.startswith(f"Error: cannot load {model} as a QwenImageEditPipeline (ImportError: ")
+    assert line.endswith("; pip install torchvision")
+    from svdq_cli.models.loading import install_hint
+
+    assert install_hint(ModuleNotFoundError("No module named 'ftfy'", name="ftfy")) == "; pip install ftfy"
+    assert install_hint(ValueError("a config key is missing")) == ""
