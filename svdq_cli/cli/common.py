@@ -158,6 +158,11 @@ ValPromptsOpt = Annotated[int | None, typer.Option("--val-prompts", help="Held-o
                                                                         "(default: the recipe's).")]
 
 
+ValPromptsFromOpt = Annotated[str | None, typer.Option("--val-prompts-from", help="Validation prompt set, as "
+                                                                               "--prompts takes them (default: the "
+                                                                               "recipe's, builtin:validation).")]
+
+
 ValStepsOpt = Annotated[int | None, typer.Option("--val-steps", help="Denoising steps per validation image "
                                                                     "(default: the recipe's, else the model's).")]
 
@@ -200,10 +205,10 @@ def target_overrides(skip, weight_only) -> dict[str, object]:
     return {"targets.skip": skip or None, "targets.weight_only": weight_only or None}
 
 
-def validation_overrides(prompts, steps, resolution, baselines, runtime) -> dict[str, object]:
+def validation_overrides(prompts, steps, resolution, baselines, runtime, source=None) -> dict[str, object]:
     listed = [b.strip() for b in baselines.split(",") if b.strip()] if baselines is not None else None
     return {"validation.num_prompts": prompts, "validation.steps": steps, "validation.resolution": resolution,
-            "validation.baselines": listed, "validation.runtime": runtime}
+            "validation.baselines": listed, "validation.runtime": runtime, "validation.prompts": source}
 
 
 def stored_config(run_dir: Path, overrides: dict[str, object]):

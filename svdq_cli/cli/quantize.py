@@ -17,6 +17,7 @@ from .common import (
     RuntimeOpt,
     SkipOpt,
     StreamOpt,
+    ValPromptsFromOpt,
     ValPromptsOpt,
     ValResolutionOpt,
     ValStepsOpt,
@@ -142,6 +143,7 @@ def quantize(
     resolution: Annotated[str | None, typer.Option(help="Calibration image size: pixels (1024) or WxH (832x480) "
                                                         "(default: the recipe's).")] = None,
     val_prompts: ValPromptsOpt = None,
+    val_prompts_from: ValPromptsFromOpt = None,
     val_steps: ValStepsOpt = None,
     val_resolution: ValResolutionOpt = None,
     baselines: BaselinesOpt = None,
@@ -173,7 +175,8 @@ def quantize(
                  "calibration.num_prompts": num_prompts, "calibration.steps": steps,
                  "calibration.resolution": resolution, "device": device, "dtype": dtype, "offload": offload,
                  "stream": stream, **target_overrides(skip, weight_only_layers),
-                 **validation_overrides(val_prompts, val_steps, val_resolution, baselines, runtime)}
+                 **validation_overrides(val_prompts, val_steps, val_resolution, baselines, runtime,
+                                        val_prompts_from)}
     config = resolve_model(model, recipe, overrides, base)
     with joined(config.device) as world:
         if world.size > 1:

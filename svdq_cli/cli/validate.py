@@ -12,6 +12,7 @@ from .common import (
     RunDirArg,
     RuntimeOpt,
     StreamOpt,
+    ValPromptsFromOpt,
     ValPromptsOpt,
     ValResolutionOpt,
     ValStepsOpt,
@@ -23,6 +24,7 @@ from .common import (
 def validate(
     run_dir: RunDirArg,
     val_prompts: ValPromptsOpt = None,
+    val_prompts_from: ValPromptsFromOpt = None,
     val_steps: ValStepsOpt = None,
     val_resolution: ValResolutionOpt = None,
     baselines: BaselinesOpt = None,
@@ -34,6 +36,7 @@ def validate(
     as_json: JsonOpt = False,
 ) -> None:
     """(Re)validate a run: 16-bit vs quantized images on held-out prompts, report and PNGs."""
-    rerun(run_dir, "validate", {**validation_overrides(val_prompts, val_steps, val_resolution, baselines, runtime),
+    rerun(run_dir, "validate", {**validation_overrides(val_prompts, val_steps, val_resolution, baselines, runtime,
+                                                       val_prompts_from),
                                  "validation.min_psnr": min_psnr, "validation.min_ssim": min_ssim,
                                  "validation.max_latent_error": max_latent_error, "stream": stream}, as_json)

@@ -162,12 +162,12 @@ def test_kontext_edits_its_reference_image_in_calibration_and_validation(models,
     for prompts in (["make it night"], edit):
         adapter.generate(pipeline, prompts, [0], 1, adapter.protocol.guidance, 64, "latent")
     assert tokens == [16**2, 2 * 16**2]  # 64 px: 16×16 packed tokens, and as many of the reference image
-    recipe = tiny_recipe(tmp_path)
-    recipe.write_text(recipe.read_text().replace("num_prompts: 2,", f"prompts: {calibration}, num_prompts: 2,")
-                      .replace("num_prompts: 1,", f"prompts: {validation}, num_prompts: 1,"))
-    code, stdout, stderr = svdq("quantize", model, "--recipe", recipe, "--out", tmp_path / "run", "--json")
+    code, stdout, stderr = svdq("quantize", model, "--recipe", tiny_recipe(tmp_path), "--out", tmp_path / "run",
+                                "--json", "--prompts", calibration, "--val-prompts-from", validation)
     assert code == 0, stderr
     assert json.loads(stdout)["validate"]["passed"]
+    config = json.loads((tmp_path / "run" / "manifest.json").read_text())["config"]
+    assert (config["calibration"]["prompts"], config["validation"]["prompts"]) == (str(calibration), str(validation))
     code, _, stderr = svdq("quantize", "tiny-flux", "--prompts", calibration, "--out", tmp_path / "flux")
     assert code == 2 and "FluxPipeline, which takes no reference image" in stderr.strip().splitlines()[-1]
 
@@ -231,12 +231,14 @@ def test_a_negative_prompt_is_recorded_and_replayed_with_the_prompt(models):
     ("qwen-image", "QwenImagePipeline", "transformer_blocks"),  # true CFG: the negative prompt is a second call
     ("flux2-dev", "Flux2Pipeline", "single_transformer_blocks"),  # guidance embedded, Mistral 3's stacked layers
     ("sdxl-turbo", "StableDiffusionXLPipeline", "down_blocks.1.attentions"),  # its skip patterns match
+    ("flux.1-kontext-dev", "FluxKontextPipeline", "transformer_blocks"),  # edits: prompts with images
 ])
-def test_a_shipped_recipe_drives_its_pipeline_class(models, recipe, pipeline_class, block_list):
+def test_a_shipped_recipe_drives_its_pipeline_class(models, tmp_path, recipe, pipeline_class, block_list):
     """The published recipes of families without a preset, applied to a tiny model of their class: their
     pipeline_args are arguments the call takes and their target overrides match its layers."""
+    prompts = ["--prompts", _edit_prompts(tmp_path, 1)] if recipe == "flux.1-kontext-dev" else []
     code, stdout, stderr = svdq("targets", saved(pipeline_class, models), "--recipe", recipe, "--device", "cpu",
-                                "--json")
+                                "--json", *prompts)
     assert code == 0, stderr
     result = json.loads(stdout)
     assert result["block_lists"][block_list]["quantized"] > 0
