@@ -10,6 +10,7 @@ generation.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -146,6 +147,24 @@ def load_image_reward(device: str) -> ImageRewardScorer:
             "`hf download THUDM/ImageReward` on a machine with the Hub, then copy the cache") from None
 
 
+class _Tally:
+    """One method's running sums, and its own FID and LPIPS accumulators: copies of the suite's (FID's with
+    the real images' statistics) that share their feature networks, so a method costs no network."""
+
+    def __init__(self, networks: dict[str, object]) -> None:
+        self.sums = dict.fromkeys(("psnr", "ssim", "image-reward", "clip"), 0.0)
+        self.count, self.paired = 0, True
+        self.networks = {name: _fresh_copy(network) for name, network in networks.items() if name in ("lpips", "fid")}
+
+
+def _fresh_copy(metric):
+    """A torchmetrics metric with its accumulated state copied and then reset (FID keeps its real side:
+    reset_real_features is False), its submodules — the feature networks — shared, not copied."""
+    clone = copy.deepcopy(metric, {id(child): child for child in metric.children()})
+    clone.reset()
+    return clone
+
+
 @dataclass
 class Suite:
     """The loaded metric networks, by name (PSNR and SSIM need none)."""
@@ -165,37 +184,52 @@ class Suite:
 
     def scores(self, batches: Iterable[tuple[torch.Tensor, Sequence[str], torch.Tensor | None]]
                ) -> dict[str, float | None]:
-        """Every metric of one method's images, given as batches ``(images, prompts, 16-bit images or None)``
-        so that no more than a batch is in memory; None where a metric does not apply (no 16-bit pair for the
-        16-bit model itself, no real images for FID)."""
-        for name, network in self.networks.items():
-            if name in ("lpips", "fid"):
-                network.reset()  # FID: the generated side only (reset_real_features is False)
-        sums, count, paired = dict.fromkeys(("psnr", "ssim", "image-reward", "clip"), 0.0), 0, True
-        for images, prompts, reference in batches:
-            count += len(images)
-            paired = paired and reference is not None
-            for name in self.names:
-                if not self._applies(name, paired):
-                    continue
-                if name == "psnr":
-                    sums[name] += float(psnr_per_image(images, reference).sum())
-                elif name == "ssim":
-                    sums[name] += float(ssim_per_image(images, reference, self.device).sum())
-                elif name in ("image-reward", "clip"):  # a score per (prompt, image)
-                    sums[name] += float(self.networks[name](prompts, images).sum())
-                elif name == "lpips":
-                    self.networks[name].update(as_float(images).to(self.device), as_float(reference).to(self.device))
-                else:  # fid
-                    self.networks[name].update(as_float(images).to(self.device), real=False)
+        """Every metric of one method's images, given as batches ``(images, prompts, 16-bit images or None)``;
+        see :meth:`scores_by_method`."""
+        return self.scores_by_method((prompts, {"": (images, reference)})
+                                     for images, prompts, reference in batches)[""]
+
+    def scores_by_method(self, batches: Iterable[tuple[Sequence[str], dict[str, tuple[torch.Tensor,
+                                                                                       torch.Tensor | None]]]]
+                         ) -> dict[str, dict[str, float | None]]:
+        """Every metric of several methods' images, given batch by batch as ``(prompts, {method: (images,
+        16-bit images or None)})``, so that a batch of the 16-bit images is read once for every method and no
+        more than a batch is in memory; None where a metric does not apply (no 16-bit pair for the 16-bit model
+        itself, no real images for FID)."""
+        tallies: dict[str, _Tally] = {}
+        for prompts, pairs in batches:
+            for method, (images, reference) in pairs.items():
+                if method not in tallies:
+                    tallies[method] = _Tally(self.networks)
+                self._add(tallies[method], images, prompts, reference)
+        return {method: self._values(tally) for method, tally in tallies.items()}
+
+    def _add(self, tally: _Tally, images: torch.Tensor, prompts: Sequence[str], reference: torch.Tensor | None):
+        tally.count += len(images)
+        tally.paired = tally.paired and reference is not None
+        for name in self.names:
+            if not self._applies(name, tally.paired):
+                continue
+            if name == "psnr":
+                tally.sums[name] += float(psnr_per_image(images, reference).sum())
+            elif name == "ssim":
+                tally.sums[name] += float(ssim_per_image(images, reference, self.device).sum())
+            elif name in ("image-reward", "clip"):  # a score per (prompt, image)
+                tally.sums[name] += float(self.networks[name](prompts, images).sum())
+            elif name == "lpips":
+                tally.networks[name].update(as_float(images).to(self.device), as_float(reference).to(self.device))
+            else:  # fid
+                tally.networks[name].update(as_float(images).to(self.device), real=False)
+
+    def _values(self, tally: _Tally) -> dict[str, float | None]:
         values: dict[str, float | None] = {}
         for name in self.names:
-            if not count or not self._applies(name, paired):
+            if not tally.count or not self._applies(name, tally.paired):
                 values[name] = None
-            elif name in sums:
-                values[name] = sums[name] / count
+            elif name in tally.sums:
+                values[name] = tally.sums[name] / tally.count
             else:
-                values[name] = float(self.networks[name].compute())
+                values[name] = float(tally.networks[name].compute())
         return values
 
     def _applies(self, name: str, paired: bool) -> bool:

@@ -156,13 +156,17 @@ def _layers(workspace: Workspace, run: Run, config: RunConfig, method: str):
     return workspace.with_layers(baseline_layers(run, workspace, config.quant, method, keep=True))
 
 
-def _batches(store: ImageStore, keys: dict[str, list[str]], method: str, prompts: list[str]):
+def _batches(store: ImageStore, keys: dict[str, list[str]], methods: list[str], prompts: list[str]):
+    """Batches of every method's images with the 16-bit ones they are compared with, each PNG read once."""
+    def read(method: str, part: range) -> torch.Tensor:
+        return torch.stack([store.read(method, keys[method][i]) for i in part])
+
     for start in range(0, len(prompts), metrics.BATCH):
         part = range(start, min(start + metrics.BATCH, len(prompts)))
-        images = torch.stack([store.read(method, keys[method][i]) for i in part])
-        reference = (None if method == REFERENCE else
-                     torch.stack([store.read(REFERENCE, keys[REFERENCE][i]) for i in part]))
-        yield images, [prompts[i] for i in part], reference
+        reference = read(REFERENCE, part)
+        pairs = {method: (reference, None) if method == REFERENCE else (read(method, part), reference)
+                 for method in methods}
+        yield [prompts[i] for i in part], pairs
 
 
 def _score(suite: metrics.Suite, benchmark: benchmarks.Benchmark, store: ImageStore, keys: dict[str, list[str]],
@@ -171,12 +175,16 @@ def _score(suite: metrics.Suite, benchmark: benchmarks.Benchmark, store: ImageSt
     if benchmark.has_real and "fid" in suite.names:
         real = benchmark.real(indices, resolution)
         suite.set_real(torch.stack(part) for part in _chunks(real, metrics.BATCH))
-    scored = {}
-    with task("eval scoring", len(methods)) as advance:
-        for method in methods:
-            values = suite.scores(_batches(store, keys, method, benchmark.prompts))
-            scored[method] = {name: metrics.json_value(value) for name, value in values.items()}
-            advance(method)
+    batches = -(-len(indices) // metrics.BATCH)
+    with task("eval scoring", batches) as advance:
+        def counted(stream):
+            for batch in stream:
+                yield batch
+                advance(f"{len(batch[0])} images × {len(methods)} methods")
+
+        values = suite.scores_by_method(counted(_batches(store, keys, methods, benchmark.prompts)))
+    scored = {method: {name: metrics.json_value(value) for name, value in values[method].items()}
+              for method in methods}
     return {"metrics": suite.names, "methods": scored}
 
 

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from svdq_cli.evaluation import metrics
-from svdq_cli.evaluation.images import read_png
+from svdq_cli.evaluation.images import ImageStore, read_png
 from svdq_cli.run.directory import FAULT_VARIABLE
 from svdq_cli.ship.hub import plan_upload
 from tests.conftest import svdq
@@ -94,9 +94,15 @@ def test_every_metric_runs_on_a_benchmark_with_real_images(run_copy, tmp_path, g
     inject_image_reward(monkeypatch)
     clip = tiny_clip(tmp_path / "clip")
     benchmark = fakes.mjhq(tmp_path / "mjhq")
+    reads = []
+    original = ImageStore.read
+    monkeypatch.setattr(ImageStore, "read", lambda store, method, key: reads.append(method) or original(
+        store, method, key))
     code, stdout, stderr = svdq("eval", run_copy, "--benchmark", f"mjhq:{benchmark}", "--num-samples", 3,
                                 "--metrics", ",".join(metrics.ALL), "--clip-model", clip, "--json")
     assert code == 0, stderr
+    # each image once for the scores of every method, once more for the grid's 3 rows
+    assert reads.count("16-bit") == 3 + 3 and reads.count("svdquant") == 3 + 3
     result = json.loads(stdout)
     assert result["metrics"] == list(metrics.ALL) and not result["skipped"]
     quantized, reference = result["methods"]["svdquant"], result["methods"]["16-bit"]

@@ -99,6 +99,36 @@ def test_lpips_is_zero_for_identical_images_and_grows_with_the_difference(gen, m
     assert same == pytest.approx(0.0, abs=1e-7) and 0 < small < large
 
 
+def test_methods_scored_together_get_what_each_gets_alone(gen, monkeypatch):
+    """The evaluation reads a batch of 16-bit images once for every method: each method's FID and LPIPS
+    accumulate apart (copies sharing the feature networks), so scoring them together changes no figure."""
+    network = PooledLinearFeatures(gen)
+    monkeypatch.setattr(metrics, "inception", lambda: network)
+    inject_lpips(monkeypatch)
+    suite = metrics.load(["fid", "lpips", "psnr", "ssim"], True, "cpu", "unused", print)
+    suite.set_real(images(gen, count=12, size=64).split(4))
+    reference = images(gen, count=8, size=64)
+    noise = torch.randn(reference.shape, generator=gen)
+    outputs = {name: (reference.int() + scale * noise).clamp(0, 255).to(torch.uint8)
+               for name, scale in (("near", 3), ("far", 40))}
+    prompts = ["p"] * len(reference)
+    alone = {"16-bit": scored(suite, reference, prompts, None),
+             **{name: scored(suite, output, prompts, reference) for name, output in outputs.items()}}
+    batches = [(prompts[i : i + 4], {"16-bit": (reference[i : i + 4], None),
+                                     **{name: (output[i : i + 4], reference[i : i + 4])
+                                        for name, output in outputs.items()}})
+               for i in range(0, len(reference), 4)]
+    together = suite.scores_by_method(batches)
+    assert together.keys() == alone.keys()
+    for method, values in alone.items():
+        for name, value in values.items():
+            assert together[method][name] == (None if value is None else pytest.approx(value, rel=1e-9)), method
+    assert together["16-bit"]["lpips"] is None
+    fid = suite.networks["fid"]
+    assert metrics._fresh_copy(fid).inception is fid.inception  # a method costs no network
+    assert together["near"]["lpips"] < together["far"]["lpips"]
+
+
 def test_image_reward_is_the_mean_of_its_scores(gen, monkeypatch):
     inject_image_reward(monkeypatch)
     suite = metrics.load(["image-reward"], True, "cpu", "unused", print)
