@@ -12,7 +12,7 @@ import re
 from ..errors import BadInputError
 
 Resolution = int | str
-_SIZE = re.compile(r"\s*(\d+)\s*(?:[x×*]\s*(\d+)\s*)?")
+_SIZE = re.compile(r"\s*(\d{1,9})\s*(?:[x×*]\s*(\d{1,9})\s*)?")  # 9 digits: far past any limit, still an int
 
 
 def parse(value: object, what: str) -> Resolution:
@@ -26,8 +26,7 @@ def parse(value: object, what: str) -> Resolution:
     match = _SIZE.fullmatch(value.lower()) if isinstance(value, str) else None
     if match is None:
         raise BadInputError(f"{what}: {value!r} is not a size; give pixels (1024) or width x height (832x480)")
-    width, height = int(match[1]), int(match[2] or match[1])
-    return width if width == height else f"{width}x{height}"
+    return of(int(match[1]), int(match[2] or match[1]))
 
 
 def dimensions(resolution: Resolution) -> tuple[int, int]:
