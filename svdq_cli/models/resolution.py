@@ -12,7 +12,7 @@ import re
 from ..errors import BadInputError
 
 Resolution = int | str
-_SIZE = re.compile(r"\s*(\d{1,9})\s*(?:[x×*]\s*(\d{1,9})\s*)?")  # 9 digits: far past any limit, still an int
+_SIZE = re.compile(r"\s*(\d{1,100})\s*(?:[x×*]\s*(\d{1,100})\s*)?")  # past any limit (refused by it), within int()'s
 
 
 def parse(value: object, what: str) -> Resolution:
