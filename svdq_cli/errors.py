@@ -48,3 +48,13 @@ def gist(error: object, limit: int = 300) -> str:
     if len(text) > limit:
         text = text[:limit - 2].rsplit(" ", 1)[0].rstrip(",;:") + " …"
     return text
+
+
+def missing_library(error: Exception) -> str | None:
+    """The library to install, when ``error`` says one is missing: transformers and diffusers name it
+    ("Qwen2VLVideoProcessor requires the Torchvision library"), Python does (a ModuleNotFoundError's name), and
+    so does the NameError of a library diffusers imports only when installed (ftfy)."""
+    needed = re.search(r"requires the (\w+) library", str(error))
+    if needed:
+        return needed[1].lower()
+    return getattr(error, "name", None) if isinstance(error, (ImportError, NameError)) else None

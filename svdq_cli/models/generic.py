@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import BadInputError, SvdqError, gist
+from ..errors import BadInputError, SvdqError, gist, missing_library
 from .base import Adapter, Protocol, frame_strip, reference_images
 from .resolution import dimensions
 from .streaming import component_config, denoiser_component, pipeline_index
@@ -74,7 +74,7 @@ class GenericAdapter(Adapter):
             raise  # svdq's own, from a hook inside the call: already one line
         except NameError as error:  # diffusers calls an optional library it imports only when installed (ftfy)
             raise BadInputError(f"{self.pipeline_class} needs a library that is not installed ({gist(error)}): "
-                                f"pip install {error.name}") from None
+                                f"pip install {missing_library(error)}") from None
         except (TypeError, ValueError, KeyError, IndexError) as error:  # how a call convention it lacks fails
             shown = ", ".join(sorted(set(arguments) - {"generator", "prompt"}))
             needs = (IMAGE_PROMPTS if self.image_argument and images is None

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from ..errors import BadInputError, SvdqError, gist
+from ..errors import BadInputError, SvdqError, gist, missing_library
 from ..system import online
 from . import generic
 from .base import Adapter
@@ -139,10 +138,8 @@ def load_pipeline(model: str, adapter: Adapter, dtype: torch.dtype, device: str 
 
 
 def install_hint(error: Exception) -> str:
-    """What to install when a component needs an optional library: transformers and diffusers name it
-    ("Qwen2VLVideoProcessor requires the Torchvision library"), or Python does (a ModuleNotFoundError)."""
-    needed = re.search(r"requires the (\w+) library", str(error))
-    name = needed[1].lower() if needed else getattr(error, "name", None) if isinstance(error, ImportError) else None
+    """"; pip install X" when a component needs a library that is not installed, else nothing."""
+    name = missing_library(error)
     return f"; pip install {name}" if name else ""
 
 

@@ -263,8 +263,8 @@ def run(run, workspace) -> dict:
             outputs[baseline] = generate(workspace, prompts, seeds, world)
     if not world.leader:
         return {}
-    methods = {name: metrics(*output, reference_images, reference_latents, frame_width(workspace))
-               for name, output in outputs.items()}
+    width = frame_width(workspace)
+    methods = {name: metrics(*output, reference_images, reference_latents, width) for name, output in outputs.items()}
     baseline_images = {name: outputs[name][0] for name in validation.baselines}
     reports = layer_reports(run, workspace)
     main = next(iter(methods.values()))

@@ -279,8 +279,7 @@ class Workspace:
                 raise BadInputError(f"--rank {rank} exceeds layer {name} "
                                     f"(min(in, out) = {min(module.in_features, module.out_features)})")
         for section, flag in ((self.config.calibration, "--resolution"), (self.config.validation, "--val-resolution")):
-            error = self.adapter.resolution_error(self.pipeline, section.resolution or self.adapter.protocol.resolution,
-                                                  flag)
+            error = self.adapter.resolution_error(self.pipeline, self.settings(section)[2], flag)
             if error:
                 raise BadInputError(error)
             self.check_fits(section, flag)
@@ -333,9 +332,7 @@ class Workspace:
                                       "--val-prompts/--val-steps/--val-resolution")):
             if name not in todo:
                 continue
-            protocol = self.adapter.protocol
-            steps, resolution = section.steps or protocol.steps, section.resolution or protocol.resolution
-            guidance = protocol.guidance if section.guidance is None else section.guidance
+            steps, guidance, resolution = self.settings(section)
             tokens = self.adapter.tokens(self.pipeline, resolution) + text_tokens
             per_pass = 2 * params * tokens + 4 * tokens**2 * width * len(self.blocks)  # linears + attention
             generations = section.num_prompts * (1 + len(getattr(section, "baselines", ())) + 1) \
